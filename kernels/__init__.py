@@ -1,0 +1,1 @@
+"""Hand-written compute kernels (installed as ``prunenet.kernels``)."""

@@ -1,0 +1,143 @@
+"""The adapter contract: where a model family keeps its FFN tensors and its FFN width.
+
+PruneNet touches nothing but the FFN of each transformer block. An adapter describes that FFN
+declaratively, by parameter names relative to a block, so the same description serves an
+instantiated ``nn.Module`` (``model.get_parameter(name)``) and, later, a safetensors checkpoint
+read tensor by tensor (the names are the state-dict keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NeuronTensor:
+    """One FFN parameter that has an axis indexed by FFN neurons (intermediate units).
+
+    Attributes:
+        name: parameter name relative to a block, e.g. ``"mlp.gate_proj.weight"``.
+        axis: the axis whose entries are FFN neurons: 0 for in-projection rows and their
+            biases (``nn.Linear(d, n).weight`` is ``(n, d)``), 1 for out-projection columns.
+        groups: how many neuron-sized groups the axis holds. Fused projections stack several
+            in-projections along one axis (Phi-3's ``gate_up_proj`` is ``(2n, d)``: gate rows
+            ``0..n-1``, up rows ``n..2n-1``); neuron ``j`` is entry ``j + g * n`` of group ``g``.
+        optional: the parameter exists only in some configurations (biases).
+    """
+
+    name: str
+    axis: int
+    groups: int = 1
+    optional: bool = False
+
+    def indices(self, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """Entries along ``axis`` to keep, for kept neurons ``keep`` (``(k,)``, sorted) of ``width``.
+
+        Returns ``(groups * k,)`` int64, sorted ascending (group-major), so a fused tensor is
+        compacted in one gather.
+        """
+        if self.groups == 1:
+            return keep
+        return torch.cat([keep + g * width for g in range(self.groups)])
+
+
+class ModelAdapter:
+    """Describes one model family's FFN for PruneNet. Subclasses set the class attributes.
+
+    Attributes:
+        model_types: the ``config.model_type`` values this adapter serves (the registry key;
+            never a substring of a model's name or path).
+        layers_path: dotted path of the block list in the ``*ForCausalLM`` module,
+            e.g. ``"model.layers"``.
+        width_attr: the config attribute holding the FFN width ``n``.
+        tensors: every neuron-indexed FFN parameter of a block. ``tensors[0]`` is the first
+            in-projection, whose neuron rows form the policy's state matrix (as in the paper).
+    """
+
+    model_types: tuple[str, ...] = ()
+    layers_path: str = ""
+    width_attr: str = "intermediate_size"
+    tensors: tuple[NeuronTensor, ...] = ()
+
+    # -- config ---------------------------------------------------------------------------
+    def num_layers(self, config) -> int:
+        """Number of transformer blocks."""
+        return int(config.num_hidden_layers)
+
+    def hidden_size(self, config) -> int:
+        """Model width ``d`` (columns of the state matrix)."""
+        return int(config.hidden_size)
+
+    def ffn_width(self, config) -> int:
+        """FFN width ``n`` (rows of the state matrix)."""
+        return int(getattr(config, self.width_attr))
+
+    def set_ffn_width(self, config, width: int) -> None:
+        """Record the pruned FFN width ``k`` in ``config`` so a stock reload builds ``k``-wide FFNs."""
+        setattr(config, self.width_attr, int(width))
+
+    # -- tensors --------------------------------------------------------------------------
+    def block_prefix(self, layer: int) -> str:
+        """Parameter-name prefix of block ``layer``, e.g. ``"model.layers.3."``."""
+        return f"{self.layers_path}.{layer}."
+
+    def state_matrix(self, first_in_proj: torch.Tensor, width: int) -> torch.Tensor:
+        """The policy's state matrix ``(n, d)`` from the stored first in-projection (a view, no copy).
+
+        Args:
+            first_in_proj: the stored tensor named ``tensors[0].name``.
+            width: FFN width ``n``.
+        """
+        spec = self.tensors[0]
+        w = first_in_proj if spec.axis == 0 else first_in_proj.t()
+        return w[:width] if spec.groups > 1 else w
+
+    def neuron_parameters(self, model: torch.nn.Module, layer: int) -> list[tuple[NeuronTensor, torch.nn.Parameter]]:
+        """The neuron-indexed parameters of block ``layer`` present in ``model``.
+
+        Raises:
+            KeyError: a required parameter is missing (the model does not match this adapter).
+        """
+        found = []
+        for spec in self.tensors:
+            name = self.block_prefix(layer) + spec.name
+            try:
+                found.append((spec, model.get_parameter(name)))
+            except AttributeError:
+                if not spec.optional:
+                    raise KeyError(f"{type(self).__name__}: the model has no parameter {name!r}") from None
+        return found
+
+    def layer_state(self, model: torch.nn.Module, layer: int) -> torch.Tensor:
+        """State matrix ``(n, d)`` of block ``layer`` of an instantiated model (a view of its weight)."""
+        first = model.get_parameter(self.block_prefix(layer) + self.tensors[0].name)
+        return self.state_matrix(first.detach(), self.ffn_width(model.config))
+
+
+def gated_mlp_tensors(
+    prefix: str = "mlp", gate="gate_proj", up="up_proj", down="down_proj"
+) -> tuple[NeuronTensor, ...]:
+    """Neuron tensors of a gated (SwiGLU/GeGLU) MLP: gate and up rows, down columns, optional biases."""
+    return (
+        NeuronTensor(f"{prefix}.{gate}.weight", axis=0),
+        NeuronTensor(f"{prefix}.{up}.weight", axis=0),
+        NeuronTensor(f"{prefix}.{down}.weight", axis=1),
+        NeuronTensor(f"{prefix}.{gate}.bias", axis=0, optional=True),
+        NeuronTensor(f"{prefix}.{up}.bias", axis=0, optional=True),
+    )
+
+
+def two_layer_mlp_tensors(fc_in: str, fc_out: str, transposed: bool = False) -> tuple[NeuronTensor, ...]:
+    """Neuron tensors of a plain two-layer MLP ``fc_out(act(fc_in(x)))``.
+
+    ``transposed`` is for GPT-2's ``Conv1D``, which stores ``weight`` as ``(in, out)``: the
+    in-projection is ``(d, n)`` (neurons on axis 1) and the out-projection ``(n, d)`` (axis 0).
+    """
+    in_axis, out_axis = (1, 0) if transposed else (0, 1)
+    return (
+        NeuronTensor(f"{fc_in}.weight", axis=in_axis),
+        NeuronTensor(f"{fc_out}.weight", axis=out_axis),
+        NeuronTensor(f"{fc_in}.bias", axis=0, optional=True),
+    )

@@ -1,0 +1,15 @@
+"""Falcon: ``dense_h_to_4h``/``dense_4h_to_h``, optional biases, width in ``config.ffn_hidden_size``."""
+
+from .base import ModelAdapter, two_layer_mlp_tensors
+
+
+class FalconAdapter(ModelAdapter):
+    model_types = ("falcon",)
+    layers_path = "transformer.h"
+    width_attr = "ffn_hidden_size"
+    tensors = two_layer_mlp_tensors("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+    def ffn_width(self, config) -> int:
+        # Older Falcon configs have no ffn_hidden_size; the model then uses 4 * hidden_size.
+        width = getattr(config, "ffn_hidden_size", None)
+        return int(width) if width is not None else 4 * int(config.hidden_size)

@@ -1,0 +1,23 @@
+"""GPT-2: ``Conv1D`` layers store ``weight`` as ``(in, out)``, so ``c_fc.weight`` is ``(d, n)``.
+
+The state matrix is therefore ``c_fc.weight.T``; ``c_proj.weight`` is ``(n, d)`` and loses rows.
+``config.n_inner`` may be ``None``, meaning ``4 * n_embd``.
+"""
+
+from .base import ModelAdapter, two_layer_mlp_tensors
+
+
+class GPT2Adapter(ModelAdapter):
+    model_types = ("gpt2",)
+    layers_path = "transformer.h"
+    width_attr = "n_inner"
+    tensors = two_layer_mlp_tensors("mlp.c_fc", "mlp.c_proj", transposed=True)
+
+    def num_layers(self, config) -> int:
+        return int(config.n_layer)
+
+    def hidden_size(self, config) -> int:
+        return int(config.n_embd)
+
+    def ffn_width(self, config) -> int:
+        return int(config.n_inner) if config.n_inner is not None else 4 * int(config.n_embd)

@@ -1,0 +1,132 @@
+"""REINFORCE training of the PruneNet policy on a model's FFN state matrices.
+
+Training reads only the state matrices (one ``(n, d)`` view per layer): no copy of the model,
+no forward pass, no calibration data. One episode samples kept rows for every layer, scores
+each layer with the spectral reward, and takes one AdamW step on
+
+    loss = -(1/L) sum_i gamma^i R_i log p(keep_i)  [+ kl_weight * mean_i KL(alpha_i || 0.5)]
+
+where ``log p(keep_i) = sum_{j in keep_i} log alpha_ij``. The policy with the best total
+discounted reward (the one that produced that episode, i.e. before its update) is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .policy import SparsityPredictor, kept_log_prob, kl_to_half, select_rows
+from .reward import episode_rewards, reference_spectra
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of policy training (defaults follow the paper where it gives them)."""
+
+    episodes: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    gamma: float = 0.99  # discount of the reward over the layer index
+    kl_weight: float = 0.0  # weight of the KL(alpha || Bernoulli(0.5)) term; 0 disables it
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """The best policy and the training trace."""
+
+    policy: SparsityPredictor
+    best_episode: int
+    best_reward: float
+    episode_rewards: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def make_policy(hidden_size: int, ffn_width: int, seed: int, device="cpu") -> SparsityPredictor:
+    """A freshly initialised policy, reproducible from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = SparsityPredictor(hidden_size, ffn_width)
+    return policy.to(device)
+
+
+def train_policy(
+    states: Sequence[torch.Tensor],
+    k: int,
+    config: TrainConfig | None = None,
+    policy: SparsityPredictor | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a policy to keep ``k`` rows of each state matrix.
+
+    Args:
+        states: ``L`` state matrices ``(n, d)`` (views of the model's first in-projections;
+            they are read, never modified). All on one device; the policy goes there too.
+        k: rows to keep per layer, ``0 < k <= n``.
+        config: hyper-parameters; defaults to :class:`TrainConfig`.
+        policy: a policy to continue training (fresh one from ``config.seed`` if ``None``).
+        progress: show a progress bar over episodes.
+    """
+    config = config or TrainConfig()
+    n, d = states[0].shape
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in (0, {n}], got {k}")
+    device = states[0].device
+    policy = policy if policy is not None else make_policy(d, n, config.seed, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    discount = config.gamma ** torch.arange(len(states), dtype=torch.float64)
+
+    start = time.perf_counter()
+    references = reference_spectra(states)
+    result = TrainResult(policy=copy.deepcopy(policy), best_episode=-1, best_reward=float("-inf"))
+    bar = tqdm(range(config.episodes), desc="policy episodes", unit="ep", disable=not progress)
+    for episode in bar:
+        with torch.no_grad():
+            keeps = [select_rows(policy.logits(w), k, "sample", generator) for w in states]
+        rewards = episode_rewards(states, keeps, references)
+        weights = (discount * rewards).float().to(device)
+        total = float(weights.sum())
+        result.episode_rewards.append(total)
+        if total > result.best_reward:
+            result.policy.load_state_dict(policy.state_dict())
+            result.best_episode, result.best_reward = episode, total
+        _reinforce_step(policy, optimizer, states, keeps, weights, config)
+        bar.set_postfix(reward=f"{total:.1f}", best=f"{result.best_reward:.1f}")
+    result.seconds = time.perf_counter() - start
+    log.info("trained policy: best total reward %.2f at episode %d", result.best_reward, result.best_episode)
+    return result
+
+
+def _reinforce_step(policy, optimizer, states, keeps, weights, config: TrainConfig) -> None:
+    """One AdamW step on the REINFORCE loss of an episode, clipping gradients *before* the step.
+
+    The logits of every layer are the linear function ``W_i @ u + c`` of the policy's
+    ``(u, c) = direction()``. We back-propagate layer by layer into detached copies of
+    ``(u, c)`` and then once through ``direction()``: each layer's graph (which holds its
+    ``(n, d)`` state in float32) is freed right away instead of all ``L`` living until the end.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    u, c = policy.direction()
+    u_leaf, c_leaf = u.detach().requires_grad_(), c.detach().requires_grad_()
+    num_layers = len(states)
+    for w, keep, weight in zip(states, keeps, weights, strict=True):
+        logits = w.to(u_leaf.dtype) @ u_leaf + c_leaf
+        loss = -weight * kept_log_prob(logits, keep.to(logits.device)) / num_layers
+        if config.kl_weight:
+            loss = loss + config.kl_weight * kl_to_half(logits) / num_layers
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite REINFORCE loss {loss.item()} (reward weight {weight.item()})")
+        loss.backward()
+    torch.autograd.backward([u, c], [u_leaf.grad, c_leaf.grad])
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+    optimizer.step()

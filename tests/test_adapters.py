@@ -1,0 +1,162 @@
+"""Every adapter on a tiny random model: identity when all neurons are kept, exact pruning semantics
+against an independent masked-dense reference, and a stock ``transformers`` reload of the saved result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model
+
+from prunenet.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from prunenet.slicing import slice_model_
+
+REQUIRED_TYPES = {
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+    "phi", "phi3", "opt", "falcon", "gpt2", "gpt_neox",
+}  # fmt: skip
+
+
+def random_keeps(model, fraction=0.6, seed=0):
+    adapter = get_adapter(model.config)
+    n = adapter.ffn_width(model.config)
+    g = torch.Generator().manual_seed(seed)
+    k = int(fraction * n)
+    return [torch.randperm(n, generator=g)[:k].sort().values for _ in range(adapter.num_layers(model.config))]
+
+
+def masked_dense_logits(model, keeps, inputs):
+    """Reference: zero the out-projection entries of dropped neurons in the *dense* model.
+
+    A dropped neuron then contributes nothing, which is exactly what removing it means, so the
+    pruned model must give the same logits (up to float32 summation order).
+    """
+    adapter = get_adapter(model.config)
+    n = adapter.ffn_width(model.config)
+    saved = {}
+    with torch.no_grad():
+        for layer, keep in enumerate(keeps):
+            drop = torch.ones(n, dtype=torch.bool)
+            drop[keep] = False
+            # The out-projection is the weight whose neuron axis differs from the first in-projection's.
+            out_spec = next(
+                s for s in adapter.tensors if s.name.endswith(".weight") and s.axis != adapter.tensors[0].axis
+            )
+            param = model.get_parameter(adapter.block_prefix(layer) + out_spec.name)
+            saved[param] = param.detach().clone()
+            param.index_fill_(out_spec.axis, drop.nonzero().squeeze(1), 0.0)
+        logits = model(inputs).logits
+        for param, value in saved.items():
+            param.copy_(value)
+    return logits
+
+
+def test_every_required_model_type_is_supported():
+    assert REQUIRED_TYPES <= set(SUPPORTED_MODEL_TYPES)
+    assert {CONFIGS[name]().model_type for name in CONFIGS} >= REQUIRED_TYPES
+
+
+def test_unknown_model_type_names_the_supported_ones():
+    config = transformers.BertConfig()
+    with pytest.raises(UnsupportedModelError, match="bert") as err:
+        get_adapter(config)
+    for model_type in REQUIRED_TYPES:
+        assert model_type in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_matrix_is_first_in_projection(name):
+    model = tiny_model(name)
+    adapter = get_adapter(model.config)
+    n, d = adapter.ffn_width(model.config), adapter.hidden_size(model.config)
+    state = adapter.layer_state(model, 1)
+    assert state.shape == (n, d)
+    # The state rows are what the first in-projection multiplies the hidden state with.
+    x = torch.randn(3, d)
+    first = model.get_parameter(adapter.block_prefix(1) + adapter.tensors[0].name)
+    full = x @ first if adapter.tensors[0].axis == 1 else x @ first.t()
+    torch.testing.assert_close(x @ state.t(), full[:, :n])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_keeping_every_neuron_is_the_identity(name):
+    model = tiny_model(name)
+    inputs = sample_inputs()
+    with torch.no_grad():
+        before = model(inputs).logits
+    adapter = get_adapter(model.config)
+    n = adapter.ffn_width(model.config)
+    slice_model_(model, adapter, [torch.arange(n)] * adapter.num_layers(model.config), progress=False)
+    with torch.no_grad():
+        after = model(inputs).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_pruned_model_matches_masked_dense_and_reloads_with_stock_transformers(name, tmp_path):
+    model = tiny_model(name)
+    inputs = sample_inputs()
+    keeps = random_keeps(model)
+    k = keeps[0].numel()
+    expected = masked_dense_logits(model, keeps, inputs)
+    adapter = get_adapter(model.config)
+
+    slice_model_(model, adapter, keeps, progress=False)
+    assert adapter.ffn_width(model.config) == k
+    with torch.no_grad():
+        pruned = model(inputs).logits
+    torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
+
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is type(model)
+    assert get_adapter(reloaded.config).ffn_width(reloaded.config) == k
+    with torch.no_grad():
+        assert torch.equal(reloaded(inputs).logits, pruned)
+
+
+def test_phi3_fused_gate_up_moves_rows_j_and_n_plus_j_together():
+    model = tiny_model("phi3")
+    adapter = get_adapter(model.config)
+    fused = model.get_parameter("model.layers.0.mlp.gate_up_proj.weight").detach().clone()
+    keeps = random_keeps(model)
+    slice_model_(model, adapter, keeps, progress=False)
+    sliced = model.get_parameter("model.layers.0.mlp.gate_up_proj.weight")
+    keep = keeps[0]
+    assert torch.equal(sliced, torch.cat([fused[keep], fused[WIDTH + keep]]))
+
+
+def test_gpt2_conv1d_layout_and_null_n_inner():
+    model = tiny_model("gpt2")
+    assert model.config.n_inner is None
+    adapter = get_adapter(model.config)
+    assert adapter.ffn_width(model.config) == 4 * model.config.n_embd
+    c_fc = model.get_parameter("transformer.h.0.mlp.c_fc.weight").detach().clone()  # (d, n)
+    keeps = random_keeps(model)
+    slice_model_(model, adapter, keeps, progress=False)
+    assert model.config.n_inner == keeps[0].numel()
+    assert torch.equal(model.get_parameter("transformer.h.0.mlp.c_fc.weight"), c_fc[:, keeps[0]])
+    assert model.transformer.h[0].mlp.c_fc.nf == keeps[0].numel()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda n, L: [torch.arange(n - 1, -1, -1)] * L, "sorted"),
+        (lambda n, L: [torch.tensor([0, 0, 1])] * L, "sorted, unique"),
+        (lambda n, L: [torch.tensor([1, n])] * L, r"in \[0"),
+        (lambda n, L: [torch.arange(3)] * (L + 1), "layers"),
+        (lambda n, L: [torch.arange(3, dtype=torch.int32)] * L, "int64"),
+        (lambda n, L: [torch.arange(3), torch.arange(4)] + [torch.arange(3)] * (L - 2), "length"),
+        (lambda n, L: [torch.arange(0)] * L, "zero"),
+    ],
+    ids=["unsorted", "duplicate", "out-of-range", "layer-count", "dtype", "ragged", "empty"],
+)
+def test_bad_kept_indices_are_rejected_before_any_change(bad, match):
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        slice_model_(model, adapter, bad(WIDTH, adapter.num_layers(model.config)), progress=False)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert model.config.intermediate_size == WIDTH

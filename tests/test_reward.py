@@ -1,0 +1,78 @@
+"""The spectral reward against independent references: scipy's KS statistic, float64 SVD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from prunenet.reward import REWARD_AT_ZERO, episode_rewards, ks_statistic, reference_spectra, singular_values
+
+
+@pytest.mark.parametrize(
+    "p, q, ties",
+    [(50, 37, True), (576, 576, False), (576, 431, False), (1, 9, True), (1000, 17, True)],
+    ids=["50v37-ties", "576v576", "576v431", "1v9", "1000v17-ties"],
+)
+def test_ks_statistic_equals_scipy_exactly(p, q, ties):
+    rng = np.random.default_rng(p * 1000 + q)
+    for _ in range(20):
+        if ties:
+            x, y = rng.integers(0, 7, p).astype(float), rng.integers(0, 7, q).astype(float)
+        else:
+            x, y = rng.standard_normal(p), rng.standard_normal(q) * 1.3 + 0.1
+        assert ks_statistic(torch.from_numpy(x), torch.from_numpy(y)).item() == scipy.stats.ks_2samp(x, y).statistic
+
+
+def test_ks_statistic_is_batched():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 60)), rng.standard_normal((4, 45))
+    got = ks_statistic(torch.from_numpy(x), torch.from_numpy(y))
+    assert got.shape == (4,)
+    for i in range(4):
+        assert got[i].item() == scipy.stats.ks_2samp(x[i], y[i]).statistic
+
+
+def test_ks_of_identical_samples_is_zero_and_reward_is_capped():
+    x = torch.randn(100)
+    assert ks_statistic(x, x[torch.randperm(100)]).item() == 0.0
+    w = torch.randn(40, 12)
+    assert episode_rewards([w], [torch.arange(40)], reference_spectra([w])).item() == REWARD_AT_ZERO
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_singular_values_match_float64(dtype):
+    w = torch.randn(431, 123).to(dtype)
+    ref = torch.linalg.svdvals(w.double()).flip(-1)
+    got = singular_values(w)
+    assert got.dtype == torch.float32 and bool((got[1:] >= got[:-1]).all())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_episode_rewards_equal_per_layer_scipy_reference():
+    states = [torch.randn(90, 24) * (1 + i) for i in range(5)]
+    g = torch.Generator().manual_seed(0)
+    keeps = [torch.randperm(90, generator=g)[:61].sort().values for _ in states]
+    got = episode_rewards(states, keeps, reference_spectra(states))
+    for i, (w, keep) in enumerate(zip(states, keeps, strict=True)):
+        full = np.linalg.svd(w.double().numpy(), compute_uv=False)
+        sliced = np.linalg.svd(w[keep].double().numpy(), compute_uv=False)
+        expected = 1.0 / scipy.stats.ks_2samp(full, sliced).statistic
+        assert got[i].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_episode_rewards_chunking_does_not_change_results(monkeypatch):
+    import prunenet.reward as reward
+
+    states = [torch.randn(50, 16) for _ in range(7)]
+    keeps = [torch.arange(0, 50, 2) for _ in states]
+    refs = reference_spectra(states)
+    whole = episode_rewards(states, keeps, refs)
+    monkeypatch.setattr(reward, "_CHUNK_BYTES", 3 * 4 * 25 * 16)  # three layers per chunk
+    assert torch.equal(episode_rewards(states, keeps, refs), whole)
+
+
+def test_episode_rewards_reject_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 states, 1 keeps"):
+        episode_rewards([torch.randn(4, 2)] * 2, [torch.arange(2)], [torch.ones(2)] * 2)

@@ -1,0 +1,98 @@
+"""Tiny random-initialised configs, one per supported ``model_type`` (plus variants with MLP biases).
+
+FFN widths are deliberately odd (not powers of two) so index arithmetic errors show.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+HIDDEN, WIDTH, LAYERS, HEADS, VOCAB = 32, 74, 2, 4, 128
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+_LLAMA_LIKE = dict(_COMMON, intermediate_size=WIDTH, num_key_value_heads=2, max_position_embeddings=64)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_LLAMA_LIKE),
+    "llama-mlp-bias": lambda: transformers.LlamaConfig(**_LLAMA_LIKE, mlp_bias=True),
+    "mistral": lambda: transformers.MistralConfig(**_LLAMA_LIKE),
+    "qwen2": lambda: transformers.Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": lambda: transformers.Qwen3Config(**_LLAMA_LIKE, head_dim=8),
+    "gemma": lambda: transformers.GemmaConfig(**_LLAMA_LIKE, head_dim=8),
+    "gemma2": lambda: transformers.Gemma2Config(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
+    "phi": lambda: transformers.PhiConfig(**_COMMON, intermediate_size=WIDTH, max_position_embeddings=64),
+    "phi3": lambda: transformers.Phi3Config(
+        **_COMMON, intermediate_size=WIDTH, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        ffn_dim=WIDTH,
+        word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=64,
+    ),
+    "falcon": lambda: transformers.FalconConfig(**_COMMON, ffn_hidden_size=WIDTH, bias=True),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64, bos_token_id=0, eos_token_id=0
+    ),
+    "gpt2-n_inner": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_positions=64,
+        n_inner=WIDTH,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **_COMMON, intermediate_size=WIDTH, max_position_embeddings=64, bos_token_id=0, eos_token_id=0
+    ),
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny ``*ForCausalLM`` in eval mode, float32, with random weights (biases randomised too)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Default inits zero the biases; random ones catch a bias that is not sliced.
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def sample_inputs(batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
+    """Random token ids ``(batch, length)``."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``VOCAB`` made-up words (``w3`` ... ), whitespace-split; offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_text(words: int = 3000, seed: int = 0) -> str:
+    """Text in the tiny tokenizer's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (words,), generator=g).tolist())
+
+
+def save_tiny_model(name: str, folder, seed: int = 0):
+    """Save a tiny model of family ``name`` with the tiny tokenizer into ``folder``; returns the model."""
+    model = tiny_model(name, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
