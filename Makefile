@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q "setuptools>=64" wheel "pybind11>=2.10"
+	$(BIN)/pip install -q "setuptools>=77" wheel "pybind11>=2.10"
 	@# --no-build-isolation: build the extension against the torch installed above instead of
 	@# downloading another torch into an isolated build environment.
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"

@@ -23,7 +23,7 @@ from .checkpoint import (
     save_policy,
     write_manifest,
 )
-from .models import load_model, resolve_model
+from .models import ModelLoadError, load_model, resolve_model
 from .policy import SELECTIONS, SparsityPredictor, check_policy_shape, select_rows
 from .slicing import slice_model_
 from .train import TrainConfig, train_policy
@@ -129,7 +129,10 @@ def compress(
     tick = time.perf_counter()
     source = resolve_model(model)
     out = check_output_folder(out, source, overwrite)
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not read the model config in {source}: {err}") from None
     adapter = get_adapter(config)
     width, hidden = adapter.ffn_width(config), adapter.hidden_size(config)
     k = kept_width(ratio, width)

@@ -2,9 +2,9 @@
 
 Training reads only the state matrices (one ``(n, d)`` view per layer): no copy of the model,
 no forward pass, no calibration data. One episode samples kept rows for every layer, scores
-each layer with the spectral reward, and takes one AdamW step on
+each layer with the spectral reward, then takes one AdamW step per layer ``i`` on
 
-    loss = -(1/L) sum_i gamma^i R_i log p(keep_i)  [+ kl_weight * mean_i KL(alpha_i || 0.5)]
+    loss_i = -gamma^i R_i log p(keep_i)  [+ kl_weight * KL(alpha_i || Bernoulli(0.5))]
 
 where ``log p(keep_i) = sum_{j in keep_i} log alpha_ij``. The policy with the best total
 discounted reward (the one that produced that episode, i.e. before its update) is returned.
@@ -108,25 +108,21 @@ def train_policy(
 
 
 def _reinforce_step(policy, optimizer, states, keeps, weights, config: TrainConfig) -> None:
-    """One AdamW step on the REINFORCE loss of an episode, clipping gradients *before* the step.
+    """The episode's REINFORCE updates: one clipped AdamW step per layer, in layer order.
 
-    The logits of every layer are the linear function ``W_i @ u + c`` of the policy's
-    ``(u, c) = direction()``. We back-propagate layer by layer into detached copies of
-    ``(u, c)`` and then once through ``direction()``: each layer's graph (which holds its
-    ``(n, d)`` state in float32) is freed right away instead of all ``L`` living until the end.
+    Layer ``i`` contributes ``-gamma^i R_i log p(keep_i)`` (+ the KL term). Stepping per layer (as
+    the reference implementation does) gives ``L`` updates per episode instead of one; gradients
+    are clipped *before* each step. Each layer's graph (holding its ``(n, d)`` state in float32)
+    is freed by its own backward, so memory stays at one layer's worth.
     """
-    optimizer.zero_grad(set_to_none=True)
-    u, c = policy.direction()
-    u_leaf, c_leaf = u.detach().requires_grad_(), c.detach().requires_grad_()
-    num_layers = len(states)
     for w, keep, weight in zip(states, keeps, weights, strict=True):
-        logits = w.to(u_leaf.dtype) @ u_leaf + c_leaf
-        loss = -weight * kept_log_prob(logits, keep.to(logits.device)) / num_layers
+        optimizer.zero_grad(set_to_none=True)
+        logits = policy.logits(w)
+        loss = -weight * kept_log_prob(logits, keep.to(logits.device))
         if config.kl_weight:
-            loss = loss + config.kl_weight * kl_to_half(logits) / num_layers
+            loss = loss + config.kl_weight * kl_to_half(logits)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite REINFORCE loss {loss.item()} (reward weight {weight.item()})")
         loss.backward()
-    torch.autograd.backward([u, c], [u_leaf.grad, c_leaf.grad])
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-    optimizer.step()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()

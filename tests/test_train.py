@@ -3,6 +3,8 @@ and the memory-saving layer-by-layer backward equal to the gradient of the writt
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -58,41 +60,46 @@ def test_gradients_are_clipped_before_the_optimizer_step(monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     train_policy(low_rank_states(), 80, TrainConfig(episodes=4, max_grad_norm=0.5), progress=False)
-    assert len(norms) == 4
+    assert len(norms) == 4 * 4  # one step per layer per episode
     assert max(norms) <= 0.5 + 1e-5
 
 
-def test_layerwise_backward_equals_one_autograd_graph():
-    """The memory-saving backward through (u, c) gives the gradient of the plain summed loss."""
-    from prunenet.policy import kept_log_prob, kl_to_half
+def test_each_layer_step_uses_the_gradient_of_the_written_out_loss():
+    """Layer i's update direction is the gradient of -gamma^i R_i sum_{j in keep} log alpha_j + KL term,
+    computed here from the literal O(n^2 d) policy form in float64."""
+    from prunenet.policy import kl_to_half
 
-    states = low_rank_states(layers=3)
+    states = [w.double() for w in low_rank_states(layers=3)]
     policy = make_policy(24, 120, seed=1).double()
     keeps = [
-        select_rows(policy.logits(w.double()).detach(), 70, "sample", torch.Generator().manual_seed(i))
+        select_rows(policy.logits(w).detach(), 70, "sample", torch.Generator().manual_seed(i))
         for i, w in enumerate(states)
     ]
     weights = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
     cfg = TrainConfig(kl_weight=0.7, max_grad_norm=1e9)
+    seen = []
 
-    policy.zero_grad()
-    loss = sum(
-        -wt * kept_log_prob(policy.logits(w.double()), keep) / 3 + 0.7 * kl_to_half(policy.logits(w.double())) / 3
-        for w, keep, wt in zip(states, keeps, weights, strict=True)
-    )
-    loss.backward()
-    expected = [p.grad.clone() for p in policy.parameters()]
+    class RecordingOptimizer:
+        """Checks the gradient before each step, then applies a plain SGD step."""
 
-    class NoStep:
         def zero_grad(self, set_to_none=True):
             policy.zero_grad(set_to_none=set_to_none)
 
         def step(self):
-            pass
+            i = len(seen)
+            reference = copy.deepcopy(policy)
+            alpha = torch.sigmoid(reference.logits_literal(states[i]))
+            loss = -weights[i] * alpha[keeps[i]].log().sum() + 0.7 * kl_to_half(reference.logits_literal(states[i]))
+            loss.backward()
+            for got, want in zip(policy.parameters(), reference.parameters(), strict=True):
+                torch.testing.assert_close(got.grad, want.grad)
+            seen.append(i)
+            with torch.no_grad():
+                for p in policy.parameters():
+                    p -= 1e-3 * p.grad
 
-    train._reinforce_step(policy, NoStep(), [w.double() for w in states], keeps, weights, cfg)
-    for got, want in zip((p.grad for p in policy.parameters()), expected, strict=True):
-        torch.testing.assert_close(got, want)
+    train._reinforce_step(policy, RecordingOptimizer(), states, keeps, weights, cfg)
+    assert seen == [0, 1, 2]
 
 
 def test_k_out_of_range_is_rejected():
