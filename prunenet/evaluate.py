@@ -17,7 +17,8 @@ def tokenize_prefix(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
     """
     chars = max_tokens * 8
     while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        # verbose=False: we window the ids ourselves, so the "longer than model_max_length" warning is moot.
+        ids = tokenizer(text[:chars], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         # A cut prefix may end in half a word; its tokens are the last few, so ask for a margin.
         if chars >= len(text) or len(ids) > max_tokens + 16:
             return torch.tensor(ids[:max_tokens], dtype=torch.long)
