@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,52 +53,24 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="prunenet-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {
-            "ratio": 0.0,
-            "method": "dense",
-            "seed": "",
-            "perplexity": evaluate("smollm2-135m", args.max_tokens, args.context),
-        }
-    ]
+    rows = [{"ratio": 0.0, "method": "dense", "seed": "", "perplexity": evaluate("smollm2-135m", args)}]
     print(rows[-1], flush=True)
+
+    def measure(ratio: float, name: str, seed: int, folder: Path, *compress_args: str, keep_folder=False) -> None:
+        run_json(["compress", "--ratio", str(ratio), "--seed", str(seed), "--out", str(folder), "--overwrite",
+                  *compress_args])  # fmt: skip
+        rows.append({"ratio": ratio, "method": name, "seed": seed, "perplexity": evaluate(str(folder), args)})
+        print(rows[-1], flush=True)
+        if not keep_folder:
+            shutil.rmtree(folder)  # ~0.5 GB each
+
     for ratio in args.ratios:
-        out = work / f"prunenet-{ratio}"
-        common = ["--ratio", str(ratio), "--overwrite"]
-        run_json(["compress", *common, "--out", str(out), "--episodes", str(args.episodes), "--seed", "0"])
-        rows.append(
-            {
-                "ratio": ratio,
-                "method": "prunenet-sample",
-                "seed": 0,
-                "perplexity": evaluate(str(out), args.max_tokens, args.context),
-            }
-        )
-        print(rows[-1], flush=True)
-        topk = work / f"prunenet-topk-{ratio}"
-        run_json(["compress", *common, "--out", str(topk), "--policy", str(out), "--selection", "topk"])
-        rows.append(
-            {
-                "ratio": ratio,
-                "method": "prunenet-topk",
-                "seed": 0,
-                "perplexity": evaluate(str(topk), args.max_tokens, args.context),
-            }
-        )
-        print(rows[-1], flush=True)
-        for method, seeds in (("magnitude", [0]), ("random", range(args.seeds))):
-            for seed in seeds:
-                folder = work / f"{method}-{ratio}-{seed}"
-                run_json(["compress", *common, "--out", str(folder), "--method", method, "--seed", str(seed)])
-                rows.append(
-                    {
-                        "ratio": ratio,
-                        "method": method,
-                        "seed": seed,
-                        "perplexity": evaluate(str(folder), args.max_tokens, args.context),
-                    }
-                )
-                print(rows[-1], flush=True)
+        trained = work / f"prunenet-{ratio}"
+        measure(ratio, "prunenet-sample", 0, trained, "--episodes", str(args.episodes), keep_folder=True)
+        measure(ratio, "prunenet-topk", 0, work / "topk", "--policy", str(trained), "--selection", "topk")
+        measure(ratio, "magnitude", 0, work / "magnitude", "--method", "magnitude")
+        for seed in range(args.seeds):
+            measure(ratio, "random", seed, work / "random", "--method", "random")
 
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017
