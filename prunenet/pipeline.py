@@ -66,8 +66,6 @@ def choose_keeps(
             with torch.no_grad():
                 logits = policy.logits(w.to(next(policy.parameters()).device)).cpu()
             keeps.append(select_rows(logits, k, selection, generator))
-        elif method == "all":
-            keeps.append(torch.arange(w.shape[0]))
         elif method == "random":
             keeps.append(torch.randperm(w.shape[0], generator=generator)[:k].sort().values)
         elif method == "magnitude":
@@ -148,27 +146,25 @@ def compress(
 
     states = [adapter.layer_state(lm, i) for i in range(adapter.num_layers(config))]
     train_info = None
-    if method == "prunenet" and k == width and trained_policy is None:
-        log.info("ratio %s keeps all %d neurons: nothing to train, every neuron is kept", ratio, width)
-        method_for_keeps = "all"
-    else:
-        method_for_keeps = method
-    if method_for_keeps == "prunenet" and trained_policy is None:
-        tick = time.perf_counter()
-        cfg = TrainConfig(episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr)
-        result = train_policy(states, k, cfg, progress=progress)
-        trained_policy = result.policy
-        train_info = {
-            "episodes": episodes,
-            "best_episode": result.best_episode,
-            "best_reward": result.best_reward,
-            "episode_rewards": result.episode_rewards,
-            **{f"config_{key}": value for key, value in vars(cfg).items()},
-        }
-        timings["train_s"] = time.perf_counter() - tick
-
     tick = time.perf_counter()
-    keeps = choose_keeps(method_for_keeps, states, k, policy=trained_policy, selection=selection, seed=seed)
+    if k == width:
+        log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", ratio, width)
+        keeps = [torch.arange(width)] * len(states)
+    else:
+        if method == "prunenet" and trained_policy is None:
+            cfg = TrainConfig(episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr)
+            result = train_policy(states, k, cfg, progress=progress)
+            trained_policy = result.policy
+            train_info = {
+                "episodes": episodes,
+                "best_episode": result.best_episode,
+                "best_reward": result.best_reward,
+                "episode_rewards": result.episode_rewards,
+                **{f"config_{key}": value for key, value in vars(cfg).items()},
+            }
+            timings["train_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+        keeps = choose_keeps(method, states, k, policy=trained_policy, selection=selection, seed=seed)
     del states  # views of weights that slicing replaces
     slice_model_(lm, adapter, keeps, progress=progress)
     timings["slice_s"] = time.perf_counter() - tick
