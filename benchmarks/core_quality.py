@@ -73,7 +73,7 @@ def main() -> None:
             measure(ratio, "random", seed, work / "random", "--method", "random")
 
     RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with open(RESULTS / "core_quality.csv", "w", newline="") as f:
         writer = csv.DictWriter(
             f, fieldnames=["date", "max_tokens", "context", "ratio", "method", "seed", "perplexity"]
