@@ -13,7 +13,7 @@ DEMO_OUT   ?= demo-out
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean cuda-check
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,8 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+	@# Again without the native extension: every op must work on its pure-PyTorch path.
+	PRUNENET_DISABLE_EXT=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
@@ -49,6 +51,43 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# `make cuda-check`: compile the CUDA kernels (csrc/*.cu, sm_80 + sm_90) with warnings as errors and
+# check the cubins, with no GPU needed. It has its own venv because it needs the CUDA build of torch
+# (~5.5 GB with its nvidia-* wheels), which must not replace .venv's CPU torch. CMake is driven
+# directly (as setup.py does) into $(CUDA_BUILD); nothing is installed from the checkout.
+CUDA_VENV  := .venv-cuda
+CUDA_PY    := $(CUDA_VENV)/bin/python
+CUDA_REQS  := "torch==2.14.1" "setuptools>=77" wheel "pybind11>=2.10"
+CUDA_STAMP := $(CUDA_VENV)/.installed
+CUDA_BUILD := build/cuda-check
+CUDA_ARCHS := sm_80 sm_90
+MAX_JOBS   ?= 2
+# The toolkit root (bin/nvcc, include/): $CUDA_HOME, else /usr/local/cuda, else from the nvcc on PATH.
+CUDA_HOME  ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,$(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc 2>/dev/null))))
+# cmake arguments that depend on the venv's torch, computed in one interpreter start.
+CUDA_TORCH_ARGS := $(CUDA_PY) -W ignore -c 'import torch, pybind11; print(\
+  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path} -Dpybind11_DIR={pybind11.get_cmake_dir()} "\
+  f"-DPRUNENET_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)} -DPRUNENET_TORCH_VERSION={torch.__version__}")'
+
+# The stamp holds the requirements it was made with: pip runs again only if they change or the
+# venv is missing, so a re-run costs the configure + an up-to-date build.
+ifneq ($(shell cat $(CUDA_STAMP) 2>/dev/null),$(CUDA_REQS))
+.PHONY: $(CUDA_STAMP)
+endif
+$(CUDA_STAMP):
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q $(CUDA_REQS)
+	echo '$(CUDA_REQS)' > $@
+
+cuda-check: $(CUDA_STAMP)
+	@test -x "$(CUDA_HOME)/bin/nvcc" || { echo "cuda-check: no nvcc in CUDA_HOME='$(CUDA_HOME)'; set CUDA_HOME" >&2; exit 1; }
+	torch_args="$$($(CUDA_TORCH_ARGS))" && \
+	cmake -S . -B $(CUDA_BUILD) -DCMAKE_BUILD_TYPE=Release -DPRUNENET_WITH_CUDA=ON -DPRUNENET_WERROR=ON \
+	  $$torch_args -DPython_EXECUTABLE=$(abspath $(CUDA_PY)) \
+	  -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)
+	cmake --build $(CUDA_BUILD) --target _C --parallel $(MAX_JOBS)
+	$(CUDA_PY) tools/fatbin_archs.py $(CUDA_BUILD)/_C*.so --require $(CUDA_ARCHS)
 
 clean:
 	rm -rf build dist *.egg-info $(DEMO_OUT) prunenet/_C*.so

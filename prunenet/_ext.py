@@ -2,17 +2,22 @@
 
 ``prunenet._C`` is built by CMake from ``csrc/`` at install time (``pip install --no-build-isolation .``;
 ``PRUNENET_SKIP_EXT=1`` installs without it). Importing it registers the ops ``torch.ops.prunenet.*``.
-Importing this module never fails: without the extension everything runs in pure PyTorch, and only
-:func:`require` raises.
+At run time ``PRUNENET_DISABLE_EXT=1`` makes the package ignore a built extension (every op then takes
+its pure-PyTorch path). Importing this module never fails: without the extension everything runs in
+pure PyTorch, and only :func:`require` raises.
 
 Ops (native op, pure-PyTorch reference, public wrapper that picks one):
 
-* ``torch.ops.prunenet.gather_rows`` / :func:`gather_rows_ref` / :func:`gather_rows`
+* ``torch.ops.prunenet.gather_rows`` / :func:`gather_rows_ref` / :func:`gather_rows`: rows copied into
+  a new tensor (out of place; for reading kept rows from a checkpoint).
+* ``torch.ops.prunenet.slice_ffn_`` / :func:`prunenet.slicing.slice_ffn_ref` /
+  :func:`prunenet.slicing.slice_ffn_`: one FFN's tensors sliced in place.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -24,6 +29,8 @@ __all__ = [
     "gather_rows_ref",
     "import_error",
     "load",
+    "NATIVE_DTYPES",
+    "native_device",
     "require",
 ]
 
@@ -31,12 +38,14 @@ _NOT_TRIED = object()
 _module: object = _NOT_TRIED  # ModuleType | None once load() has run
 _import_error: str | None = None
 
-_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def load() -> ModuleType | None:
     """Import ``prunenet._C`` once (cached) and return it, or None if that fails (see :func:`import_error`)."""
     global _module, _import_error
+    if _module is _NOT_TRIED and os.environ.get("PRUNENET_DISABLE_EXT") == "1":
+        _module, _import_error = None, "disabled by PRUNENET_DISABLE_EXT=1"
     if _module is _NOT_TRIED:
         try:
             module = importlib.import_module("prunenet._C")
@@ -83,7 +92,8 @@ def require() -> ModuleType:
     return module
 
 
-def _native_device(device: torch.device) -> bool:
+def native_device(device: torch.device) -> bool:
+    """Whether the native ops have a kernel for ``device`` (CPU always; CUDA if built with it)."""
     if device.type == "cpu":
         return True
     return device.type == "cuda" and cuda_available()
@@ -109,8 +119,8 @@ def _gather_rows_native_ok(src: torch.Tensor, index: torch.Tensor) -> bool:
     """Whether ``torch.ops.prunenet.gather_rows`` can take these inputs (else the reference does)."""
     return (
         available()
-        and _native_device(src.device)
-        and src.dtype in _NATIVE_DTYPES
+        and native_device(src.device)
+        and src.dtype in NATIVE_DTYPES
         and src.dim() in (1, 2)
         and (src.dim() == 1 or src.size(1) <= 1 or src.stride(1) == 1)
         and index.dtype == torch.int64

@@ -8,6 +8,7 @@ import torch
 import transformers
 from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model
 
+from prunenet import _ext
 from prunenet.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 from prunenet.slicing import slice_model_
 
@@ -113,6 +114,21 @@ def test_pruned_model_matches_masked_dense_and_reloads_with_stock_transformers(n
     assert get_adapter(reloaded.config).ffn_width(reloaded.config) == k
     with torch.no_grad():
         assert torch.equal(reloaded(inputs).logits, pruned)
+
+
+@pytest.mark.skipif(not _ext.available(), reason=f"prunenet._C not built: {_ext.import_error()}")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_native_and_pytorch_slicing_give_identical_models(name):
+    inputs = sample_inputs()
+    native, reference = tiny_model(name), tiny_model(name)  # same seed: same weights
+    keeps = random_keeps(native, fraction=0.45, seed=1)
+    adapter = get_adapter(native.config)
+    slice_model_(native, adapter, keeps, progress=False, backend="native")
+    slice_model_(reference, adapter, keeps, progress=False, backend="torch")
+    for (name_n, p_n), (name_r, p_r) in zip(native.named_parameters(), reference.named_parameters(), strict=True):
+        assert name_n == name_r and torch.equal(p_n, p_r), name_n
+    with torch.no_grad():
+        assert torch.equal(native(inputs).logits, reference(inputs).logits)
 
 
 def test_phi3_fused_gate_up_moves_rows_j_and_n_plus_j_together():

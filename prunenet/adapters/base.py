@@ -38,9 +38,21 @@ class NeuronTensor:
         Returns ``(groups * k,)`` int64, sorted ascending (group-major), so a fused tensor is
         compacted in one gather.
         """
-        if self.groups == 1:
-            return keep
-        return torch.cat([keep + g * width for g in range(self.groups)])
+        return neuron_entries(keep, width, self.groups)
+
+
+def neuron_entries(keep: torch.Tensor, width: int, groups: int) -> torch.Tensor:
+    """Entries of an axis holding ``groups`` neuron groups of ``width`` for kept neurons ``keep``.
+
+    Args:
+        keep: ``(k,)`` sorted int64 neurons in ``[0, width)``.
+
+    Returns:
+        ``(groups * k,)`` int64, sorted: ``keep``, ``keep + width``, ... (``keep`` itself when ``groups == 1``).
+    """
+    if groups == 1:
+        return keep
+    return torch.cat([keep + g * width for g in range(groups)])
 
 
 class ModelAdapter:
