@@ -91,3 +91,48 @@ cuda-check: $(CUDA_STAMP)
 
 clean:
 	rm -rf build dist *.egg-info $(DEMO_OUT) prunenet/_C*.so
+
+# ---- Evaluation report and benchmark suite ---------------------------------------------------------------
+# `make report`: the quality report (benchmarks/quality.py): results/quality.csv, .md, .png and the README's
+# quality block. Extra arguments: make report REPORT_ARGS="--seeds 3".
+# `make bench` / `make bench-quick`: every benchmark script present in benchmarks/, then the summary tables.
+REPORT_ARGS ?=
+# Benchmark scripts of other issues: each is run when present and skipped with a message otherwise.
+BENCH_OPTIONAL := bench_slicing bench_reward
+
+.PHONY: report bench-quick
+
+# matplotlib (the `report` extra) for the plot, installed on its own so the C++ extension is not rebuilt.
+$(VENV)/.report-deps: $(VENV)/.installed
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q "matplotlib>=3.7"
+	touch $@
+
+report: $(VENV)/.report-deps
+	$(BIN)/python benchmarks/quality.py $(REPORT_ARGS)
+
+# $(call run_optional_benches,FLAGS): the optional scripts with FLAGS, in order; stops at the first failure.
+define run_optional_benches
+	@for s in $(BENCH_OPTIONAL); do \
+	  if [ -f benchmarks/$$s.py ]; then \
+	    echo "== python benchmarks/$$s.py $(1)"; $(BIN)/python benchmarks/$$s.py $(1) || exit $$?; \
+	  else echo "== benchmarks/$$s.py is not present: skipped"; fi; \
+	done
+endef
+
+bench: install
+	$(call run_optional_benches,)
+	$(BIN)/python benchmarks/bench_gather_rows.py
+	$(BIN)/python benchmarks/bench_compress.py
+	$(BIN)/python benchmarks/summary.py
+
+bench-quick: install
+	$(call run_optional_benches,--quick)
+	$(BIN)/python benchmarks/bench_gather_rows.py --repeats 5
+	$(BIN)/python benchmarks/bench_compress.py --quick
+	$(BIN)/python benchmarks/summary.py
+
+# `make test-eval`: the lm-eval bridge tests, which `make test` skips unless the `eval` extra is installed.
+.PHONY: test-eval
+test-eval: install
+	$(BIN)/python -c "import lm_eval" 2>/dev/null || $(BIN)/pip install -q "lm-eval>=0.4.13,<0.5"
+	$(BIN)/python -m pytest -q tests/test_evaluate.py tests/test_cli.py -k "zero_shot or tasks"

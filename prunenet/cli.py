@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the KL(policy || Bernoulli(0.5)) term to the loss with this weight (1.0 if no value)",
     )
     c.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the policy")
+    c.add_argument(
+        "--reward-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="how each training episode's spectral reward is computed: 'triton' = batched Triton kernels "
+        "(CUDA only, needs the triton package), 'torch' = pure PyTorch on any device, 'auto' = triton on a "
+        "CUDA device when triton is installed, torch otherwise",
+    )
     c.add_argument("--device", default=_default_device(), help="torch device for the model and training")
     c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype to load and save")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
@@ -85,18 +93,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="perplexity of a model on real text",
-        description="Perplexity over the first --max-tokens tokens of a text, in non-overlapping --context-token "
-        "windows. The default text is the held-out split of the embedded State of the Union corpus.",
+        help="perplexity, zero-shot accuracy and inference cost of a model",
+        description="Perplexity over the first --max-tokens tokens of a text, in --context-token windows "
+        "(non-overlapping, or sliding with --stride). The default text is the held-out split of the embedded State "
+        "of the Union corpus. Optionally zero-shot multiple-choice accuracy through lm-eval (--tasks) and the "
+        "inference cost (--cost), side by side with a --baseline model (e.g. the dense one).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     e.add_argument(
         "--model", required=True, help=f"a folder written by compress, any local HF folder, or '{DEFAULT_MODEL}'"
     )
+    e.add_argument(
+        "--baseline",
+        default=None,
+        help="a second model (e.g. the dense source of a pruned --model) measured the same way and shown side by "
+        "side, with the ratio model/baseline",
+    )
     e.add_argument("--text-file", default=None, help="UTF-8 text file to evaluate on (default: embedded held-out text)")
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens of text to evaluate")
     e.add_argument("--context", type=int, default=512, help="window length in tokens")
-    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    e.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="step between window starts (default: --context, non-overlapping windows); a smaller stride gives "
+        "every scored token at least context - stride tokens of context, at context/stride times the cost",
+    )
+    e.add_argument("--batch-size", type=int, default=4, help="windows (or lm-eval requests) per forward pass")
+    e.add_argument("--no-perplexity", action="store_true", help="skip perplexity (e.g. with --tasks or --cost only)")
+    e.add_argument(
+        "--tasks",
+        default=None,
+        help="zero-shot multiple-choice accuracy through lm-eval: comma-separated lm-eval task names, or 'paper' "
+        "for the paper's PIQA, HellaSwag, ARC-easy, ARC-challenge, WinoGrande (acc_norm; WinoGrande acc). Needs "
+        "`pip install 'prunenet[eval]'` and the datasets: the Hugging Face Hub, a datasets cache, or --tasks-dir",
+    )
+    e.add_argument(
+        "--tasks-dir",
+        default=None,
+        help="folder of lm-eval task YAMLs (lm-eval's --include_path), e.g. tasks reading local JSON/JSONL copies "
+        "of the datasets with `dataset_path: json`",
+    )
+    e.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (quick checks)")
+    e.add_argument(
+        "--cost",
+        action="store_true",
+        help="measure inference cost in a fresh process per model: parameters, weight bytes, prefill and decode "
+        "tokens/s, peak memory (CPU: peak resident set; CUDA: max_memory_allocated)",
+    )
+    e.add_argument("--cost-prompt-tokens", type=int, default=512, help="--cost: prompt length of the prefill")
+    e.add_argument("--cost-new-tokens", type=int, default=64, help="--cost: greedy decode steps (KV cache)")
+    e.add_argument("--cost-batch-size", type=int, default=1, help="--cost: sequences per batch")
+    e.add_argument("--cost-repeats", type=int, default=3, help="--cost: timed runs (median) after one warm-up")
     e.add_argument("--device", default=_default_device(), help="torch device")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
@@ -125,6 +173,7 @@ def _run_compress(args) -> dict:
         dtype=args.dtype,
         kl_weight=args.kl,
         lr=args.lr,
+        reward_backend=args.reward_backend,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -159,36 +208,119 @@ def _run_compress(args) -> dict:
     return summary
 
 
-def _run_eval(args) -> dict:
-    from .evaluate import perplexity
+def _evaluate_one(args, spec: str, text: str | None, tasks: list[str] | None) -> dict:
+    """Every measurement ``eval`` was asked for, on one model; the model is freed before returning."""
+    import gc
+
+    from .evaluate import count_parameters, inference_cost_subprocess, perplexity, zero_shot
     from .models import load_model
     from .pipeline import DTYPES
+
+    result: dict = {"model": spec}
+    if text is not None or tasks:
+        model, tokenizer, path = load_model(spec, device=args.device, dtype=DTYPES[args.dtype])
+        result["model"] = str(path)
+        result["parameters"] = count_parameters(model)
+        if tasks:  # before perplexity: an unreachable dataset should fail fast
+            result["zero_shot"] = zero_shot(
+                model,
+                tokenizer,
+                tasks,
+                tasks_dir=args.tasks_dir,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+        if text is not None:
+            result.update(
+                perplexity(
+                    model,
+                    tokenizer,
+                    text,
+                    max_tokens=args.max_tokens,
+                    context=args.context,
+                    stride=args.stride,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    progress=not args.quiet,
+                )
+            )
+        del model, tokenizer
+        gc.collect()  # before the next model: keep one model in memory at a time
+    if args.cost:
+        result["cost"] = inference_cost_subprocess(
+            spec,
+            text_file=args.text_file,
+            dtype=args.dtype,
+            device=args.device,
+            prompt_tokens=args.cost_prompt_tokens,
+            new_tokens=args.cost_new_tokens,
+            batch_size=args.cost_batch_size,
+            repeats=args.cost_repeats,
+            progress=not args.quiet,
+        )
+        result.setdefault("parameters", result["cost"]["parameters"])
+    return result
+
+
+def _eval_rows(r: dict) -> list[tuple[str, str, float | None]]:
+    """``(label, shown value, number for ratios or None)`` for every measurement in one ``eval`` result."""
+    mib = 2**20
+    rows: list[tuple[str, str, float | None]] = []
+    if "perplexity" in r:
+        rows.append(("perplexity", f"{r['perplexity']:.3f}", r["perplexity"]))
+    zs = r.get("zero_shot")
+    if zs:
+        for name, t in zs["tasks"].items():
+            err = f" ± {100 * t['stderr']:.2f}" if t["stderr"] is not None else ""
+            rows.append((f"{name} {t['metric']} (%)", f"{100 * t['value']:.2f}{err}", t["value"]))
+        rows.append((f"zero-shot average of {len(zs['tasks'])} (%)", f"{100 * zs['average']:.2f}", zs["average"]))
+        rows += [(name, "dataset unavailable (see above)", None) for name in zs["unavailable"]]
+    rows.append(("parameters", f"{r['parameters']:,}", r["parameters"]))
+    c = r.get("cost")
+    if c:
+        rows += [
+            ("weight bytes (MiB)", f"{c['weight_bytes'] / mib:.1f}", c["weight_bytes"]),
+            (f"prefill tokens/s ({c['batch_size']}x{c['prompt_tokens']})", f"{c['prefill_tokens_per_s']:.1f}",
+             c["prefill_tokens_per_s"]),
+            (f"decode tokens/s ({c['new_tokens']} steps)", f"{c['decode_tokens_per_s']:.1f}", c["decode_tokens_per_s"]),
+            ("peak memory (MiB)", f"{c['peak_memory_bytes'] / mib:.1f}", c["peak_memory_bytes"]),
+            ("peak memory above weights+runtime (MiB)", f"{c['peak_extra_bytes'] / mib:.1f}", c["peak_extra_bytes"]),
+        ]  # fmt: skip
+    if "perplexity" in r:
+        rows.append(("tokens", f"{r['tokens']} scored, {r['windows']} windows of {r['context']} "
+                     f"(stride {r['stride']})", None))  # fmt: skip
+        rows.append(("time: perplexity", f"{r['seconds']:.1f} s", None))
+    if zs:
+        rows.append(("time: zero-shot", f"{zs['seconds']:.1f} s", None))
+    return rows
+
+
+def _run_eval(args) -> dict:
+    from .evaluate import resolve_tasks
+    from .tables import format_table
     from .text import load_text
 
-    text = load_text(args.text_file)
-    model, tokenizer, path = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    result = perplexity(
-        model,
-        tokenizer,
-        text,
-        max_tokens=args.max_tokens,
-        context=args.context,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    result["model"] = str(path)
-    print(
-        _table(
-            [
-                ("model", str(path)),
-                ("perplexity", f"{result['perplexity']:.3f}"),
-                ("tokens", f"{result['tokens']} in {result['windows']} windows of {result['context']}"),
-                ("parameters", f"{result['parameters']:,}"),
-                ("time", f"{result['seconds']:.1f} s"),
-            ]
+    if args.no_perplexity and not args.tasks and not args.cost:
+        raise ValueError("--no-perplexity leaves nothing to measure; add --tasks and/or --cost")
+    tasks = resolve_tasks(args.tasks) if args.tasks else None
+    text = None if args.no_perplexity else load_text(args.text_file)
+    result = _evaluate_one(args, args.model, text, tasks)
+    if args.baseline is None:
+        print(
+            format_table(
+                None, [("model", result["model"]), *((label, shown) for label, shown, _ in _eval_rows(result))]
+            )
         )
-    )
+        return result
+    result["baseline"] = _evaluate_one(args, args.baseline, text, tasks)
+    base = {label: (shown, value) for label, shown, value in _eval_rows(result["baseline"])}
+    rows = [("model", result["model"], result["baseline"]["model"], "")]
+    for label, shown, value in _eval_rows(result):
+        base_shown, base_value = base.get(label, ("-", None))
+        ratio = f"{value / base_value:.3f}" if value is not None and base_value else ""
+        rows.append((label, shown, base_shown, ratio))
+    print(format_table(["", "model", "baseline", "model/baseline"], rows, right=[3]))
     return result
 
 

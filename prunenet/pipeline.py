@@ -25,6 +25,8 @@ from .checkpoint import (
 )
 from .models import ModelLoadError, load_model, resolve_model
 from .policy import SELECTIONS, SparsityPredictor, check_policy_shape, select_rows
+from .reward import BACKENDS as REWARD_BACKENDS
+from .reward import resolve_backend
 from .slicing import slice_model_
 from .train import TrainConfig, train_policy
 
@@ -103,6 +105,7 @@ def compress(
     dtype: str = "fp32",
     kl_weight: float = 0.0,
     lr: float = 1e-3,
+    reward_backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> CompressResult:
@@ -122,6 +125,10 @@ def compress(
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
     if policy is not None and method != "prunenet":
         raise ValueError("--policy applies only to --method prunenet")
+    if reward_backend not in REWARD_BACKENDS:
+        raise ValueError(f"unknown --reward-backend {reward_backend!r}; choose one of {', '.join(REWARD_BACKENDS)}")
+    if method == "prunenet" and policy is None:
+        resolve_backend(reward_backend, device)  # e.g. triton without CUDA: say so before loading weights
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -152,7 +159,7 @@ def compress(
         keeps = [torch.arange(width)] * len(states)
     else:
         if method == "prunenet" and trained_policy is None:
-            cfg = TrainConfig(episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr)
+            cfg = TrainConfig(episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr, reward_backend=reward_backend)
             result = train_policy(states, k, cfg, progress=progress)
             trained_policy = result.policy
             train_info = {
@@ -160,6 +167,7 @@ def compress(
                 "best_episode": result.best_episode,
                 "best_reward": result.best_reward,
                 "episode_rewards": result.episode_rewards,
+                "reward_backend": result.reward_backend,
                 **{f"config_{key}": value for key, value in vars(cfg).items()},
             }
             timings["train_s"] = time.perf_counter() - tick

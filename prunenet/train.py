@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .policy import SparsityPredictor, kept_log_prob, kl_to_half, select_rows
-from .reward import episode_rewards, reference_spectra
+from .reward import episode_rewards, prepare_reward
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class TrainConfig:
     kl_weight: float = 0.0  # weight of the KL(alpha || Bernoulli(0.5)) term; 0 disables it
     max_grad_norm: float = 1.0
     seed: int = 0
+    reward_backend: str = "auto"  # "auto" | "torch" | "triton": see prunenet.reward.resolve_backend
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainResult:
     best_reward: float
     episode_rewards: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    reward_backend: str = ""  # the backend that computed the rewards ("torch" or "triton")
 
 
 def make_policy(hidden_size: int, ffn_width: int, seed: int, device="cpu") -> SparsityPredictor:
@@ -87,13 +89,16 @@ def train_policy(
     discount = config.gamma ** torch.arange(len(states), dtype=torch.float64)
 
     start = time.perf_counter()
-    references = reference_spectra(states)
-    result = TrainResult(policy=copy.deepcopy(policy), best_episode=-1, best_reward=float("-inf"))
+    # Reference spectra (and the full Gram matrices where the complement route pays) once per run.
+    references = prepare_reward(states, k, config.reward_backend)
+    result = TrainResult(
+        policy=copy.deepcopy(policy), best_episode=-1, best_reward=float("-inf"), reward_backend=references.backend
+    )
     bar = tqdm(range(config.episodes), desc="policy episodes", unit="ep", disable=not progress)
     for episode in bar:
         with torch.no_grad():
             keeps = [select_rows(policy.logits(w), k, "sample", generator) for w in states]
-        rewards = episode_rewards(states, keeps, references)
+        rewards = episode_rewards(states, keeps, references)  # every layer in one batched call
         weights = (discount * rewards).float().to(device)
         total = float(weights.sum())
         result.episode_rewards.append(total)

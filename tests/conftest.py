@@ -9,6 +9,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU the Triton kernels (tests/test_kernels.py) run in Triton's interpreter, on CPU
+# tensors. Triton reads this when it is first imported, so it is set here, before any test module
+# is collected; it only makes an explicit `--reward-backend triton` usable on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_help_documents_every_flag():
     compress_flags = ["--model", "--ratio", "--out", "--method", "--episodes", "--policy", "--selection", "--seed",
-                      "--device", "--dtype", "--overwrite", "--kl", "--json"]  # fmt: skip
+                      "--device", "--dtype", "--overwrite", "--kl", "--json", "--reward-backend"]  # fmt: skip
     eval_flags = ["--model", "--text-file", "--max-tokens", "--context", "--device", "--json"]
     for command, flags in (("compress", compress_flags), ("eval", eval_flags)):
         text = cli(command, "--help").stdout
@@ -100,5 +101,72 @@ def test_main_returns_2_on_non_empty_out(tiny_dir, tmp_path, capsys):
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_triton_reward_backend_without_cuda_exits_2(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest enables the interpreter for the kernel tests
+    args = ["compress", "--model", str(tiny_dir), "--ratio", "0.1", "--out", str(tmp_path / "o"), "--quiet"]
+    code = main([*args, "--device", "cpu", "--reward-backend", "triton"])
+    assert code == 2 and "--reward-backend" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_offline_environment_is_set():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_eval_help_documents_evaluation_flags():
+    text = cli("eval", "--help").stdout
+    for flag in ["--stride", "--batch-size", "--tasks", "--tasks-dir", "--limit", "--no-perplexity", "--cost",
+                 "--cost-prompt-tokens", "--cost-new-tokens", "--cost-repeats", "--baseline", "--quiet"]:  # fmt: skip
+        assert flag in text, f"eval --help does not mention {flag}"
+
+
+def test_eval_baseline_tasks_and_cost_side_by_side(tiny_dir, tmp_path, capsys):
+    """One `eval` with every measurement on a pruned tiny model against its dense source."""
+    out = tmp_path / "pruned"
+    assert main(["compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--episodes", "1",
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text(2000))
+    tasks_dir = Path(__file__).parent / "data" / "lm_eval_tasks"
+    args = ["eval", "--model", str(out), "--baseline", str(tiny_dir), "--text-file", str(text), "--max-tokens", "200",
+            "--context", "64", "--stride", "32", "--cost", "--cost-prompt-tokens", "8", "--cost-new-tokens", "2",
+            "--cost-repeats", "1", "--json", "--quiet"]  # fmt: skip
+    if importlib.util.find_spec("lm_eval"):
+        args += ["--tasks", "prunenet_tiny_mc", "--tasks-dir", str(tasks_dir)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    base = result["baseline"]
+    assert result["tokens"] == base["tokens"] == 199 and result["stride"] == 32
+    assert result["cost"]["parameters"] == result["parameters"] < base["parameters"] == base["cost"]["parameters"]
+    assert result["cost"]["weight_bytes"] < base["cost"]["weight_bytes"]
+    assert "model/baseline" in printed and "decode tokens/s" in printed and "peak memory (MiB)" in printed
+    ratio_line = next(line for line in printed.splitlines() if line.startswith("parameters"))
+    assert f"{result['parameters'] / base['parameters']:.3f}" in ratio_line
+    if importlib.util.find_spec("lm_eval"):
+        assert "prunenet_tiny_mc acc_norm (%)" in printed and "zero_shot" in base
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--no-perplexity"], "nothing to measure"),
+        (["--stride", "1000"], "--stride"),
+        (["--cost", "--no-perplexity", "--cost-repeats", "0"], "inference cost"),
+    ],
+    ids=["nothing", "stride", "cost-fails"],
+)
+def test_eval_bad_input_exits_2(tiny_dir, tmp_path, capsys, args, message):
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text(500))
+    assert main(["eval", "--model", str(tiny_dir), "--text-file", str(text), "--quiet", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_tasks_without_reachable_datasets_exits_2_saying_why(tiny_dir, tmp_path, capsys):
+    """The paper's tasks need the Hub; offline (as in these tests) the command says so and how to work around it."""
+    pytest.importorskip("lm_eval")
+    code = main(["eval", "--model", str(tiny_dir), "--tasks", "piqa", "--no-perplexity", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "piqa" in err and "--tasks-dir" in err and "HF_DATASETS_CACHE" in err

@@ -1,14 +1,26 @@
-"""Perplexity against transformers' own loss, window by window, and invariance to batching."""
+"""Evaluation: perplexity against transformers' own loss (windows, strides, batching), the lm-eval bridge, cost."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_text, tiny_tokenizer
+from tiny_models import save_tiny_model, tiny_model, tiny_text, tiny_tokenizer
 
-from prunenet.evaluate import perplexity, tokenize_prefix
+from prunenet.evaluate import (
+    PAPER_TASKS,
+    ZeroShotError,
+    inference_cost,
+    inference_cost_subprocess,
+    perplexity,
+    resolve_tasks,
+    sliding_windows,
+    tokenize_prefix,
+    zero_shot,
+)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt"])
@@ -48,3 +60,157 @@ def test_too_short_text_and_bad_context_are_rejected():
         perplexity(model, tokenizer, "w5", progress=False)
     with pytest.raises(ValueError, match="--context"):
         perplexity(model, tokenizer, tiny_text(100), context=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding windows
+
+
+@pytest.mark.parametrize(
+    "tokens, context, stride", [(250, 64, 64), (250, 64, 16), (257, 64, 63), (64, 64, 1), (65, 64, 64)]
+)
+def test_sliding_windows_score_each_token_at_most_once(tokens, context, stride):
+    windows = sliding_windows(tokens, context, stride)
+    scored = [p for _, end, first in windows for p in range(first, end)]
+    if stride < context:  # every token but the first, once, in order
+        assert scored == list(range(1, tokens))
+    else:  # non-overlapping windows: all but each window's first token (it has no context)
+        assert scored == [p for p in range(tokens) if p % context]
+    for begin, end, first in windows:
+        assert end - begin <= context and begin < first < end
+        if begin > 0 and stride < context:  # every scored token after the first window sees >= context - stride
+            assert first - begin >= context - stride
+
+
+def test_strided_perplexity_equals_per_window_reference():
+    model, tokenizer, text = tiny_model("llama"), tiny_tokenizer(), tiny_text(1000)
+    result = perplexity(model, tokenizer, text, max_tokens=200, context=48, stride=20, batch_size=3, progress=False)
+    ids = tokenize_prefix(tokenizer, text, 200)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for begin, end, first in sliding_windows(200, 48, 20):
+            logp = torch.log_softmax(model(ids[None, begin:end]).logits[0].double(), -1)
+            for pos in range(first, end):  # token `pos` is predicted from position pos - 1
+                total -= float(logp[pos - 1 - begin, ids[pos]])
+                count += 1
+    assert result["tokens"] == count == 199 and result["stride"] == 20
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_bad_stride_is_rejected():
+    with pytest.raises(ValueError, match="--stride"):
+        sliding_windows(100, 32, 33)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot through lm-eval: a tiny local task (tests/data/lm_eval_tasks). This checks the plumbing between
+# prunenet and lm-eval -- loading a local task definition, scoring every choice with our model, reading the
+# metrics back -- against an independent computation. It is not a benchmark: the model is random.
+
+TASKS_DIR = Path(__file__).parent / "data" / "lm_eval_tasks"
+
+
+def _expected_accuracy(model, tokenizer) -> dict[str, float]:
+    """acc / acc_norm of the tiny task computed by hand: argmax over choices of log p(" " + choice | context)."""
+    rows = [json.loads(line) for line in (TASKS_DIR / "tiny_mc.jsonl").read_text().splitlines()]
+    hits = {"acc": 0, "acc_norm": 0}
+    for row in rows:
+        context = tokenizer(row["context"], add_special_tokens=False)["input_ids"]
+        lls = []
+        for choice in row["choices"]:
+            cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([context + cont])).logits[0].double(), -1)
+            lls.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont)))
+        lls = torch.tensor(lls)
+        hits["acc"] += int(lls.argmax()) == row["label"]
+        # lm-eval's acc_norm divides by the choice's length in characters
+        hits["acc_norm"] += int((lls / torch.tensor([float(len(c)) for c in row["choices"]])).argmax()) == row["label"]
+    return {name: count / len(rows) for name, count in hits.items()}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_installed():
+    pytest.importorskip("lm_eval", reason="the zero-shot bridge needs the `eval` extra (lm-eval)")
+
+
+def test_zero_shot_local_task_matches_hand_computation(lm_eval_installed):
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    result = zero_shot(model, tokenizer, "prunenet_tiny_mc", tasks_dir=TASKS_DIR, batch_size=3, progress=False)
+    task = result["tasks"]["prunenet_tiny_mc"]
+    expected = _expected_accuracy(model, tokenizer)
+    assert task["examples"] == 12 and task["metric"] == "acc_norm" and result["unavailable"] == {}
+    assert task["metrics"] == pytest.approx(expected)
+    assert result["average"] == pytest.approx(expected["acc_norm"])
+    assert 0 < task["stderr"] < 0.5
+
+
+def test_zero_shot_reports_unreachable_dataset_and_runs_the_rest(lm_eval_installed, tmp_path, monkeypatch):
+    """The README's offline recipe (a YAML reading a local JSONL with `dataset_path: json`) runs; a task whose
+    dataset is on the Hub only is reported as unavailable, with what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    common = "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_target: label\ndoc_to_choice: choices\n"
+    data = TASKS_DIR / "tiny_mc.jsonl"
+    (tmp_path / "local.yaml").write_text(
+        f"task: prunenet_local_json\ndataset_path: json\ndataset_kwargs: {{data_files: {{validation: '{data}'}}}}\n"
+        f"validation_split: validation\n{common}metric_list: [{{metric: acc}}, {{metric: acc_norm}}]\n"
+    )
+    (tmp_path / "remote.yaml").write_text(
+        f"task: prunenet_remote_mc\ndataset_path: prunenet-tests/not-on-this-machine\ntest_split: test\n{common}"
+    )
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    result = zero_shot(model, tokenizer, "prunenet_local_json,prunenet_remote_mc", tasks_dir=tmp_path, progress=False)
+    assert list(result["tasks"]) == ["prunenet_local_json"]
+    assert result["tasks"]["prunenet_local_json"]["metrics"] == pytest.approx(_expected_accuracy(model, tokenizer))
+    reason = result["unavailable"]["prunenet_remote_mc"]
+    assert "HF_HUB_OFFLINE" in reason and "--tasks-dir" in reason and "dataset_path: json" in reason
+    with pytest.raises(ZeroShotError, match="no zero-shot task could be loaded"):
+        zero_shot(model, tokenizer, "prunenet_remote_mc", tasks_dir=tmp_path, progress=False)
+    with pytest.raises(ZeroShotError, match="unknown zero-shot task"):
+        zero_shot(model, tokenizer, "prunenet_no_such_task", tasks_dir=tmp_path, progress=False)
+
+
+def test_resolve_tasks():
+    assert resolve_tasks("paper") == list(PAPER_TASKS)
+    assert resolve_tasks("piqa, winogrande,piqa") == ["piqa", "winogrande"]
+    assert PAPER_TASKS["winogrande"] == "acc" and PAPER_TASKS["arc_challenge"] == "acc_norm"
+    with pytest.raises(ZeroShotError):
+        resolve_tasks(" , ")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference cost
+
+
+def test_inference_cost_counts_and_times():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    cost = inference_cost(model, tokenizer, tiny_text(200), prompt_tokens=16, new_tokens=4, repeats=1, progress=False)
+    assert cost["parameters"] == sum(p.numel() for p in model.parameters())
+    assert cost["weight_bytes"] == 4 * cost["parameters"]  # float32
+    assert cost["prefill_tokens_per_s"] > 0 and cost["decode_tokens_per_s"] > 0
+    assert cost["peak_memory_bytes"] >= cost["peak_extra_bytes"] >= 0 and cost["memory_method"]
+
+
+def test_decode_loop_is_greedy_generation():
+    """The decode steps timed by inference_cost produce what `generate` produces: the KV cache is used right."""
+    model = tiny_model("llama")
+    prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        past, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(6):
+            tokens.append(int(token))
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        generated = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert generated[0, 10:].tolist() == tokens
+
+
+def test_inference_cost_in_a_fresh_process(tmp_path):
+    folder = tmp_path / "tiny"
+    save_tiny_model("gpt2", folder)
+    cost = inference_cost_subprocess(str(folder), prompt_tokens=8, new_tokens=2, repeats=1, progress=False)
+    assert cost["parameters"] == sum(p.numel() for p in tiny_model("gpt2").parameters())
+    assert cost["peak_memory_bytes"] > cost["weight_bytes"]  # the process holds the interpreter and torch too
+    with pytest.raises(ValueError, match="inference cost"):
+        inference_cost_subprocess(str(tmp_path / "missing"), progress=False)

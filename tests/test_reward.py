@@ -7,7 +7,17 @@ import pytest
 import scipy.stats
 import torch
 
-from prunenet.reward import REWARD_AT_ZERO, episode_rewards, ks_statistic, reference_spectra, singular_values
+import prunenet.reward as reward
+from prunenet.reward import (
+    REWARD_AT_ZERO,
+    RewardBackendError,
+    episode_rewards,
+    ks_statistic,
+    prepare_reward,
+    reference_spectra,
+    resolve_backend,
+    singular_values,
+)
 
 
 @pytest.mark.parametrize(
@@ -76,3 +86,50 @@ def test_episode_rewards_chunking_does_not_change_results(monkeypatch):
 def test_episode_rewards_reject_mismatched_lengths():
     with pytest.raises(ValueError, match="2 states, 1 keeps"):
         episode_rewards([torch.randn(4, 2)] * 2, [torch.arange(2)], [torch.ones(2)] * 2)
+
+
+def test_torch_path_complement_route_equals_direct_route_and_float64_svd():
+    """k = 210 of 300 rows: prepare_reward keeps W^T W and the episode subtracts the 90 dropped rows;
+    plain reference spectra take the direct route. Both equal the float64 SVD + scipy rewards."""
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(300, 40, generator=g) * torch.linspace(0.2, 2, 300)[:, None] for _ in range(6)]
+    keeps = [torch.randperm(300, generator=g)[:210].sort().values for _ in states]
+    prepared = prepare_reward(states, 210, backend="torch")
+    assert prepared.full_grams is not None and prepared.full_grams.shape == (6, 40, 40)
+    complement = episode_rewards(states, keeps, prepared)
+    direct = episode_rewards(states, keeps, reference_spectra(states), backend="torch")
+    assert torch.equal(complement, direct)
+    for i, (w, keep) in enumerate(zip(states, keeps, strict=True)):
+        full = np.linalg.svd(w.double().numpy(), compute_uv=False)
+        sliced = np.linalg.svd(w[keep].double().numpy(), compute_uv=False)
+        assert direct[i].item() == pytest.approx(1.0 / scipy.stats.ks_2samp(full, sliced).statistic, rel=1e-12)
+
+
+def test_prepare_reward_keeps_full_grams_only_when_the_complement_pays():
+    states = [torch.randn(100, 8) for _ in range(2)]
+    assert prepare_reward(states, 60, "torch").full_grams is not None
+    assert prepare_reward(states, 40, "torch").full_grams is None
+    assert prepare_reward(states, None, "torch").full_grams is None
+
+
+def test_spectra_from_gram_returns_the_top_values_clamped():
+    w = torch.randn(5, 12)  # rank 5: G = W^T W (12 x 12) has 7 zero eigenvalues
+    got = reward.spectra_from_gram((w.mT @ w)[None], 5)
+    torch.testing.assert_close(got[0].double(), torch.linalg.svdvals(w.double()).flip(-1), rtol=1e-5, atol=1e-5)
+    assert bool((reward.spectra_from_gram((w.mT @ w)[None], 12) >= 0).all())
+
+
+def test_resolve_backend(monkeypatch):
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(ValueError, match="unknown reward backend 'jax'"):
+        resolve_backend("jax", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(reward, "triton_available", lambda: True)
+    with pytest.raises(RewardBackendError, match="runs on CUDA devices, but the model is on cpu"):
+        resolve_backend("triton", "cpu")
+    assert resolve_backend("auto", "cuda") == "triton"
+    monkeypatch.setattr(reward, "triton_available", lambda: False)
+    with pytest.raises(RewardBackendError, match="needs the triton package"):
+        resolve_backend("triton", "cuda")
+    assert resolve_backend("auto", "cuda") == "torch"

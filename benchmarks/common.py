@@ -1,0 +1,102 @@
+"""Helpers shared by the report and benchmark scripts: run tags for CSV rows, README blocks, CSV I/O."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+
+def git_revision() -> str:
+    """Short hash of HEAD, with ``-dirty`` when tracked files have uncommitted changes (``unknown`` outside git)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def device_label(device: str | torch.device = "cpu") -> str:
+    """``"NVIDIA H100 80GB HBM3"`` for CUDA; ``"cpu: AMD EPYC (2 threads)"`` for CPU (the thread count matters)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or ""
+    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo has the model name
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def run_tags(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Columns that identify a run in every CSV row: UTC time, git revision, torch version, device."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_revision(),
+        "torch": torch.__version__,
+        "device": device_label(device),
+    }
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``path``, writing the header if the file is new; a file with other columns is an error."""
+    if not rows:
+        return
+    fields = list(rows[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            raise ValueError(f"{path} has columns {header}, these rows {fields}: move the old file aside")
+        mode = "a"
+    else:
+        mode = "w"
+    with open(path, mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if mode == "w":
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Replace ``path`` with ``rows`` (header from the first row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    """``text`` with what lies between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` replaced by ``content``.
+
+    Raises:
+        ValueError: the markers are missing, or not exactly once each in that order.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    if text.count(begin) != 1 or text.count(end) != 1 or not pattern.search(text):
+        raise ValueError(f"expected one '{begin}' followed by one '{end}' line; add them where the block goes")
+    return pattern.sub(lambda _: f"{begin}\n{content.strip()}\n{end}", text)
+
+
+def update_readme_block(name: str, content: str, readme: Path = README) -> None:
+    """Regenerate the ``name`` block of the README (see :func:`replace_block`); the rest is left untouched."""
+    readme.write_text(replace_block(readme.read_text(encoding="utf-8"), name, content), encoding="utf-8")

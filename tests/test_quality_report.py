@@ -1,0 +1,148 @@
+"""benchmarks/quality.py: its grid reproduces what the CLI would measure, and its tables, verdicts and README block."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model, tiny_text
+
+from prunenet.evaluate import perplexity
+from prunenet.models import load_model
+from prunenet.pipeline import compress
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load("quality")
+common = _load("common")
+
+PPL = dict(max_tokens=200, context=64)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The report's grid on a tiny Llama: 2 ratios x 2 seeds, reuse anchored at 0.3, one text."""
+    folder = tmp_path_factory.mktemp("quality") / "tiny-llama"
+    save_tiny_model("llama", folder)
+    model, tokenizer, _ = load_model(str(folder))
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    rows = quality.run_grid(model, tokenizer, {"t": tiny_text(1500)}, ratios=[0.1, 0.3], seeds=[0, 1], episodes=2,
+                            reuse="0.3", progress=False, **PPL)  # fmt: skip
+    after = model.state_dict()
+    assert all(after[name].equal(p) for name, p in before.items()), "the dense model was modified"
+    return folder, tokenizer, rows
+
+
+def _cli_perplexity(folder, tokenizer, out, **compress_args) -> float:
+    compress(model=str(folder), out=out, progress=False, episodes=2, **compress_args)
+    pruned, _, _ = load_model(str(out))
+    return perplexity(pruned, tokenizer, tiny_text(1500), progress=False, **PPL)["perplexity"]
+
+
+def test_grid_matches_compress(grid, tmp_path):
+    """Each kind of row equals `prunenet compress` (+ `--policy` reuse) then `prunenet eval` on the same text."""
+    folder, tokenizer, rows = grid
+
+    def row(method, ratio, seed, train_ratio=None):
+        (hit,) = [r for r in rows if r["method"] == method and r["ratio"] == ratio and r["seed"] == seed
+                  and (train_ratio is None or r["train_ratio"] == train_ratio)]  # fmt: skip
+        return hit["perplexity"]
+
+    sample = _cli_perplexity(folder, tokenizer, tmp_path / "s", ratio=0.3, seed=1)
+    assert row("prunenet-sample", 0.3, 1) == pytest.approx(sample, rel=1e-5)
+    topk = _cli_perplexity(
+        folder, tokenizer, tmp_path / "k", ratio=0.3, seed=1, policy=tmp_path / "s", selection="topk"
+    )
+    assert row("prunenet-topk", 0.3, 1) == pytest.approx(topk, rel=1e-5)
+    reused = _cli_perplexity(folder, tokenizer, tmp_path / "r", ratio=0.1, seed=1, policy=tmp_path / "s")
+    assert row("reuse-sample", 0.1, 1, train_ratio=0.3) == pytest.approx(reused, rel=1e-5)
+    rand = _cli_perplexity(folder, tokenizer, tmp_path / "x", ratio=0.1, seed=0, method="random")
+    assert row("random", 0.1, 0) == pytest.approx(rand, rel=1e-5)
+    mag = _cli_perplexity(folder, tokenizer, tmp_path / "m", ratio=0.1, method="magnitude")
+    assert row("magnitude", 0.1, "") == pytest.approx(mag, rel=1e-5)
+
+
+def test_grid_shape(grid):
+    _, _, rows = grid
+    count = {}
+    for r in rows:
+        count[r["method"]] = count.get(r["method"], 0) + 1
+    # per ratio: 2 seeds of sample/top-k/random, 1 magnitude; reuse: (0.3 -> 0.1) and (0.1 -> 0.3) x 2 seeds
+    assert count == {"dense": 1, "prunenet-sample": 4, "prunenet-topk": 4, "random": 4, "magnitude": 2,
+                     "reuse-sample": 4}  # fmt: skip
+    assert quality.reuse_pairs([0.05, 0.1, 0.2], "0.1") == [(0.1, 0.05), (0.1, 0.2), (0.05, 0.1), (0.2, 0.1)]
+    assert len(quality.reuse_pairs([0.05, 0.1, 0.2], "all")) == 6 and quality.reuse_pairs([0.1], "none") == []
+    with pytest.raises(ValueError, match="--reuse"):
+        quality.reuse_pairs([0.1, 0.2], "0.3")
+
+
+def _synthetic_rows() -> list[dict]:
+    rows = [{"text": t, "method": "dense", "ratio": 0.0, "train_ratio": "", "seed": "", "perplexity": 20.0,
+             "tokens": 100} for t in ("pre1900", "post1900")]  # fmt: skip
+    for text in ("pre1900", "post1900"):
+        for ratio in (0.1, 0.2):
+            for seed in range(3):
+                for method, base in (("prunenet-sample", 30), ("prunenet-topk", 45), ("random", 40)):
+                    rows.append({"text": text, "method": method, "ratio": ratio, "train_ratio": ratio, "seed": seed,
+                                 "perplexity": base * (1 + ratio) + seed, "tokens": 100})  # fmt: skip
+            rows.append({"text": text, "method": "magnitude", "ratio": ratio, "train_ratio": "", "seed": "",
+                         "perplexity": 1000.0, "tokens": 100})  # fmt: skip
+            for seed in range(3):
+                rows.append({"text": text, "method": "reuse-sample", "ratio": ratio,
+                             "train_ratio": 0.2 if ratio == 0.1 else 0.1, "seed": seed, "perplexity": 33.0,
+                             "tokens": 100})  # fmt: skip
+    return rows
+
+
+META = {"date": "2026-01-01T00:00:00+00:00", "git": "abc", "torch": "2.x", "device": "cpu: test (2 threads)",
+        "model_label": "a model", "max_tokens": 2048, "context": 512, "episodes": 20, "minutes": 1.5}  # fmt: skip
+
+
+def test_markdown_states_verdicts_with_numbers():
+    text = quality.markdown_report(_synthetic_rows(), META)
+    assert "first 2048 tokens" in text and "`pre1900` (1790-1899)" in text and "`post1900` (1900-today)" in text
+    # ratio 0.1: sampling median 33 + 1 = 34 vs random 44 + 1 = 45; top-k 49.5 + 1 = 50.5 vs random 45
+    assert "yes: 34.0 vs 45.0 (-24%) |" in text and "no: 50.5 vs 45.0 (+12%) |" in text
+    assert quality.verdict([1.0, 5.0], [4.0, 9.0]) == "yes: 3.0 vs 6.5 (-54%), ranges overlap"
+    assert "PruneNet, sampling beats random in 4 of 4" in text and "PruneNet, top-k beats random in 0 of 4" in text
+    assert "| 0.1 | 34.0 (33.0-35.0) | 50.5 (49.5-51.5) | 45.0 (44.0-46.0) | 1000.0 |" in text
+    assert "**Policy reuse.**" in text and "| 0.1 | 0.2 | 33.0 (33.0-33.0) | 37.0 (36.0-38.0) |" in text
+    s = quality.summary(_synthetic_rows())
+    assert s["texts"]["pre1900"]["ratios"]["0.1"]["prunenet-sample_beats_random"] is True
+    assert s["texts"]["pre1900"]["ratios"]["0.1"]["prunenet-topk_beats_magnitude"] is True
+
+
+def test_from_csv_rebuilds_report_plot_and_readme_block(tmp_path, monkeypatch):
+    rows = _synthetic_rows()
+    common.write_csv(tmp_path / "quality.csv", [{**META, **r} for r in rows])
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- quality:begin -->\nold\n<!-- quality:end -->\n\n## Next\nkept\n")
+    monkeypatch.setattr(quality, "update_readme_block", lambda name, content: common.update_readme_block(
+        name, content, readme))  # fmt: skip
+    assert quality.main(["--from-csv", "--out", str(tmp_path), "--quiet"]) == 0
+    new = readme.read_text()
+    assert (
+        "old" not in new and new.startswith("# Title\n\n<!-- quality:begin -->\nPerplexity") and "## Next\nkept" in new
+    )
+    assert (tmp_path / "quality.md").read_text().startswith("Perplexity")
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "quality.png").stat().st_size > 10_000
+
+
+def test_replace_block_needs_both_markers():
+    assert common.replace_block("a\n<!-- x:begin -->\n1\n<!-- x:end -->\nb", "x", "2") == (
+        "a\n<!-- x:begin -->\n2\n<!-- x:end -->\nb"
+    )
+    with pytest.raises(ValueError, match="x:begin"):
+        common.replace_block("no markers", "x", "2")
