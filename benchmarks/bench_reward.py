@@ -35,13 +35,15 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import scipy.stats
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import git_revision  # noqa: E402
 
 from prunenet import reward
 
@@ -55,17 +57,6 @@ SHAPES = {  # layers, n (FFN width), d (hidden size)
 QUICK = ["opt-125m", "smollm2-135m"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RATIO = 0.3
-
-
-def git_revision() -> str:
-    """Short hash of HEAD, with ``-dirty`` when the working tree has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=root)
-    except OSError:
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def triton_version() -> str:

@@ -67,6 +67,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import git_revision  # noqa: E402
+
 from prunenet import _ext, slicing
 from prunenet.pipeline import kept_width
 
@@ -275,17 +278,6 @@ def run_worker(model: str, dtype_name: str, ratio: float, backend: str, device: 
 
 
 # ----------------------------------------------------------------------------------------------- driver
-
-
-def git_revision() -> str:
-    """Short hash of HEAD, with ``-dirty`` when the working tree has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=root)
-    except OSError:
-        return "unknown"
-    return (rev.stdout.strip() or "unknown") + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def device_name(device: str) -> str:
