@@ -10,15 +10,18 @@ Shapes are the FFN in-projections of the embedded model (1536 x 576) and of LLaM
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import append_csv  # noqa: E402
 
 from prunenet import _ext
 
@@ -77,14 +80,7 @@ def main() -> None:
                 }
             )
             print(" | ".join(str(v) for v in rows[-1].values()), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "gather_rows.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(RESULTS / "gather_rows.csv", rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Rows are appended to ``results/reward.csv``; the run's table goes to ``results/r
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import functools
 import math
@@ -43,7 +42,7 @@ import scipy.stats
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
-from common import git_revision  # noqa: E402
+from common import append_csv, git_revision  # noqa: E402
 
 from prunenet import reward
 
@@ -220,14 +219,7 @@ def main() -> None:
         rows += measure(name, device, dtype, args.repeats)
     table = markdown(rows, "python " + " ".join(sys.argv))
     print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "reward.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(RESULTS / "reward.csv", rows)
     (RESULTS / f"reward_{device}.md").write_text(table)
 
 

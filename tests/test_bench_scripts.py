@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+from bench_loader import load_benchmark
 from tiny_models import save_tiny_model
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_compress_appends_tagged_rows(tmp_path, capsys):
@@ -26,7 +15,7 @@ def test_bench_compress_appends_tagged_rows(tmp_path, capsys):
     save_tiny_model("llama", folder)
     out = tmp_path / "compress.csv"
     args = ["--model", str(folder), "--episodes", "1", "--repeats", "1", "--device", "cpu", "--out", str(out)]
-    assert _load("bench_compress").main([*args, "--quiet", "--json"]) == 0
+    assert load_benchmark("bench_compress").main([*args, "--quiet", "--json"]) == 0
     printed = capsys.readouterr().out
     rows = json.loads(printed.strip().splitlines()[-1])
     assert [r["path"] for r in rows] == ["fast", "torch"] and "torch path / fast path: wall_s" in printed
@@ -56,7 +45,7 @@ def test_summary_latest_rows_medians_and_ratios(tmp_path, capsys):
         {"date": "d", "git": "g", "text": "t", "method": "random", "ratio": "0.1", "seed": str(s),
          "perplexity": str(p)} for s, p in enumerate([10, 30, 20])
     ])  # fmt: skip
-    summary = _load("summary")
+    summary = load_benchmark("summary")
     assert summary.main(["--results", str(tmp_path), "--json"]) == 0
     printed = capsys.readouterr().out
     data = json.loads(printed.strip().splitlines()[-1])

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 from tiny_models import save_tiny_model, tiny_text
 
 from prunenet.evaluate import perplexity
 from prunenet.models import load_model
 from prunenet.pipeline import compress
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load("quality")
-common = _load("common")
+quality = load_benchmark("quality")
+common = load_benchmark("common")
 
 PPL = dict(max_tokens=200, context=64)
 
