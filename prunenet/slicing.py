@@ -107,8 +107,9 @@ def slice_ffn_(
 
     Returns:
         ``(rows, cols)``, the same tensors, now ``(g*k, ...)`` / ``(d, g*k)``. Pass the tensors
-        themselves (e.g. ``nn.Parameter``), not ``.data`` or ``.detach()`` views, whose shape cannot
-        change in place.
+        themselves (e.g. ``nn.Parameter``), not ``.data`` or ``.detach()`` views: the new shape
+        would reach only the view, leaving the original over compacted memory (and some torch
+        versions refuse to change such a view's shape).
 
     Raises:
         ValueError: bad ``backend``; RuntimeError: bad ``keep`` or shapes (nothing is modified).
