@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .policy import SparsityPredictor
+
+log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.safetensors"
 MANIFEST_FILE = "prunenet.json"
@@ -50,14 +53,24 @@ def check_output_folder(out: str | os.PathLike, source: str | os.PathLike | None
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path):
+def atomic_folder(out: Path, resume: str | None = None):
     """Yield a temporary sibling folder; on success it replaces ``out``, on error it is deleted.
 
     The old ``out`` (when overwriting) is moved aside first and removed only after the new one is
     in place, so at every instant either the old or the new complete folder exists.
+
+    With ``resume`` (a digest of the inputs), the temporary folder is ``.NAME.partial-RESUME`` and
+    an existing one is reused: what a killed run (``SIGKILL``, power loss: no chance to clean up)
+    finished there is found by the same command run again. Errors still delete it.
     """
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if resume is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    else:
+        tmp = out.parent / f".{out.name}.partial-{resume}"
+        if tmp.is_dir():
+            log.info("resuming the interrupted write in %s", tmp)
+        tmp.mkdir(mode=0o700, exist_ok=True)
     try:
         yield tmp
     except BaseException:

@@ -86,7 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA device when triton is installed, torch otherwise",
     )
     c.add_argument("--device", default=_default_device(), help="torch device for the model and training")
-    c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype to load and save")
+    c.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="weight dtype to load and save; 'auto' = as the checkpoint stores its FFN weights (streaming always "
+        "keeps the stored dtype)",
+    )
+    c.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--streaming: work on the safetensors checkpoint tensor by tensor without instantiating the model "
+        "(bounded memory: about one FFN tensor plus the policy; the output is written shard by shard and a killed "
+        "run resumes); --no-streaming: load the whole model. Default: streaming when the folder holds safetensors "
+        "weights larger than --max-memory. Both give the same output for a seed",
+    )
+    c.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory budget for --device, e.g. 4GiB, 512MiB or 3GB (default: what the device has free now). "
+        "It decides streaming (see --streaming) and, when streaming, whether the state matrices and W^T W "
+        "matrices of the reward stay in memory or are re-read from disk each episode (the log states the plan)",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
     c.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -176,6 +199,8 @@ def _run_compress(args) -> dict:
         reward_backend=args.reward_backend,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        streaming=args.streaming,
+        max_memory=args.max_memory,
     )
     summary = {
         "out": str(result.out),
@@ -184,6 +209,7 @@ def _run_compress(args) -> dict:
         "ffn_width_after": result.k,
         "params_before": result.params_before,
         "params_after": result.params_after,
+        "streaming": result.streaming,
         **{key: round(value, 3) for key, value in result.timings.items()},
     }
     t = result.timings
@@ -200,8 +226,8 @@ def _run_compress(args) -> dict:
                 ),
                 ("time: load", f"{t['load_s']:.1f} s"),
                 ("time: training", f"{t['train_s']:.1f} s" if "train_s" in t else "-"),
-                ("time: slicing", f"{t['slice_s']:.2f} s"),
-                ("time: saving", f"{t['save_s']:.1f} s"),
+                ("time: slicing", f"{t['slice_s']:.2f} s" if not result.streaming else "(streamed: while saving)"),
+                ("time: saving", f"{t['save_s']:.1f} s" + (" (slicing included)" if result.streaming else "")),
             ]
         )
     )

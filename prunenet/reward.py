@@ -175,23 +175,88 @@ class RewardReference:
         backend: the resolved backend, ``"torch"`` or ``"triton"``.
         spectra: ``(L, min(n, d))`` float32 ascending singular values of each full ``W_i``, on the
             states' device.
-        full_grams: ``(L, d, d)`` float32 ``W_i^T W_i`` on the states' device when the complement
-            route will be used for ``k`` (otherwise ``None``).
+        full_grams: ``(L, d, d)`` float32 ``W_i^T W_i`` on the states' device (a tensor, or a
+            :class:`SpilledGrams` file) when the complement route will be used for ``k`` (else ``None``).
         k: the kept rows per layer this was prepared for (``None``: unknown, no complement route).
     """
 
     backend: str
     spectra: torch.Tensor
-    full_grams: torch.Tensor | None = None
+    full_grams: torch.Tensor | SpilledGrams | None = None
     k: int | None = None
 
     def __len__(self) -> int:
         return self.spectra.shape[0]
 
 
+class StateSequence(Sequence):
+    """A sequence of ``L`` state matrices ``(n, d)`` that knows their shape and device without loading them.
+
+    Training and the reward index state matrices one at a time, so a subclass may load each on
+    access (e.g. from a checkpoint on disk, :class:`prunenet.streaming.CheckpointStates`) instead of
+    holding all ``L``. Subclasses set ``shape`` (``(n, d)``), ``dtype`` and ``device`` and guarantee
+    every item has them.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def state_shape(states: Sequence[torch.Tensor]) -> tuple[tuple[int, int], torch.device]:
+    """``((n, d), device)`` of the state matrices, without loading one from a :class:`StateSequence`."""
+    if isinstance(states, StateSequence):
+        return tuple(states.shape), states.device
+    return tuple(states[0].shape), states[0].device
+
+
+class SpilledGrams:
+    """``(L, d, d)`` float32 Gram matrices kept in a file rather than in memory.
+
+    Reading matrix ``i`` costs one ``d*d*4``-byte read (64 MiB for LLaMA-2-7B) from the page cache or
+    disk; memory holds only what the caller keeps. Indexing mirrors a tensor's: ``[i]`` is ``(d, d)``,
+    ``[a:b]`` is ``(b - a, d, d)``, both on ``device``. The file is deleted when this object is.
+    """
+
+    def __init__(self, count: int, d: int, device: torch.device, folder: str | None = None):
+        import tempfile
+
+        self.shape = (count, d, d)
+        self.device = torch.device(device)
+        handle, self.path = tempfile.mkstemp(prefix="prunenet-grams-", suffix=".f32", dir=folder)
+        self._file = os.fdopen(handle, "r+b", buffering=0)
+        self._file.truncate(count * d * d * 4)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, i: int, gram: torch.Tensor) -> None:
+        g = gram.detach().to("cpu", torch.float32).contiguous()
+        self._file.seek(i * g.numel() * 4)
+        self._file.write(memoryview(g.view(-1).view(torch.uint8).numpy()))
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor:
+        if isinstance(index, slice):
+            return torch.stack([self[i] for i in range(*index.indices(len(self)))])
+        d = self.shape[1]
+        out = torch.empty(d, d, dtype=torch.float32)
+        self._file.seek(index * d * d * 4)
+        self._file.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out.to(self.device)
+
+    def __del__(self):
+        try:
+            self._file.close()
+            os.unlink(self.path)
+        except (AttributeError, OSError):
+            pass
+
+
 def _check_states(states: Sequence[torch.Tensor]) -> None:
-    if not states:
+    if not len(states):
         raise ValueError("no state matrices")
+    if isinstance(states, StateSequence):  # checked when it was built; do not load every matrix here
+        return
     first = states[0]
     for w in states:
         if w.dim() != 2 or w.shape != first.shape or w.device != first.device:
@@ -212,29 +277,46 @@ def _torch_gram(w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tens
     return m.mT @ m
 
 
-def prepare_reward(states: Sequence[torch.Tensor], k: int | None = None, backend: str = "auto") -> RewardReference:
+def prepare_reward(
+    states: Sequence[torch.Tensor], k: int | None = None, backend: str = "auto", spill_grams: bool = False
+) -> RewardReference:
     """Reference spectra (and, where useful, the full Gram matrices) for :func:`episode_rewards`.
 
     Args:
-        states: ``L`` state matrices ``(n, d)``, one shape, dtype and device.
+        states: ``L`` state matrices ``(n, d)``, one shape, dtype and device (a list, or a
+            :class:`StateSequence` that loads each on access: they are read once, in order).
         k: kept rows per layer in the coming episodes; with it, the full Gram matrices are kept
             when the complement route is cheaper (``(L, d, d)`` float32: 2.1 GB for LLaMA-2-7B).
         backend: ``auto``, ``torch`` or ``triton`` (see :func:`resolve_backend`).
+        spill_grams: keep those Gram matrices in a temporary file (:class:`SpilledGrams`) instead of
+            memory; the rewards are bit-identical either way.
+
+    Every layer is computed on its own (the eigen-solves too), so the result does not depend on how
+    the states are held or batched.
     """
     _check_states(states)
-    backend = resolve_backend(backend, states[0].device)
-    n, d = states[0].shape
+    (n, d), device = state_shape(states)
+    backend = resolve_backend(backend, device)
     if backend == "triton":
         from prunenet.kernels import gram as kgram
 
-        per_chunk = max(1, _TRITON_CHUNK_BYTES // (4 * d * d))
-        full = torch.cat([kgram.full_gram(states[i : i + per_chunk]) for i in range(0, len(states), per_chunk)])
-        complement = k is not None and kgram.use_complement(n, k)
+        full_gram, complement = (lambda w: kgram.full_gram([w])[0]), k is not None and kgram.use_complement(n, k)
     else:
-        full = torch.stack([_torch_gram(w) for w in states])
-        complement = k is not None and use_complement(n, k)
-    spectra = spectra_from_gram(full, min(n, d))
-    return RewardReference(backend=backend, spectra=spectra, full_grams=full if complement else None, k=k)
+        full_gram, complement = _torch_gram, k is not None and use_complement(n, k)
+    count = len(states)
+    if not complement:
+        full = None
+    elif spill_grams:
+        full = SpilledGrams(count, d, device)
+    else:
+        full = torch.empty(count, d, d, dtype=torch.float32, device=device)
+    spectra = torch.empty(count, min(n, d), dtype=torch.float32, device=device)
+    for i in range(count):
+        gram = full_gram(states[i])
+        spectra[i] = spectra_from_gram(gram[None], min(n, d))[0]
+        if full is not None:
+            full[i] = gram
+    return RewardReference(backend=backend, spectra=spectra, full_grams=full, k=k)
 
 
 def reference_spectra(states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -248,7 +330,7 @@ def reference_spectra(states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def _torch_spectra(states, keeps: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
     """``(L, min(k, d))`` float32 singular values of every ``W_i[keep_i]``, pure PyTorch."""
-    n, d = states[0].shape
+    (n, d), device = state_shape(states)
     k = keeps.shape[1]
     complement = full is not None and use_complement(n, k)
     rows = complement_rows(keeps, n) if complement else keeps
@@ -257,7 +339,7 @@ def _torch_spectra(states, keeps: torch.Tensor, full: torch.Tensor | None) -> to
     for start in range(0, len(states), per_chunk):
         grams = []
         for i in range(start, min(start + per_chunk, len(states))):
-            g = _torch_gram(states[i], rows[i].to(states[i].device))
+            g = _torch_gram(states[i], rows[i].to(device))
             grams.append(full[i] - g if complement else g)
         out.append(spectra_from_gram(torch.stack(grams), min(k, d)))
     return torch.cat(out)
@@ -267,12 +349,13 @@ def _triton_spectra(states, keeps: torch.Tensor, full: torch.Tensor | None) -> t
     """As :func:`_torch_spectra`, with the fused gather + Gram kernel (one launch per chunk of layers)."""
     from prunenet.kernels.gram import kept_gram
 
-    k, d = keeps.shape[1], states[0].shape[1]
+    k, d = keeps.shape[1], state_shape(states)[0][1]
     per_chunk = max(1, _TRITON_CHUNK_BYTES // (4 * d * d))
     out = []
     for start in range(0, len(states), per_chunk):
         stop = min(start + per_chunk, len(states))
-        grams = kept_gram(states[start:stop], keeps[start:stop], None if full is None else full[start:stop])
+        chunk = [states[i] for i in range(start, stop)]
+        grams = kept_gram(chunk, keeps[start:stop], None if full is None else full[start:stop])
         out.append(spectra_from_gram(grams, min(k, d)))
     return torch.cat(out)
 
@@ -299,16 +382,15 @@ def episode_rewards(
     _check_states(states)
     if isinstance(references, RewardReference):
         ref_spectra, full = references.spectra, references.full_grams
-        backend = resolve_backend(backend or references.backend, states[0].device)
+        backend = resolve_backend(backend or references.backend, state_shape(states)[1])
     else:
         ref_spectra, full = torch.stack(list(references)), None
-        backend = resolve_backend(backend or "auto", states[0].device)
-    n = states[0].shape[0]
+        backend = resolve_backend(backend or "auto", state_shape(states)[1])
+    (n, _), device = state_shape(states)
     k = keeps[0].numel()
     if k == n:
         # Every row kept: W[keep] is W with its rows permuted, the same spectrum, so D = 0 exactly.
         return reward_from_ks(torch.zeros(len(states), dtype=torch.float64))
-    device = states[0].device
     keeps = torch.stack([keep.to(device) for keep in keeps])
     ref_spectra = ref_spectra.to(device)
     if backend == "triton":

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .policy import SparsityPredictor, kept_log_prob, kl_to_half, select_rows
-from .reward import episode_rewards, prepare_reward
+from .reward import episode_rewards, prepare_reward, state_shape
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +67,25 @@ def train_policy(
     config: TrainConfig | None = None,
     policy: SparsityPredictor | None = None,
     progress: bool = True,
+    spill_grams: bool = False,
 ) -> TrainResult:
     """Train a policy to keep ``k`` rows of each state matrix.
 
     Args:
-        states: ``L`` state matrices ``(n, d)`` (views of the model's first in-projections;
-            they are read, never modified). All on one device; the policy goes there too.
+        states: ``L`` state matrices ``(n, d)`` (views of the model's first in-projections, or a
+            :class:`~prunenet.reward.StateSequence` loading them from a checkpoint on access; they
+            are read, never modified, one at a time). All on one device; the policy goes there too.
         k: rows to keep per layer, ``0 < k <= n``.
         config: hyper-parameters; defaults to :class:`TrainConfig`.
         policy: a policy to continue training (fresh one from ``config.seed`` if ``None``).
         progress: show a progress bar over episodes.
+        spill_grams: keep the reward's ``W^T W`` matrices in a temporary file rather than memory
+            (same result; see :func:`~prunenet.reward.prepare_reward`).
     """
     config = config or TrainConfig()
-    n, d = states[0].shape
+    (n, d), device = state_shape(states)
     if not 0 < k <= n:
         raise ValueError(f"k must be in (0, {n}], got {k}")
-    device = states[0].device
     policy = policy if policy is not None else make_policy(d, n, config.seed, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -90,7 +93,7 @@ def train_policy(
 
     start = time.perf_counter()
     # Reference spectra (and the full Gram matrices where the complement route pays) once per run.
-    references = prepare_reward(states, k, config.reward_backend)
+    references = prepare_reward(states, k, config.reward_backend, spill_grams=spill_grams)
     result = TrainResult(
         policy=copy.deepcopy(policy), best_episode=-1, best_reward=float("-inf"), reward_backend=references.backend
     )

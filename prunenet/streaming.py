@@ -1,0 +1,509 @@
+"""Streaming compression: prune a sharded safetensors checkpoint without instantiating the model.
+
+PruneNet never needs the whole model in memory: training reads one FFN state matrix per layer,
+and the pruned checkpoint differs from the source only in its FFN tensors. This module provides
+
+* :class:`CheckpointSource`: a Hugging Face folder of ``*.safetensors`` shards (with or without
+  ``model.safetensors.index.json``), read tensor by tensor;
+* :class:`CheckpointStates`: the per-layer state matrices of such a checkpoint as a lazy
+  sequence for :func:`prunenet.train.train_policy` (held on the device, in host memory, or read
+  from disk on every access, as a :class:`MemoryPlan` decides, with the next layer read ahead);
+* :func:`plan_memory`: that decision, from a byte budget (``--max-memory``);
+* :func:`write_pruned_checkpoint`: the pruned checkpoint, shard by shard: FFN tensors gathered to
+  the kept neurons as they are read, every other tensor's bytes copied unchanged, index and
+  config rewritten, tokenizer and other small files copied. Each finished shard is renamed into
+  place, so a run killed half-way can be resumed (see :func:`resume_key`).
+
+Peak host memory is about one FFN tensor plus the policy and its optimiser state, whatever the
+model's size.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import ModelAdapter
+from .reward import StateSequence, use_complement
+from .safetensors_io import (
+    SafetensorsFormatError,
+    StreamingWriter,
+    TensorEntry,
+    TensorSpec,
+    read_header,
+    read_tensor,
+)
+from .slicing import slice_ffn_, validate_keeps
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files of the source folder that the writer regenerates or must not copy (weights in other formats
+# would be stale: they still have the old FFN width; prunenet's own files describe the source's pruning).
+_NOT_COPIED = re.compile(
+    r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|onnx)$|^config\.json$|^prunenet\.json$|^" + re.escape(INDEX_FILE)
+)
+# Python, torch and transformers themselves, on top of the tensors a plan counts (measured: ~0.45 GB RSS
+# after `import transformers` with torch 2.13 on Linux). Only host (CPU) budgets include it.
+RUNTIME_BYTES = 512 << 20
+
+
+class CheckpointError(ValueError):
+    """The folder is not a usable safetensors checkpoint for streaming (the CLI prints it in one line)."""
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``"4GiB"``, ``"512MiB"``, ``"3.5GB"``, ``"2e9"`` or a number.
+
+    Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units; case-insensitive; ``B`` optional.
+    """
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"--max-memory: cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 3GB")
+        unit = (match.group(2) or "").lower()
+        power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[:1]]
+        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** power)
+    if value <= 0:
+        raise ValueError(f"--max-memory must be positive, got {text!r}")
+    return int(value)
+
+
+def free_memory(device: str | torch.device) -> int:
+    """Bytes available on ``device`` now: ``MemAvailable`` on CPU, free GPU memory on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _fmt(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+class CheckpointSource:
+    """A model folder's safetensors weights, read one tensor at a time.
+
+    Args:
+        folder: a Hugging Face model folder: ``config.json`` plus ``model.safetensors``, or shards
+            listed in ``model.safetensors.index.json`` (any ``*.safetensors`` files otherwise).
+
+    Raises:
+        CheckpointError: no safetensors weights, an index naming missing files or tensors, a
+            tensor in two shards, or a malformed shard.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        self.index: dict | None = None
+        if index.is_file():
+            try:
+                self.index = json.loads(index.read_text())
+                weight_map = self.index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} is not a safetensors index: {err!r}") from None
+            names = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE_FILE).is_file():
+            names, weight_map = [SINGLE_FILE], None
+        else:
+            names, weight_map = sorted(p.name for p in self.folder.glob("*.safetensors")), None
+        if not names:
+            raise CheckpointError(f"{self.folder} has no *.safetensors weights to stream")
+        self.shards: list[Path] = []
+        self.entries: dict[str, TensorEntry] = {}
+        self.shard_entries: dict[str, list[str]] = {}  # shard file name -> its tensors, in file order
+        self.metadata: dict[str, dict[str, str]] = {}
+        for name in names:
+            path = self.folder / name
+            if not path.is_file():
+                raise CheckpointError(f"{INDEX_FILE} lists {name}, which is missing from {self.folder}")
+            try:
+                entries, metadata = read_header(path)
+            except (SafetensorsFormatError, OSError) as err:
+                raise CheckpointError(str(err)) from None
+            for tensor in entries:
+                if tensor in self.entries:
+                    raise CheckpointError(f"tensor {tensor!r} is in both {self.entries[tensor].path.name} and {name}")
+            self.shards.append(path)
+            self.entries.update(entries)
+            self.shard_entries[name] = list(entries)
+            self.metadata[name] = metadata
+        if weight_map is not None:
+            for tensor, shard in weight_map.items():
+                entry = self.entries.get(tensor)
+                if entry is None or entry.path.name != shard:
+                    raise CheckpointError(f"{INDEX_FILE} puts {tensor!r} in {shard}, but that shard does not hold it")
+
+    @staticmethod
+    def has_safetensors(folder: str | os.PathLike) -> bool:
+        """Whether ``folder`` holds safetensors weights (streaming is possible)."""
+        return any(Path(folder).glob("*.safetensors"))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"the checkpoint in {self.folder} has no tensor {name!r}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a new CPU tensor in its stored dtype."""
+        return read_tensor(self.entry(name))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors."""
+        return sum(e.nbytes for e in self.entries.values())
+
+    def numel(self) -> int:
+        """Elements of all tensors (the parameter count, as stored: tied weights count once)."""
+        return sum(e.numel for e in self.entries.values())
+
+    def ffn_tensors(self, adapter: ModelAdapter, config) -> dict[str, tuple[int, int, int]]:
+        """``{name: (layer, axis, groups)}`` of every neuron-indexed FFN tensor in the checkpoint.
+
+        Raises:
+            CheckpointError: a required tensor is missing, or its neuron axis is not
+                ``groups * ffn_width`` long.
+        """
+        width = adapter.ffn_width(config)
+        found = {}
+        for layer in range(adapter.num_layers(config)):
+            for spec in adapter.tensors:
+                name = adapter.block_prefix(layer) + spec.name
+                if name not in self.entries:
+                    if spec.optional:
+                        continue
+                    raise CheckpointError(
+                        f"the checkpoint in {self.folder} has no tensor {name!r} (expected by the "
+                        f"{type(adapter).__name__} for model_type {config.model_type!r})"
+                    )
+                shape = self.entries[name].shape
+                if spec.axis >= len(shape) or shape[spec.axis] != spec.groups * width:
+                    raise CheckpointError(
+                        f"{name} has shape {shape}: expected {spec.groups * width} entries on axis {spec.axis} "
+                        f"(FFN width {width} in config.json)"
+                    )
+                found[name] = (layer, spec.axis, spec.groups)
+        return found
+
+    def state_dtype(self, adapter: ModelAdapter) -> torch.dtype:
+        """Stored dtype of the first in-projection (what the state matrices are made of)."""
+        return self.entry(adapter.block_prefix(0) + adapter.tensors[0].name).dtype
+
+
+class CheckpointStates(StateSequence):
+    """The ``L`` state matrices ``(n, d)`` of a checkpoint, loaded on access.
+
+    Args:
+        source: the checkpoint.
+        adapter, config: which tensors are the state matrices, and ``n``.
+        device: where items are returned.
+        residency: ``"device"``: all loaded once and kept on ``device``; ``"host"``: kept in host
+            memory (pinned when ``device`` is CUDA) and copied per access; ``"disk"``: read from
+            the checkpoint on every access, the next layer read ahead on a background thread while
+            the caller works on this one.
+    """
+
+    def __init__(
+        self,
+        source: CheckpointSource,
+        adapter: ModelAdapter,
+        config,
+        device: str | torch.device = "cpu",
+        residency: str = "disk",
+    ):
+        if residency not in ("device", "host", "disk"):
+            raise ValueError(f"residency must be device, host or disk, got {residency!r}")
+        self.source, self.adapter = source, adapter
+        self.width = adapter.ffn_width(config)
+        self.names = [adapter.block_prefix(i) + adapter.tensors[0].name for i in range(adapter.num_layers(config))]
+        first = source.entry(self.names[0])
+        self.shape = tuple(adapter.state_matrix(torch.empty(first.shape, device="meta"), self.width).shape)
+        self.dtype = first.dtype
+        self.device = torch.device(device)
+        self.residency = residency
+        self._cache: list[torch.Tensor | None] = [None] * len(self.names)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prunenet-read")
+        self._ahead: tuple[int, concurrent.futures.Future] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _read(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s state matrix on the host (a view of its first in-projection, as stored)."""
+        state = self.adapter.state_matrix(self.source.read(self.names[i]), self.width)
+        if self.residency == "host" and self.device.type == "cuda":
+            state = state.pin_memory()
+        return state
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        if self.residency != "disk":
+            if self._cache[i] is None:
+                host = self._read(i)
+                self._cache[i] = host.to(self.device) if self.residency == "device" else host
+            return self._cache[i].to(self.device, non_blocking=True)
+        if self._ahead is not None and self._ahead[0] == i:
+            state = self._ahead[1].result()
+        else:
+            state = self._read(i)
+        # Read the next layer while the caller computes on this one (file reads release the GIL).
+        nxt = (i + 1) % len(self)
+        self._ahead = (nxt, self._pool.submit(self._read, nxt))
+        return state.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the read-ahead thread and drop cached matrices."""
+        self._ahead = None
+        self._pool.shutdown(wait=True)
+        self._cache = [None] * len(self.names)
+
+
+# -- memory plan --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Where training keeps its large tensors, from a byte budget.
+
+    Attributes:
+        budget: the budget in bytes (``--max-memory``, default: what the device has free).
+        device: the training device.
+        states: ``"device"``, ``"host"`` or ``"disk"`` (see :class:`CheckpointStates`).
+        grams: ``"device"`` (in memory), ``"disk"`` (a temporary file; see
+            :class:`prunenet.reward.SpilledGrams`) or ``"none"`` (this ``k`` does not use them).
+        fixed_bytes: policy, optimiser, one layer's working set (and, on CPU, the runtime).
+        state_bytes: all state matrices as stored; ``gram_bytes``: all ``W^T W`` in float32.
+        estimate: the plan's estimated peak on the device.
+    """
+
+    budget: int
+    device: str
+    states: str
+    grams: str
+    fixed_bytes: int
+    state_bytes: int
+    gram_bytes: int
+    estimate: int
+
+    def describe(self) -> str:
+        where = {"device": f"in {self.device} memory", "host": "in pinned host memory", "disk": "read from disk"}
+        gram = {"device": f"in {self.device} memory", "disk": "in a temporary file", "none": "not needed at this ratio"}
+        text = (
+            f"memory plan (budget {_fmt(self.budget)} on {self.device}): state matrices ({_fmt(self.state_bytes)}) "
+            f"{where[self.states]}; W^T W matrices ({_fmt(self.gram_bytes)}) {gram[self.grams]}; policy, optimiser "
+            f"and one layer's work {_fmt(self.fixed_bytes)}; estimated peak {_fmt(self.estimate)}"
+        )
+        if self.estimate > self.budget:
+            text += " -- ABOVE the budget: this is the least this model needs"
+        return text
+
+
+def plan_memory(
+    num_layers: int, n: int, d: int, itemsize: int, k: int, budget: int, device: str | torch.device = "cpu"
+) -> MemoryPlan:
+    """Choose where the state matrices and ``W^T W`` matrices live during training.
+
+    The estimate counts the policy (``P = (n d + 2 n)`` float32) five times (parameters, gradients, two
+    AdamW moments, the best policy so far), one layer's working set (the state as stored and read
+    ahead, its float32 copy kept for the backward pass, the gathered rows, three ``d x d`` matrices),
+    and on CPU the runtime itself. States go on the device when they fit, then in host memory (CUDA
+    only), else they are read from disk; ``W^T W`` stays in memory when it still fits, else it is
+    spilled to a file. Every choice gives bit-identical results.
+    """
+    device = torch.device(device)
+    policy = (n * d + 2 * n) * 4
+    rows = max(k, n - k) * d * 4
+    fixed = 5 * policy + 2 * n * d * itemsize + n * d * 4 + rows + 3 * d * d * 4
+    if device.type == "cpu":
+        fixed += RUNTIME_BYTES
+    state_bytes = num_layers * n * d * itemsize
+    gram_bytes = num_layers * d * d * 4 if use_complement(n, k) and k < n else 0
+    left = budget - fixed
+    if state_bytes <= left:
+        states, left = "device", left - state_bytes
+    elif device.type == "cuda" and state_bytes <= free_memory("cpu") - RUNTIME_BYTES:
+        states = "host"
+    else:
+        states = "disk"
+    if not gram_bytes:
+        grams = "none"
+    elif gram_bytes <= left:
+        grams, left = "device", left - gram_bytes
+    else:
+        grams = "disk"
+    estimate = fixed + (state_bytes if states == "device" else 0) + (gram_bytes if grams == "device" else 0)
+    return MemoryPlan(budget, str(device), states, grams, fixed, state_bytes, gram_bytes, estimate)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def resume_key(source: CheckpointSource, keeps: Sequence[torch.Tensor], extra: str = "") -> str:
+    """A digest of everything the written tensors depend on: the source shards and the kept neurons.
+
+    The streaming writer's temporary folder is named after it, so a run killed half-way (power
+    loss, ``SIGKILL``) and started again with the same inputs finds its finished shards and skips
+    them; a run with other inputs never mistakes another's shards for its own.
+    """
+    h = hashlib.sha256(extra.encode())
+    for path in source.shards:
+        stat = path.stat()
+        h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    for keep in keeps:
+        h.update(keep.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _output_specs(source: CheckpointSource, shard: str, ffn: dict, k: int) -> list[TensorSpec]:
+    specs = []
+    for name in source.shard_entries[shard]:
+        entry = source.entries[name]
+        shape = list(entry.shape)
+        if name in ffn:
+            _, axis, groups = ffn[name]
+            shape[axis] = groups * k
+        specs.append(TensorSpec(name, entry.dtype, tuple(shape)))
+    return specs
+
+
+def _shard_is_complete(path: Path, specs: list[TensorSpec]) -> bool:
+    """Whether ``path`` is a finished shard with exactly these tensors (a resumed run keeps it)."""
+    try:
+        entries, _ = read_header(path)
+    except (SafetensorsFormatError, OSError):
+        return False
+    return [(n, e.dtype, e.shape) for n, e in entries.items()] == [(s.name, s.dtype, s.shape) for s in specs]
+
+
+def write_shard(
+    source: CheckpointSource,
+    shard: str,
+    folder: Path,
+    ffn: dict[str, tuple[int, int, int]],
+    keeps: Sequence[torch.Tensor],
+    width: int,
+    progress_bar=None,
+) -> int:
+    """Write the pruned version of source shard ``shard`` into ``folder``; returns its tensor bytes.
+
+    FFN tensors are read one at a time, compacted in place to the kept neurons
+    (:func:`prunenet.slicing.slice_ffn_`: the native op's few MiB of scratch, or one ``index_select``)
+    and written; every other tensor's bytes are copied file to file (``copy_file_range``), so they
+    are bit-identical. The shard is written as ``NAME.partial`` and renamed when complete and synced.
+    """
+    k = keeps[0].numel()
+    specs = _output_specs(source, shard, ffn, k)
+    final = folder / shard
+    if final.exists() and _shard_is_complete(final, specs):
+        log.info("resuming: %s was already written", shard)
+        if progress_bar is not None:
+            progress_bar.update(sum(source.entries[s.name].nbytes for s in specs))
+        return sum(s.nbytes for s in specs)
+    partial = folder / (shard + ".partial")
+    with open(source.folder / shard, "rb") as src, StreamingWriter(partial, specs, source.metadata[shard]) as writer:
+        for spec in specs:
+            entry = source.entries[spec.name]
+            if spec.name in ffn:
+                layer, axis, _ = ffn[spec.name]
+                tensor = read_tensor(entry, src)
+                rows, cols = ([tensor], []) if axis == 0 else ([], [tensor])
+                slice_ffn_(rows, cols, keeps[layer], width)
+                writer.write(spec.name, tensor)
+                del tensor
+            else:
+                writer.copy_from(spec.name, entry, src)
+            if progress_bar is not None:
+                progress_bar.update(entry.nbytes)
+    os.replace(partial, final)
+    return sum(s.nbytes for s in specs)
+
+
+def write_pruned_checkpoint(
+    source: CheckpointSource,
+    adapter: ModelAdapter,
+    config,
+    keeps: Sequence[torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    shards: Sequence[str] | None = None,
+    finish: bool = True,
+    progress: bool = True,
+) -> int:
+    """Write the checkpoint pruned to ``keeps`` into ``folder`` (an existing, private temporary folder).
+
+    Args:
+        source: the dense checkpoint.
+        keeps: one sorted ``(k,)`` int64 vector of kept neurons per layer.
+        shards: write only these source shards (default: all); distributed runs split them.
+        finish: also write the index, ``config.json`` (FFN width ``k``) and copy the other files.
+
+    Returns:
+        Parameters written (all shards' elements when ``shards`` is ``None``).
+    """
+    folder = Path(folder)
+    width = adapter.ffn_width(config)
+    k = validate_keeps(keeps, adapter.num_layers(config), width)
+    ffn = source.ffn_tensors(adapter, config)
+    names = list(source.shard_entries) if shards is None else list(shards)
+    total = sum(source.entries[t].nbytes for s in names for t in source.shard_entries[s])
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
+        for shard in names:
+            write_shard(source, shard, folder, ffn, keeps, width, bar)
+    if finish:
+        finish_checkpoint(source, adapter, config, k, folder)
+    elements = 0
+    for shard in names:
+        elements += sum(s.nbytes // s.dtype.itemsize for s in _output_specs(source, shard, ffn, k))
+    return elements
+
+
+def finish_checkpoint(source: CheckpointSource, adapter: ModelAdapter, config, k: int, folder: Path) -> None:
+    """The files around the shards: the index (new ``total_size``), ``config.json`` at FFN width ``k``,
+    and every other top-level file of the source (tokenizer, generation config, ...) copied."""
+    ffn = source.ffn_tensors(adapter, config)
+    if source.index is not None:
+        total = sum(s.nbytes for shard in source.shard_entries for s in _output_specs(source, shard, ffn, k))
+        index = {**source.index, "metadata": {**source.index.get("metadata", {}), "total_size": total}}
+        with open(folder / INDEX_FILE, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+    config = type(config).from_dict(config.to_dict())  # a copy: the caller's config keeps the dense width
+    adapter.set_ffn_width(config, k)
+    config.save_pretrained(folder)
+    for path in sorted(source.folder.iterdir()):
+        if path.is_file() and not _NOT_COPIED.match(path.name) and not path.name.endswith(".partial"):
+            shutil.copy2(path, folder / path.name)
+        elif path.is_dir():
+            log.info("not copied (a subfolder): %s", path)

@@ -1,0 +1,246 @@
+"""Streaming compression of safetensors checkpoints: the same result as the in-memory path, for every
+adapter family, with the non-FFN tensors bit-identical, the output reloadable by stock transformers,
+no partial output on failure, and resumption after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model, tiny_tokenizer
+
+import prunenet.streaming as streaming
+from prunenet.adapters import get_adapter
+from prunenet.checkpoint import MANIFEST_FILE, read_manifest
+from prunenet.pipeline import compress, kept_width
+from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
+from prunenet.streaming import CheckpointSource, CheckpointStates, parse_size, plan_memory
+
+
+def save_sharded(name: str, folder, shard_size: str = "20KB", seed: int = 0):
+    """A tiny model of family ``name`` saved in several shards (with an index), plus a tokenizer."""
+    model = tiny_model(name, seed)
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def all_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (read with the safetensors library)."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name == "policy.safetensors":
+            continue
+        with safe_open(path, "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def run(source, out, **kwargs):
+    kwargs.setdefault("ratio", 0.25)
+    kwargs.setdefault("episodes", 2)
+    return compress(model=str(source), out=out, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_streaming_equals_in_memory_for_every_family(family, tmp_path):
+    source = tmp_path / "src"
+    dense = save_sharded(family, source)
+    assert len(list(source.glob("*.safetensors"))) > 1  # really sharded
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    run(source, tmp_path / "mem", streaming=False)
+    run(source, tmp_path / "stream", streaming=True)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # source untouched
+
+    mem_manifest, stream_manifest = read_manifest(tmp_path / "mem"), read_manifest(tmp_path / "stream")
+    assert stream_manifest["streaming"] and not mem_manifest["streaming"]
+    assert stream_manifest["kept_indices"] == mem_manifest["kept_indices"]
+    assert stream_manifest["training"]["episode_rewards"] == mem_manifest["training"]["episode_rewards"]
+    assert stream_manifest["params_after"] == mem_manifest["params_after"]
+
+    mem, stream = all_tensors(tmp_path / "mem"), all_tensors(tmp_path / "stream")
+    src = all_tensors(source)
+    assert stream.keys() == src.keys()
+    adapter, config = get_adapter(dense.config), dense.config
+    ffn = CheckpointSource(source).ffn_tensors(adapter, config)
+    for name, tensor in stream.items():
+        assert tensor.dtype == src[name].dtype
+        if name not in ffn:  # copied through: the very same bytes
+            assert tensor.view(torch.uint8).equal(src[name].view(torch.uint8)), name
+        if name in mem:  # the in-memory path drops tied duplicates; every tensor it saved is equal
+            assert torch.equal(tensor, mem[name]), name
+
+    # Stock transformers reloads it at the pruned width and computes the same logits as in-memory.
+    k = kept_width(0.25, adapter.ffn_width(config))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    assert adapter.ffn_width(reloaded.config) == k
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    with torch.no_grad():
+        x = sample_inputs()
+        assert torch.equal(reloaded(x).logits, reference(x).logits)
+    assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+def test_streamed_ffn_tensors_are_the_kept_rows_and_columns(tmp_path):
+    """Independent of the in-memory path: each sliced tensor is the source tensor indexed by the manifest."""
+    source = tmp_path / "src"
+    dense = save_sharded("llama-mlp-bias", source)
+    run(source, tmp_path / "out", streaming=True, method="random", seed=3)
+    keeps = read_manifest(tmp_path / "out")["kept_indices"]
+    out = all_tensors(tmp_path / "out")
+    for layer, keep in enumerate(keeps):
+        keep = torch.tensor(keep)
+        mlp = dense.model.layers[layer].mlp
+        prefix = f"model.layers.{layer}.mlp."
+        assert torch.equal(out[prefix + "gate_proj.weight"], mlp.gate_proj.weight[keep])
+        assert torch.equal(out[prefix + "up_proj.bias"], mlp.up_proj.bias[keep])
+        assert torch.equal(out[prefix + "down_proj.weight"], mlp.down_proj.weight[:, keep])
+
+
+def test_index_and_config_are_rewritten(tmp_path):
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    run(source, tmp_path / "out", streaming=True, method="random")
+    index = json.loads((tmp_path / "out" / streaming.INDEX_FILE).read_text())
+    src_index = json.loads((source / streaming.INDEX_FILE).read_text())
+    assert index["weight_map"] == src_index["weight_map"]
+    sizes = sum(e.nbytes for p in (tmp_path / "out").glob("model-*.safetensors") for e in read_header(p)[0].values())
+    assert index["metadata"]["total_size"] == sizes < src_index["metadata"]["total_size"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["intermediate_size"] == kept_width(0.25, WIDTH)
+    assert json.loads((source / "config.json").read_text())["intermediate_size"] == WIDTH
+
+
+class Killed(Exception):
+    pass
+
+
+def test_failure_after_the_first_shard_leaves_no_output_and_the_source_untouched(tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    real, calls = streaming.write_shard, []
+
+    def dies_after_one(*args, **kwargs):
+        if calls:
+            raise Killed("simulated crash")
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(streaming, "write_shard", dies_after_one)
+    with pytest.raises(Killed):
+        run(source, tmp_path / "out", streaming=True, method="random")
+    assert calls  # it did die in the middle
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial folder either
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, monkeypatch):
+    """After SIGKILL the partial folder stays; the same command finds its finished shards and skips them."""
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    run(source, tmp_path / "ref", streaming=True, method="random")
+    # Simulate the kill: the first run wrote every shard of a partial folder and then vanished.
+    keeps = [torch.tensor(k) for k in read_manifest(tmp_path / "ref")["kept_indices"]]
+    key = streaming.resume_key(CheckpointSource(source), keeps)
+    partial = tmp_path / f".out.partial-{key}"
+    partial.mkdir()
+    shards = sorted(p.name for p in (tmp_path / "ref").glob("model-*.safetensors"))
+    (partial / shards[0]).write_bytes((tmp_path / "ref" / shards[0]).read_bytes())
+    (partial / (shards[1] + ".partial")).write_bytes(b"half-written garbage")
+    written = []
+    real = streaming.StreamingWriter.__init__
+
+    def spy(self, path, *args, **kwargs):
+        written.append(path.name)
+        real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(streaming.StreamingWriter, "__init__", spy)
+    run(source, tmp_path / "out", streaming=True, method="random")
+    assert shards[0] + ".partial" not in written and shards[1] + ".partial" in written
+    assert not partial.exists()
+    assert all_tensors(tmp_path / "out").keys() == all_tensors(tmp_path / "ref").keys()
+    for name, t in all_tensors(tmp_path / "out").items():
+        assert torch.equal(t, all_tensors(tmp_path / "ref")[name])
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_auto_choice_streams_only_above_the_budget(tmp_path):
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    assert not run(source, tmp_path / "a", method="random").streaming  # fits the free memory
+    assert run(source, tmp_path / "b", method="random", max_memory="10KB").streaming
+    assert read_manifest(tmp_path / "b")["memory_plan"]["budget"] == 10_000
+
+
+def test_streaming_refusals_are_clear(tmp_path):
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    with pytest.raises(ValueError, match="--no-streaming"):
+        run(source, tmp_path / "a", streaming=True, dtype="fp16")
+    with pytest.raises(ValueError, match="cannot read"):
+        run(source, tmp_path / "a", max_memory="lots")
+    sorted(source.glob("model-*.safetensors"))[0].rename(source / "moved")
+    with pytest.raises(Exception, match="missing"):
+        run(source, tmp_path / "a", streaming=True)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("residency", ["device", "host", "disk"])
+def test_checkpoint_states_match_the_model_views(tmp_path, residency):
+    source = tmp_path / "src"
+    dense = save_sharded("phi3", source)  # fused gate_up: the state is the first n rows
+    adapter = get_adapter(dense.config)
+    states = CheckpointStates(CheckpointSource(source), adapter, dense.config, "cpu", residency)
+    assert len(states) == 2 and states.shape == (WIDTH, 32)
+    for _ in range(2):  # in order twice: the read-ahead wraps around
+        for i in range(len(states)):
+            assert torch.equal(states[i], adapter.layer_state(dense, i))
+    assert torch.equal(states[1], adapter.layer_state(dense, 1))  # out of order
+    states.close()
+
+
+def test_memory_plan_spills_what_does_not_fit():
+    # LLaMA-2-7B fp16 at ratio 0.3: 2.9 GB of states and 2.1 GB of W^T W do not fit 3 GiB with the policy.
+    plan = plan_memory(32, 11008, 4096, 2, 7705, parse_size("3GiB"), "cpu")
+    assert (plan.states, plan.grams) == ("disk", "disk") and plan.estimate <= parse_size("3GiB")
+    roomy = plan_memory(32, 11008, 4096, 2, 7705, parse_size("64GiB"), "cpu")
+    assert (roomy.states, roomy.grams) == ("device", "device")
+    assert plan_memory(32, 11008, 4096, 2, 3000, parse_size("64GiB"), "cpu").grams == "none"  # 2k < n
+    assert "budget 3.00 GiB" in plan.describe()
+
+
+def test_parse_size():
+    assert parse_size("4GiB") == 4 * 2**30 and parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("3GB") == 3_000_000_000 and parse_size("1.5k") == 1500 and parse_size(2048) == 2048
+    for bad in ("", "4 parsecs", "-1GB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+def test_streaming_writer_round_trips_through_the_safetensors_library(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": (torch.randn(7, 3, generator=g) * 50).to(dtype),
+        "empty": torch.zeros(0, 5, dtype=dtype),
+        "b.c": (torch.randn(11, generator=g) * 50).to(dtype),
+    }
+    path = tmp_path / "x.safetensors"
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with StreamingWriter(path, specs, {"format": "pt"}) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for n, t in tensors.items():
+            assert torch.equal(f.get_tensor(n), t)
+    entries, _ = read_header(path)
+    for n, t in tensors.items():
+        assert torch.equal(read_tensor(entries[n]), t)
+    with pytest.raises(ValueError, match="expected 'a'"), StreamingWriter(tmp_path / "y", specs) as w:
+        w.write("b.c", tensors["b.c"])
