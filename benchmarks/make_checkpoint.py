@@ -1,0 +1,141 @@
+"""Write a random-weight, correctly named and sharded safetensors checkpoint of a dense LLM shape.
+
+No network: the tensor names and shapes come from instantiating the model class on the ``meta``
+device from a config, the weights are seeded Gaussians written one tensor at a time (peak memory:
+one tensor), and shards are cut at ``--shard-size`` like ``save_pretrained``'s, with an index.
+
+    python benchmarks/make_checkpoint.py --shape llama2-7b --dtype fp16 --out /tmp/llama2-7b
+    python benchmarks/make_checkpoint.py --shape tiny --out /tmp/tiny   # seconds, for tests
+
+Shapes: LLaMA-2 7B / 13B / 70B (70B has grouped-query attention, 8 KV heads) and ``tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prunenet.safetensors_io import StreamingWriter, TensorSpec  # noqa: E402
+from prunenet.streaming import INDEX_FILE, parse_size  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "llama2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+    ),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def llama_config(shape: str, dtype: torch.dtype) -> transformers.LlamaConfig:
+    """The ``LlamaConfig`` of a shape (LLaMA-2 defaults: vocabulary 32000, RMSNorm eps 1e-5)."""
+    kwargs = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, **SHAPES[shape]}
+    config = transformers.LlamaConfig(**kwargs, tie_word_embeddings=False)
+    config.dtype = dtype
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def tensor_specs(config, dtype: torch.dtype) -> list[TensorSpec]:
+    """Names and shapes of the model's state dict, in ``state_dict`` order, from a meta-device model."""
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return [TensorSpec(name, dtype, tuple(t.shape)) for name, t in model.state_dict().items()]
+
+
+def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
+    """Norm weights are ones; every other tensor is N(0, 0.02^2), seeded by ``seed`` and the name."""
+    if spec.name.endswith("norm.weight"):
+        return torch.ones(spec.shape, dtype=spec.dtype)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    return (torch.randn(spec.shape, generator=g) * 0.02).to(spec.dtype)
+
+
+def word_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``vocab_size`` made-up words (``w3``, ``w4``, ...): offline, so that the
+    checkpoint is a complete model folder (``from_pretrained`` of the tokenizer works)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of tensors of at most ``max_bytes`` each (a bigger tensor gets its own)."""
+    groups, size = [[]], 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    return groups
+
+
+def make_checkpoint(shape: str, out: Path, dtype: str = "fp16", shard_size: str = "5GB", seed: int = 0) -> Path:
+    """Write the checkpoint to ``out`` atomically (a temporary sibling renamed at the end)."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it first")
+    config = llama_config(shape, DTYPES[dtype])
+    specs = tensor_specs(config, DTYPES[dtype])
+    groups = shard(specs, parse_size(shard_size))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        config.save_pretrained(tmp)
+        word_tokenizer(config.vocab_size).save_pretrained(tmp)
+        weight_map = {}
+        total = sum(s.nbytes for s in specs)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {shape}") as bar:
+            for i, group in enumerate(groups):
+                name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
+                with StreamingWriter(tmp / name, group, {"format": "pt"}) as writer:
+                    for spec in group:
+                        writer.write(spec.name, random_tensor(spec, seed))
+                        weight_map[spec.name] = name
+                        bar.update(spec.nbytes)
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True, help="model shape")
+    parser.add_argument("--out", required=True, help="folder to create (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weight dtype")
+    parser.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 2GiB")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    out = make_checkpoint(args.shape, Path(args.out), args.dtype, args.shard_size, args.seed)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
