@@ -67,7 +67,7 @@ def atomic_folder(out: Path, resume: str | None = None):
     if resume is None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     else:
-        tmp = out.parent / f".{out.name}.partial-{resume}"
+        tmp = resume_folder(out, resume)
         if tmp.is_dir():
             log.info("resuming the interrupted write in %s", tmp)
         tmp.mkdir(mode=0o700, exist_ok=True)
@@ -83,6 +83,11 @@ def atomic_folder(out: Path, resume: str | None = None):
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_folder(out: Path, resume: str) -> Path:
+    """The temporary folder :func:`atomic_folder` uses for ``out`` with a ``resume`` digest."""
+    return Path(out).parent / f".{Path(out).name}.partial-{resume}"
 
 
 def save_policy(policy: SparsityPredictor, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

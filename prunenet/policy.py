@@ -109,6 +109,20 @@ def select_rows(logits: torch.Tensor, k: int, selection: str = "sample", generat
     raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
 
 
+def skip_selection(n: int, selection: str, generator: torch.Generator | None, device=None) -> None:
+    """Advance ``generator`` exactly as ``select_rows(logits, k, selection, generator)`` would for ``(n,)`` logits.
+
+    Distributed training (:mod:`prunenet.distributed`) draws every layer's random numbers on every
+    rank but selects only its own layers; this keeps the other layers' draws in step. Tested against
+    :func:`select_rows` (the generator states must match afterwards).
+    """
+    if selection == "sample":
+        for _ in range(2):  # log_scores' u, then sample_without_replacement's Gumbel u
+            torch.rand((n,), generator=generator, device=device, dtype=torch.float32)
+    elif selection != "topk":
+        raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+
+
 def kept_log_prob(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``sum_j log alpha_j`` over kept rows, as ``logsigmoid``: finite for any logit (``log(sigmoid)`` is not)."""
     return F.logsigmoid(logits.index_select(-1, keep)).sum()

@@ -231,6 +231,8 @@ class CheckpointStates(StateSequence):
             memory (pinned when ``device`` is CUDA) and copied per access; ``"disk"``: read from
             the checkpoint on every access, the next layer read ahead on a background thread while
             the caller works on this one.
+        layers: the layers that will be accessed, in order (a distributed rank's own; default all):
+            what is read ahead.
     """
 
     def __init__(
@@ -240,6 +242,7 @@ class CheckpointStates(StateSequence):
         config,
         device: str | torch.device = "cpu",
         residency: str = "disk",
+        layers: Sequence[int] | None = None,
     ):
         if residency not in ("device", "host", "disk"):
             raise ValueError(f"residency must be device, host or disk, got {residency!r}")
@@ -254,6 +257,8 @@ class CheckpointStates(StateSequence):
         self._cache: list[torch.Tensor | None] = [None] * len(self.names)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prunenet-read")
         self._ahead: tuple[int, concurrent.futures.Future] | None = None
+        order = list(range(len(self.names)) if layers is None else layers)
+        self._next = {layer: order[(j + 1) % len(order)] for j, layer in enumerate(order)}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -279,7 +284,7 @@ class CheckpointStates(StateSequence):
         else:
             state = self._read(i)
         # Read the next layer while the caller computes on this one (file reads release the GIL).
-        nxt = (i + 1) % len(self)
+        nxt = self._next.get(i, (i + 1) % len(self))
         self._ahead = (nxt, self._pool.submit(self._read, nxt))
         return state.to(self.device, non_blocking=True)
 

@@ -15,6 +15,7 @@ from prunenet.policy import (
     log_scores,
     sample_without_replacement,
     select_rows,
+    skip_selection,
 )
 
 
@@ -121,3 +122,14 @@ def test_policy_shape_mismatch_names_both_shapes():
     check_policy_shape(policy, 576, 1536)
     with pytest.raises(ValueError, match=r"n=1536, d=576.*n=2048, d=576"):
         check_policy_shape(policy, 576, 2048)
+
+
+@pytest.mark.parametrize("selection", ["sample", "topk"])
+def test_skip_selection_consumes_exactly_what_select_rows_draws(selection):
+    """Distributed ranks skip other ranks' layers this way; the draws of later layers must not shift."""
+    logits = torch.randn(57, generator=torch.Generator().manual_seed(0))
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    select_rows(logits, 20, selection, a)
+    skip_selection(57, selection, b)
+    assert torch.equal(a.get_state(), b.get_state())
+    assert torch.equal(select_rows(logits, 20, "sample", a), select_rows(logits, 20, "sample", b))

@@ -14,7 +14,7 @@ from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model, tiny_tokenize
 
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
-from prunenet.checkpoint import MANIFEST_FILE, read_manifest
+from prunenet.checkpoint import read_manifest
 from prunenet.pipeline import compress, kept_width
 from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
 from prunenet.streaming import CheckpointSource, CheckpointStates, parse_size, plan_memory
