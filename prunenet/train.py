@@ -51,6 +51,8 @@ class TrainResult:
     best_reward: float
     episode_rewards: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    prepare_seconds: float = 0.0  # reference spectra and W^T W, once per run
+    episode_seconds: list[float] = field(default_factory=list)
     reward_backend: str = ""  # the backend that computed the rewards ("torch" or "triton")
 
 
@@ -108,8 +110,10 @@ def train_policy(
         best_reward=float("-inf"),
         reward_backend=references.backend if references else "",
     )
+    result.prepare_seconds = time.perf_counter() - start
     bar = tqdm(range(config.episodes), desc="policy episodes", unit="ep", disable=not progress)
     for episode in bar:
+        episode_start = time.perf_counter()
         keeps: list[torch.Tensor | None] = []
         with torch.no_grad():
             for i in range(len(states)):
@@ -130,6 +134,7 @@ def train_policy(
             result.best_episode, result.best_reward = episode, total
         _reinforce_step(policy, optimizer, states, keeps, weights, config, dist)
         bar.set_postfix(reward=f"{total:.1f}", best=f"{result.best_reward:.1f}")
+        result.episode_seconds.append(time.perf_counter() - episode_start)
     result.seconds = time.perf_counter() - start
     log.info("trained policy: best total reward %.2f at episode %d", result.best_reward, result.best_episode)
     return result
