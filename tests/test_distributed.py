@@ -89,6 +89,7 @@ def source(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_process_result(source, tmp_path):
     compress(model=str(source), out=tmp_path / "one", **KW)
     assert run_ranks(2, source, tmp_path / "two") == [0, 0]
@@ -102,6 +103,7 @@ def test_two_ranks_give_the_single_process_result(source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "src", "two"]  # no partial folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail", ["train", "write"])
 def test_a_failing_rank_fails_the_job_cleanly(source, tmp_path, fail):
     codes = run_ranks(2, source, tmp_path / "out", fail)
@@ -110,6 +112,7 @@ def test_a_failing_rank_fails_the_job_cleanly(source, tmp_path, fail):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no partial folder
 
 
+@pytest.mark.slow
 def test_torchrun_command_line(source, tmp_path):
     """The documented command: `torchrun --nproc-per-node 2 -m prunenet compress ...`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
