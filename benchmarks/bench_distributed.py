@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from common import append_csv, device_label, run_tags  # noqa: E402
+from common import OtherLoad, append_csv, device_label, run_tags  # noqa: E402
 
 
 def worker(args) -> None:
@@ -93,7 +93,9 @@ def main(argv=None) -> int:
         cmd += ["--episodes", str(args.episodes), "--ratio", str(args.ratio), "--device", args.device]
         threads = max(1, cores // n) if args.device == "cpu" else 1
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        with OtherLoad() as load:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
                 "wall_s": round(wall, 1),
                 "peak_rss_total_gib": round(r["peak_rss_total_bytes"] / 2**30, 3),
                 "same_rewards_as_first": r["rewards"] == reference,
+                "other_cpu_load": load.value,
             }
         )
     csv_path = Path(args.csv) if args.csv else HERE / "results" / f"distributed_{torch.device(args.device).type}.csv"

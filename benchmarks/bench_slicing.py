@@ -56,7 +56,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import resource
 import shlex
 import statistics
@@ -68,7 +67,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
-from common import git_revision  # noqa: E402
+from common import OtherLoad, git_revision  # noqa: E402
 
 from prunenet import _ext, slicing
 from prunenet.pipeline import kept_width
@@ -304,17 +303,6 @@ def native_unavailable_reason(device: str) -> str | None:
     return None
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by the whole machine, by this process and its finished children), from ``/proc/stat``."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return math.nan, math.nan
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
-
-
 def run_case(model: str, dtype: str, ratio: float, backend: str, device: str, repeats: int) -> dict:
     """Run one case in a fresh subprocess; a crashed worker gives a row with ``ok`` saying so.
 
@@ -323,10 +311,9 @@ def run_case(model: str, dtype: str, ratio: float, backend: str, device: str, re
     """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--shapes", model, "--dtypes", dtype]
     cmd += ["--ratios", str(ratio), "--backends", backend, "--device", device, "--repeats", str(repeats)]
-    (busy0, own0), tick = cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    (busy1, own1), wall = cpu_seconds(), time.perf_counter() - tick
-    other_load = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 2)
+    with OtherLoad() as load:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    other_load = load.value
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return {**json.loads(lines[-1]), "other_cpu_load": other_load}

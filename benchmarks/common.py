@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
+import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -100,3 +103,29 @@ def replace_block(text: str, name: str, content: str) -> str:
 def update_readme_block(name: str, content: str, readme: Path = README) -> None:
     """Regenerate the ``name`` block of the README (see :func:`replace_block`); the rest is left untouched."""
     readme.write_text(replace_block(readme.read_text(encoding="utf-8"), name, content), encoding="utf-8")
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, by this process and its finished children), from ``/proc/stat``."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan, math.nan
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How many CPUs *other* processes kept busy while a measurement ran (their load makes CPU timings
+    unreliable). ``with OtherLoad() as load: ...`` then ``load.value``; children of this process count
+    as ours once they have been waited for."""
+
+    def __enter__(self):
+        (self._busy, self._own), self._tick = cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        (busy, own), wall = cpu_seconds(), time.perf_counter() - self._tick
+        self.value = round(max(0.0, (busy - self._busy) - (own - self._own)) / wall, 2)
+        return False
