@@ -55,6 +55,21 @@ def neuron_entries(keep: torch.Tensor, width: int, groups: int) -> torch.Tensor:
     return torch.cat([keep + g * width for g in range(groups)])
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where a block's attention projections are, for slicing whole key/value head groups.
+
+    Names are module paths relative to a block, each an ``nn.Linear`` whose ``weight`` is
+    ``(out, in)``: ``q`` is ``(H * hd, d)``, ``k`` and ``v`` are ``(KV * hd, d)``, ``o`` is ``(d, H * hd)``
+    (``H`` query heads, ``KV`` key/value heads, head size ``hd``). Biases are sliced where present.
+    """
+
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+
+
 class ModelAdapter:
     """Describes one model family's FFN for PruneNet. Subclasses set the class attributes.
 
@@ -66,12 +81,18 @@ class ModelAdapter:
         width_attr: the config attribute holding the FFN width ``n``.
         tensors: every neuron-indexed FFN parameter of a block. ``tensors[0]`` is the first
             in-projection, whose neuron rows form the policy's state matrix (as in the paper).
+        attention_modules: module paths (relative to a block) of the attention's linear projections;
+            recovery fine-tuning puts LoRA adapters on them (and on the FFN's).
+        attention: where the separate q/k/v/o projections are, for ``compress --modules ffn+attn``;
+            ``None`` where attention slicing is not supported (fused qkv projections, no GQA config).
     """
 
     model_types: tuple[str, ...] = ()
     layers_path: str = ""
     width_attr: str = "intermediate_size"
     tensors: tuple[NeuronTensor, ...] = ()
+    attention_modules: tuple[str, ...] = ()
+    attention: AttentionSpec | None = None
 
     # -- config ---------------------------------------------------------------------------
     def num_layers(self, config) -> int:

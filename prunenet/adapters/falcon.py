@@ -8,6 +8,7 @@ class FalconAdapter(ModelAdapter):
     layers_path = "transformer.h"
     width_attr = "ffn_hidden_size"
     tensors = two_layer_mlp_tensors("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    attention_modules = ("self_attention.query_key_value", "self_attention.dense")
 
     def ffn_width(self, config) -> int:
         # Older Falcon configs have no ffn_hidden_size; the model then uses 4 * hidden_size.

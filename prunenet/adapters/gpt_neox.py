@@ -8,3 +8,4 @@ class GPTNeoXAdapter(ModelAdapter):
     layers_path = "gpt_neox.layers"
     width_attr = "intermediate_size"
     tensors = two_layer_mlp_tensors("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    attention_modules = ("attention.query_key_value", "attention.dense")

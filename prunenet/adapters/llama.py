@@ -1,6 +1,6 @@
 """Llama-style decoders with a gated MLP (gate_proj, up_proj, down_proj): Llama, Mistral, Qwen2, Qwen3."""
 
-from .base import ModelAdapter, gated_mlp_tensors
+from .base import AttentionSpec, ModelAdapter, gated_mlp_tensors
 
 
 class LlamaAdapter(ModelAdapter):
@@ -8,3 +8,5 @@ class LlamaAdapter(ModelAdapter):
     layers_path = "model.layers"
     width_attr = "intermediate_size"
     tensors = gated_mlp_tensors()
+    attention_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    attention = AttentionSpec()

@@ -8,3 +8,4 @@ class OPTAdapter(ModelAdapter):
     layers_path = "model.decoder.layers"
     width_attr = "ffn_dim"
     tensors = two_layer_mlp_tensors("fc1", "fc2")
+    attention_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")

@@ -8,3 +8,4 @@ class PhiAdapter(ModelAdapter):
     layers_path = "model.layers"
     width_attr = "intermediate_size"
     tensors = two_layer_mlp_tensors("mlp.fc1", "mlp.fc2")
+    attention_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense")

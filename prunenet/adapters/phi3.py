@@ -15,3 +15,4 @@ class Phi3Adapter(ModelAdapter):
         NeuronTensor("mlp.gate_up_proj.weight", axis=0, groups=2),
         NeuronTensor("mlp.down_proj.weight", axis=1),
     )
+    attention_modules = ("self_attn.qkv_proj", "self_attn.o_proj")

