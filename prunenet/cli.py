@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
     c.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument(
+        "--modules",
+        default="ffn",
+        choices=["ffn", "ffn+attn"],
+        help="what to prune: the FFN only (the paper's default), or also whole key/value head groups of the "
+        "attention at the same ratio (llama/mistral/qwen2/qwen3/gemma families; costs much more quality, see "
+        "README)",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -172,7 +180,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_finetune_parser(sub)
     return parser
+
+
+def _add_finetune_parser(sub) -> None:
+    from .finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    f = sub.add_parser(
+        "finetune",
+        help="recovery fine-tuning (LoRA, merged) of a pruned model",
+        description="Train LoRA adapters (peft; `pip install 'prunenet[finetune]'`) on the FFN and attention "
+        "projections of a (pruned) model on real text, with early stopping on a held-out tail of that text, merge "
+        "them into the weights and save a model stock transformers loads at the same (pruned) width. The default "
+        "text is the 'train' split of the embedded State of the Union corpus (speeches before 1990), disjoint from "
+        "the held-out 'eval' split (1990 on) that `prunenet eval` uses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    f.add_argument("--model", required=True, help="the model to fine-tune: a folder written by compress, or any model")
+    f.add_argument("--out", required=True, help="output folder; must be empty or absent (see --overwrite)")
+    f.add_argument("--text-file", default=None, help="UTF-8 training text (default: the embedded 'train' split)")
+    f.add_argument("--steps", type=int, default=d.steps, help="optimizer steps at most (early stopping may end sooner)")
+    f.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    f.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (updates scaled by alpha/r)")
+    f.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA adapters' input")
+    f.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (linear warm-up, then linear decay)")
+    f.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of linear learning-rate warm-up")
+    f.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window")
+    f.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per micro-batch")
+    f.add_argument(
+        "--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (gradient accumulation)"
+    )
+    f.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation losses")
+    f.add_argument(
+        "--patience", type=int, default=d.patience, help="stop after this many validations without improvement"
+    )
+    f.add_argument(
+        "--holdout-tokens",
+        type=int,
+        default=d.holdout_tokens,
+        help="tokens at the end of the training text held out for the validation loss (never trained on)",
+    )
+    f.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=2048,
+        help="measure perplexity before and after on this many tokens of the held-out 'eval' split (0: skip)",
+    )
+    f.add_argument("--seed", type=int, default=d.seed, help="seed of the window order, LoRA init and dropout")
+    f.add_argument("--device", default=_default_device(), help="torch device")
+    f.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype to train and save")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
+    f.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -197,6 +258,7 @@ def _run_compress(args) -> dict:
         kl_weight=args.kl,
         lr=args.lr,
         reward_backend=args.reward_backend,
+        modules=args.modules,
         overwrite=args.overwrite,
         progress=not args.quiet,
         streaming=args.streaming,
@@ -350,13 +412,70 @@ def _run_eval(args) -> dict:
     return result
 
 
+def _run_finetune(args) -> dict:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        steps=args.steps,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        holdout_tokens=args.holdout_tokens,
+        seed=args.seed,
+    )
+    result = finetune(
+        model=args.model,
+        out=args.out,
+        text_file=args.text_file,
+        config=cfg,
+        eval_tokens=args.eval_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    info, t = result.info, result.timings
+    ppl = (
+        f"{result.perplexity_before:.2f} -> {result.perplexity_after:.2f}"
+        if result.perplexity_before is not None
+        else "-"
+    )
+    print(
+        _table(
+            [
+                ("output", str(result.out)),
+                ("steps", f"{info['steps_run']} run, best at {info['best_step']}"
+                 + (" (stopped early)" if info["stopped_early"] else "")),
+                ("validation loss", f"{info['val_loss_before']:.4f} -> {info['best_val_loss']:.4f}"),
+                (f"held-out perplexity ({args.eval_tokens} tokens)", ppl),
+                ("trainable parameters", f"{info['trainable_parameters']:,}"),
+                ("time: training", f"{t['train_s']:.1f} s"),
+            ]
+        )
+    )  # fmt: skip
+    return {
+        "out": str(result.out),
+        "perplexity_before": result.perplexity_before,
+        "perplexity_after": result.perplexity_after,
+        **{k: info[k] for k in ("steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss")},
+        **{key: round(value, 3) for key, value in t.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``prunenet`` and ``python -m prunenet``; returns the exit status."""
     from .models import ModelLoadError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="prunenet: %(message)s")
-    run = {"compress": _run_compress, "eval": _run_eval}[args.command]
+    run = {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune}[args.command]
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError, ModelLoadError) as err:

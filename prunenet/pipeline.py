@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from . import __version__
 from .adapters import get_adapter
+from .attention import check_modules, slice_attention_by_ratio_
 from .checkpoint import (
     POLICY_FILE,
     atomic_folder,
@@ -108,11 +109,13 @@ def compress(
     reward_backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    modules: str = "ffn",
 ) -> CompressResult:
     """Prune the FFN of every block of ``model`` at ``ratio`` and save the result to ``out``.
 
     Every argument is validated before any weights are loaded; the output folder appears only
-    when it is complete (see :func:`~prunenet.checkpoint.atomic_folder`).
+    when it is complete (see :func:`~prunenet.checkpoint.atomic_folder`). ``modules="ffn+attn"`` also
+    removes whole key/value head groups of the attention at the same ratio (see :mod:`prunenet.attention`).
     """
     check_ratio(ratio)
     if method not in METHODS:
@@ -139,6 +142,7 @@ def compress(
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"could not read the model config in {source}: {err}") from None
     adapter = get_adapter(config)
+    check_modules(modules, adapter, config)
     width, hidden = adapter.ffn_width(config), adapter.hidden_size(config)
     k = kept_width(ratio, width)
     if k < 1:
@@ -175,6 +179,7 @@ def compress(
         keeps = choose_keeps(method, states, k, policy=trained_policy, selection=selection, seed=seed)
     del states  # views of weights that slicing replaces
     slice_model_(lm, adapter, keeps, progress=progress)
+    attention_info = slice_attention_by_ratio_(lm, adapter, ratio, progress) if modules == "ffn+attn" else None
     timings["slice_s"] = time.perf_counter() - tick
     params_after = sum(p.numel() for p in lm.parameters())
 
@@ -197,6 +202,8 @@ def compress(
         "params_before": params_before,
         "params_after": params_after,
         "kept_indices": kept_indices_to_json(keeps),
+        "modules": modules,
+        "attention": attention_info,
     }
     with atomic_folder(out) as tmp:
         lm.save_pretrained(tmp)
