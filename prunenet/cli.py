@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--method",
         default="prunenet",
-        choices=["prunenet", "random", "magnitude"],
-        help="how neurons are chosen: the learned policy, uniformly at random (seeded), or largest L2 norm "
-        "of the state-matrix rows",
+        choices=["prunenet", "random", "magnitude", "selfcal"],
+        help="how neurons are chosen: the learned policy (the paper), uniformly at random (seeded), largest L2 "
+        "norm of the state-matrix rows, or 'selfcal': run the model forward on text it generates itself (no "
+        "dataset; seeded) and keep the neurons contributing most to each FFN's output (see the README)",
     )
     c.add_argument("--episodes", type=int, default=20, help="policy-training episodes (prunenet only)")
     c.add_argument(
@@ -242,28 +243,45 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _run_compress(args) -> dict:
+    from . import distributed
     from .pipeline import compress
 
-    result = compress(
-        model=args.model,
-        ratio=args.ratio,
-        out=args.out,
-        method=args.method,
-        episodes=args.episodes,
-        policy=args.policy,
-        selection=args.selection,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        kl_weight=args.kl,
-        lr=args.lr,
-        reward_backend=args.reward_backend,
-        modules=args.modules,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        streaming=args.streaming,
-        max_memory=args.max_memory,
-    )
+    # Under torchrun: join the process group (gloo on CPU, NCCL on GPU LOCAL_RANK); else a no-op.
+    dist, device = distributed.init(args.device)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank reports
+    try:
+        result = compress(
+            model=args.model,
+            ratio=args.ratio,
+            out=args.out,
+            method=args.method,
+            episodes=args.episodes,
+            policy=args.policy,
+            selection=args.selection,
+            seed=args.seed,
+            device=device,
+            dtype=args.dtype,
+            kl_weight=args.kl,
+            lr=args.lr,
+            reward_backend=args.reward_backend,
+            modules=args.modules,
+            overwrite=args.overwrite,
+            progress=not args.quiet and dist.is_main,
+            streaming=args.streaming,
+            max_memory=args.max_memory,
+            dist=dist,
+        )
+    finally:
+        distributed.shutdown(dist)
+    if not dist.is_main:
+        args.json = False
+        return {}
+    return _compress_summary(result)
+
+
+def _compress_summary(result) -> dict:
+    """Print the result table; return the summary ``--json`` prints."""
     summary = {
         "out": str(result.out),
         "model_type": result.model_type,
@@ -471,6 +489,7 @@ def _run_finetune(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``prunenet`` and ``python -m prunenet``; returns the exit status."""
+    from .distributed import DistributedError
     from .models import ModelLoadError
 
     args = build_parser().parse_args(argv)
@@ -482,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input and unusable models get one clear line, not a traceback.
         print(f"prunenet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DistributedError as err:  # another rank of a torchrun job failed and said why in its own log
+        print(f"prunenet {args.command}: error: {err}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +24,37 @@ from .checkpoint import (
     check_output_folder,
     kept_indices_to_json,
     load_policy,
+    resume_folder,
     save_policy,
     write_manifest,
 )
+from .distributed import Distributed
+from .methods import SHIPPED as SHIPPED_METHODS
+from .methods import choose as choose_method
 from .models import ModelLoadError, load_model, resolve_model
-from .policy import SELECTIONS, SparsityPredictor, check_policy_shape, select_rows
+from .policy import SELECTIONS, SparsityPredictor, check_policy_shape, select_rows, skip_selection
 from .reward import BACKENDS as REWARD_BACKENDS
-from .reward import resolve_backend
+from .reward import resolve_backend, state_shape
 from .slicing import slice_model_
+from .streaming import (
+    CheckpointError,
+    CheckpointSource,
+    CheckpointStates,
+    finish_checkpoint,
+    free_memory,
+    parse_size,
+    plan_memory,
+    resume_key,
+    write_pruned_checkpoint,
+)
 from .train import TrainConfig, train_policy
 
 log = logging.getLogger(__name__)
 
-METHODS = ("prunenet", "random", "magnitude")
+METHODS = ("prunenet", "random", "magnitude", *SHIPPED_METHODS)  # the others: prunenet/methods.py
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# compress's --dtype also takes "auto": the dtype the checkpoint stores its FFN weights in.
+COMPRESS_DTYPES = ("auto", *DTYPES)
 
 
 def kept_width(ratio: float, width: int) -> int:
@@ -50,32 +70,95 @@ def check_ratio(ratio: float) -> None:
 
 def choose_keeps(
     method: str,
-    states: list[torch.Tensor],
+    states: Sequence[torch.Tensor],
     k: int,
     *,
     policy: SparsityPredictor | None = None,
     selection: str = "sample",
     seed: int = 0,
+    dist: Distributed | None = None,
+    model: torch.nn.Module | None = None,
 ) -> list[torch.Tensor]:
     """Kept neurons per layer: sorted ``(k,)`` int64 CPU vectors, one per state matrix ``(n, d)``.
 
     ``prunenet`` scores rows with ``policy`` and applies ``selection``; ``random`` draws ``k`` rows
-    uniformly (seeded); ``magnitude`` keeps the ``k`` rows of largest L2 norm.
+    uniformly (seeded); ``magnitude`` keeps the ``k`` rows of largest L2 norm; ``selfcal`` runs ``model``
+    forward on text it generates itself (:mod:`prunenet.methods`; ``states`` unused). With ``dist`` (a
+    ``torchrun`` job) each rank reads only its own layers, keeps the seeded draws of the others in
+    step, and the ranks exchange their layers' indices: every rank returns all ``L`` vectors, equal
+    to a single process's.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in SHIPPED_METHODS:  # e.g. selfcal: runs the instantiated ``model`` forward (prunenet/methods.py)
+        return choose_method(method, k, model=model, seed=seed)
+    dist = dist or Distributed()
+    (n, _), _ = state_shape(states)
+    owned = dist.owned_layers(len(states))
     generator = torch.Generator().manual_seed(seed)
-    keeps = []
-    for w in states:
-        if method == "prunenet":
+    keeps: list[torch.Tensor | None] = []
+    for i in range(len(states)):
+        if method == "random":  # needs no weights: every rank draws every layer
+            keeps.append(torch.randperm(n, generator=generator)[:k].sort().values)
+        elif i not in owned:
+            if method == "prunenet":
+                skip_selection(n, selection, generator)
+            keeps.append(None)
+        elif method == "prunenet":
             with torch.no_grad():
-                logits = policy.logits(w.to(next(policy.parameters()).device)).cpu()
+                logits = policy.logits(states[i].to(next(policy.parameters()).device)).cpu()
             keeps.append(select_rows(logits, k, selection, generator))
-        elif method == "random":
-            keeps.append(torch.randperm(w.shape[0], generator=generator)[:k].sort().values)
-        elif method == "magnitude":
-            keeps.append(torch.topk(w.float().norm(dim=1).cpu(), k).indices.sort().values)
-        else:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        else:  # magnitude
+            keeps.append(torch.topk(states[i].float().norm(dim=1).cpu(), k).indices.sort().values)
+    if dist.active and method != "random":
+        table = torch.zeros(len(states), k, dtype=torch.int64)
+        for i in owned:
+            table[i] = keeps[i]
+        keeps = list(dist.all_reduce_sum(table))  # each row has one non-zero contributor: exact
     return keeps
+
+
+def _use_streaming(
+    streaming: bool | None,
+    checkpoint: CheckpointSource | None,
+    source: Path,
+    dtype: str,
+    budget: int,
+    modules: str,
+    method: str,
+) -> bool:
+    """Streaming or in-memory: forced by ``streaming``, else streaming when the weights exceed ``budget``."""
+    needs_model = (
+        f"--modules {modules}" if modules != "ffn" else f"--method {method}" if method in SHIPPED_METHODS else ""
+    )
+    if streaming:
+        if checkpoint is None:
+            raise ValueError(f"--streaming needs safetensors weights, and {source} has none; use --no-streaming")
+        if needs_model:  # attention slicing and self-calibration run the instantiated model
+            raise ValueError(f"{needs_model} needs the instantiated model: it cannot stream (use --no-streaming)")
+        return True
+    if streaming is False or checkpoint is None or needs_model:
+        return False
+    itemsize = DTYPES[dtype].itemsize if dtype != "auto" else None
+    model_bytes = sum(e.numel * (itemsize or e.dtype.itemsize) for e in checkpoint.entries.values())
+    if model_bytes <= budget:
+        return False
+    log.info(
+        "the weights (%.2f GiB) exceed the memory budget (%.2f GiB): streaming", model_bytes / 2**30, budget / 2**30
+    )
+    return True
+
+
+def _stored_dtype(checkpoint: CheckpointSource | None, adapter, config) -> torch.dtype:
+    """``--dtype auto``: the FFN weights' stored dtype (safetensors), else the config's, else float32."""
+    if checkpoint is not None:
+        stored = checkpoint.state_dtype(adapter)
+        if stored.is_floating_point:
+            return stored
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
 
 
 @dataclass
@@ -90,6 +173,7 @@ class CompressResult:
     params_after: int
     timings: dict[str, float] = field(default_factory=dict)
     best_reward: float | None = None
+    streaming: bool = False
 
 
 def compress(
@@ -103,27 +187,43 @@ def compress(
     selection: str = "sample",
     seed: int = 0,
     device: str = "cpu",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     kl_weight: float = 0.0,
     lr: float = 1e-3,
     reward_backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
     modules: str = "ffn",
+    streaming: bool | None = None,
+    max_memory: str | int | None = None,
+    dist: Distributed | None = None,
 ) -> CompressResult:
     """Prune the FFN of every block of ``model`` at ``ratio`` and save the result to ``out``.
 
     Every argument is validated before any weights are loaded; the output folder appears only
     when it is complete (see :func:`~prunenet.checkpoint.atomic_folder`). ``modules="ffn+attn"`` also
     removes whole key/value head groups of the attention at the same ratio (see :mod:`prunenet.attention`).
+
+    ``streaming`` (``None``: automatic) works on the safetensors checkpoint tensor by tensor, without
+    instantiating the model (see :mod:`prunenet.streaming`); automatic means streaming when the folder
+    holds safetensors weights that do not fit ``max_memory`` (bytes or e.g. ``"4GiB"``; default: the
+    device's free memory). Both paths give the same kept neurons and the same tensors for a seed.
+
+    ``dist`` (from :func:`prunenet.distributed.init` under ``torchrun``) splits the layers across the
+    ranks: each streams only its layers' state matrices and writes its share of the shards; rank 0
+    writes the rest and renames the folder. The result equals a single process's. Every rank returns.
     """
+    dist = dist or Distributed()
+    if dist.active and streaming is False:
+        raise ValueError("a distributed run (torchrun) streams the checkpoint: drop --no-streaming")
     check_ratio(ratio)
     if method not in METHODS:
         raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if selection not in SELECTIONS:
         raise ValueError(f"unknown --selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in COMPRESS_DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(COMPRESS_DTYPES)}")
+    budget = parse_size(max_memory) if max_memory is not None else free_memory(device)
     if episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
     if policy is not None and method != "prunenet":
@@ -151,11 +251,32 @@ def compress(
     if trained_policy is not None:
         check_policy_shape(trained_policy, hidden, width)
 
-    lm, tokenizer, _ = load_model(str(source), device=device, dtype=DTYPES[dtype])
-    params_before = sum(p.numel() for p in lm.parameters())
+    try:
+        checkpoint = CheckpointSource(source) if CheckpointSource.has_safetensors(source) else None
+    except CheckpointError as err:
+        raise ModelLoadError(f"the weights in {source} are truncated or corrupt: {err}") from None
+    plan = None
+    if _use_streaming(True if dist.active else streaming, checkpoint, source, dtype, budget, modules, method):
+        checkpoint.ffn_tensors(adapter, config)  # every FFN tensor present, with the config's width
+        stored = checkpoint.state_dtype(adapter)
+        if dtype != "auto" and DTYPES[dtype] != stored:
+            raise ValueError(
+                f"streaming copies tensors as stored ({stored}); --dtype {dtype} would need a conversion: "
+                "drop --dtype (or pass --dtype auto), or use --no-streaming"
+            )
+        owned = dist.owned_layers(adapter.num_layers(config))
+        plan = plan_memory(len(owned), width, hidden, stored.itemsize, k, budget, device)
+        log.info("streaming %s tensor by tensor; %s", source, plan.describe())
+        lm = tokenizer = None
+        states = CheckpointStates(checkpoint, adapter, config, device, plan.states, layers=owned)
+        params_before = checkpoint.numel()
+    else:
+        load_dtype = DTYPES[dtype] if dtype != "auto" else _stored_dtype(checkpoint, adapter, config)
+        lm, tokenizer, _ = load_model(str(source), device=device, dtype=load_dtype)
+        params_before = sum(p.numel() for p in lm.parameters())
+        states = [adapter.layer_state(lm, i) for i in range(adapter.num_layers(config))]
     timings["load_s"] = time.perf_counter() - tick
 
-    states = [adapter.layer_state(lm, i) for i in range(adapter.num_layers(config))]
     train_info = None
     tick = time.perf_counter()
     if k == width:
@@ -164,7 +285,14 @@ def compress(
     else:
         if method == "prunenet" and trained_policy is None:
             cfg = TrainConfig(episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr, reward_backend=reward_backend)
-            result = train_policy(states, k, cfg, progress=progress)
+            result = train_policy(
+                states,
+                k,
+                cfg,
+                progress=progress and dist.is_main,
+                spill_grams=plan is not None and plan.grams == "disk",
+                dist=dist,
+            )
             trained_policy = result.policy
             train_info = {
                 "episodes": episodes,
@@ -176,12 +304,24 @@ def compress(
             }
             timings["train_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
-        keeps = choose_keeps(method, states, k, policy=trained_policy, selection=selection, seed=seed)
-    del states  # views of weights that slicing replaces
-    slice_model_(lm, adapter, keeps, progress=progress)
-    attention_info = slice_attention_by_ratio_(lm, adapter, ratio, progress) if modules == "ffn+attn" else None
+        keeps = choose_keeps(
+            method, states, k, policy=trained_policy, selection=selection, seed=seed, dist=dist, model=lm
+        )
+    if plan is not None:
+        states.close()
+        attention_info = None
+        # Streaming slices each FFN tensor as the writer reads it: see timings["save_s"].
+        params_after = params_before - sum(
+            (width - k) * e.numel // e.shape[axis] * groups
+            for name, (_, axis, groups) in checkpoint.ffn_tensors(adapter, config).items()
+            for e in [checkpoint.entry(name)]
+        )
+    else:
+        del states  # views of weights that slicing replaces
+        slice_model_(lm, adapter, keeps, progress=progress)
+        attention_info = slice_attention_by_ratio_(lm, adapter, ratio, progress) if modules == "ffn+attn" else None
+        params_after = sum(p.numel() for p in lm.parameters())
     timings["slice_s"] = time.perf_counter() - tick
-    params_after = sum(p.numel() for p in lm.parameters())
 
     tick = time.perf_counter()
     manifest = {
@@ -204,14 +344,39 @@ def compress(
         "kept_indices": kept_indices_to_json(keeps),
         "modules": modules,
         "attention": attention_info,
+        "streaming": plan is not None,
+        "memory_plan": dataclasses.asdict(plan) if plan is not None else None,
     }
-    with atomic_folder(out) as tmp:
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if trained_policy is not None:
-            save_policy(trained_policy, tmp / POLICY_FILE, {"source_model": model, "ratio": str(ratio)})
-        timings["save_s"] = time.perf_counter() - tick
-        write_manifest(tmp, {**manifest, "timings_s": timings})
+    # A streaming run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named
+    # after its inputs, and the same command resumes from them; the in-memory path has nothing to resume.
+    key = resume_key(checkpoint, keeps) if plan is not None else None
+    with contextlib.ExitStack() as stack:
+        # Rank 0 owns the temporary folder; it becomes `out` once every rank's shards are in it.
+        tmp = stack.enter_context(atomic_folder(out, resume=key)) if dist.is_main else resume_folder(out, key)
+        dist.barrier()  # the folder exists
+        if plan is not None:
+            shards = dist.owned_shards(list(checkpoint.shard_entries))
+            try:
+                write_pruned_checkpoint(
+                    checkpoint, adapter, config, keeps, tmp, shards=shards, finish=False, progress=progress
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):  # the group may be broken already
+                    dist.agree(False, "writing shards")
+                raise
+            dist.agree(True, "writing shards")  # raises on every rank if one failed: rank 0 then cleans up
+            if dist.is_main:
+                finish_checkpoint(checkpoint, adapter, config, k, tmp)
+        else:
+            lm.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if dist.is_main:
+            if trained_policy is not None:
+                save_policy(trained_policy, tmp / POLICY_FILE, {"source_model": model, "ratio": str(ratio)})
+            timings["save_s"] = time.perf_counter() - tick
+            write_manifest(tmp, {**manifest, "timings_s": timings})
+    dist.barrier()  # every rank returns with the output in place
+    timings.setdefault("save_s", time.perf_counter() - tick)
     return CompressResult(
         out=out,
         model_type=config.model_type,
@@ -221,4 +386,5 @@ def compress(
         params_after=params_after,
         timings=timings,
         best_reward=train_info["best_reward"] if train_info else None,
+        streaming=plan is not None,
     )

@@ -184,6 +184,9 @@ def test_streaming_refusals_are_clear(tmp_path):
         run(source, tmp_path / "a", streaming=True, dtype="fp16")
     with pytest.raises(ValueError, match="cannot read"):
         run(source, tmp_path / "a", max_memory="lots")
+    for needs_model in ({"method": "selfcal"}, {"modules": "ffn+attn"}):
+        with pytest.raises(ValueError, match="cannot stream"):
+            run(source, tmp_path / "a", streaming=True, **needs_model)
     sorted(source.glob("model-*.safetensors"))[0].rename(source / "moved")
     with pytest.raises(Exception, match="missing"):
         run(source, tmp_path / "a", streaming=True)
