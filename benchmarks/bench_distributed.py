@@ -8,8 +8,9 @@ every rank streams its share of the first ``--layers`` layers' state matrices fr
 and :func:`prunenet.train.train_policy` runs with the ranks sharing rewards and gradients, exactly
 as ``torchrun ... -m prunenet compress`` does. Rank 0 reports the set-up time (reference spectra and
 ``W^T W``), the time of each episode and the peak RSS. With N ranks on C CPU cores each rank gets C/N
-threads (``OMP_NUM_THREADS``), so every run uses the whole machine. The runs must agree on the rewards
-(the result does not depend on N). Creates the checkpoint with make_checkpoint.py when missing.
+threads (``OMP_NUM_THREADS``; ``--threads-per-rank`` overrides), so every run uses the whole
+machine. The runs must agree on the rewards (the result does not depend on N). Creates the
+checkpoint with make_checkpoint.py when missing.
 Results: ``benchmarks/results/distributed_<cpu|cuda>.csv``.
 """
 
@@ -74,6 +75,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads-per-rank",
+        type=int,
+        default=None,
+        help="CPU threads of each rank (default: cores / ranks, so every run uses the whole machine; 1 isolates "
+        "the gain from more ranks from that of more threads per rank)",
+    )
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/distributed_<cpu|cuda>.csv")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -91,7 +99,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", "29571"]
         cmd += [__file__, "--worker", "--checkpoint", args.checkpoint, "--layers", str(args.layers)]
         cmd += ["--episodes", str(args.episodes), "--ratio", str(args.ratio), "--device", args.device]
-        threads = max(1, cores // n) if args.device == "cpu" else 1
+        threads = args.threads_per_rank or (max(1, cores // n) if args.device == "cpu" else 1)
         start = time.perf_counter()
         with OtherLoad() as load:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -28,17 +28,9 @@ from prunenet.checkpoint import MANIFEST_FILE
 from prunenet.cli import main
 from prunenet.pipeline import compress
 
-
 # Families with separate q/k/v/o projections; qwen2 has q/k/v biases, qwen3 per-head q/k norms,
 # gemma an explicit head_dim.
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on one thread: on a loaded 2-core machine OpenMP's second thread made a 6-step LoRA run
-    of the tiny llama take 40 s instead of 2.8 s (measured), waiting on a descheduled worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]

@@ -18,14 +18,7 @@ from prunenet.finetune import FinetuneConfig, finetune, lora_targets, merge_lora
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on one thread: on a loaded 2-core machine OpenMP's second thread made a 6-step LoRA run
-    of the tiny llama take 40 s instead of 2.8 s (measured), waiting on a descheduled worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Small and aggressive, so a few steps visibly move the adapters of a tiny model.
