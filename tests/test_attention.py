@@ -28,11 +28,10 @@ from prunenet.checkpoint import MANIFEST_FILE
 from prunenet.cli import main
 from prunenet.pipeline import compress
 
-# Families with separate q/k/v/o projections; qwen2 has q/k/v biases, qwen3 per-head q/k norms,
-# gemma an explicit head_dim.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
+# Families with separate q/k/v/o projections; qwen2 has q/k/v biases, qwen3 per-head q/k norms,
+# gemma an explicit head_dim.
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
 
 
