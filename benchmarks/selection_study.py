@@ -59,8 +59,8 @@ CANDIDATES = {
     "pn-concat": ("policy on concatenated gate/up/down rows, 1/KS reward, baseline", "ks"),
     "random+sw": ("random, but outlier (super weight) neurons always kept", ""),
     "prunenet+sw": ("the paper's selection with outlier neurons always kept", "ks"),
-    "selfcal-wanda-gen": ("forward pass on 8x128 self-generated tokens; RMS(h_j) * ||W_down[:, j]||", "wanda"),
-    "selfcal-flap-gen": ("forward pass on 8x128 self-generated tokens; Var(h_j) * ||W_down[:, j]||^2", "flap"),
+    "selfcal-wanda-gen": ("forward pass on 8x128 self-generated tokens; RMS(h_j) * ‖W_down[:, j]‖", "wanda"),
+    "selfcal-flap-gen": ("forward pass on 8x128 self-generated tokens; Var(h_j) * ‖W_down[:, j]‖^2", "flap"),
     "selfcal-wanda-rand": ("forward pass on 8x128 uniformly random tokens; Wanda score", "wanda"),
     "selfcal-wanda-gen+sw": ("selfcal-wanda-gen with outlier neurons always kept", "wanda"),
     "selfcal-wanda-gen-small": ("selfcal-wanda-gen with only 2x64 self-generated tokens", "wanda"),
@@ -324,7 +324,7 @@ def report(rows: list[dict]) -> str:
                 mine = [r for r in at if r["method"] == method]
                 if not mine:
                     continue
-                row = [f"`{method}`", ratio]
+                row = [f"`{method}`", ratio, len({r["seed"] for r in mine})]
                 for text in TEXTS:
                     vals = [float(r["perplexity"]) for r in mine if r["text"] == text]
                     rand = [float(r["perplexity"]) for r in at if r["method"] == "random" and r["text"] == text]
@@ -343,7 +343,7 @@ def report(rows: list[dict]) -> str:
                     row += [_cell(vals), rel, rho]
                 row.append(f"{statistics.median(float(r['select_s']) for r in mine):.1f}")
                 table.append(row)
-        headers = ["method", "ratio"]
+        headers = ["method", "ratio", "seeds"]
         for text in TEXTS:
             headers += [f"`{text}` ppl", "vs random", f"rho (`{text}`)"]
         headers.append("select s")
