@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -129,3 +130,12 @@ class OtherLoad:
         (busy, own), wall = cpu_seconds(), time.perf_counter() - self._tick
         self.value = round(max(0.0, (busy - self._busy) - (own - self._own)) / wall, 2)
         return False
+
+
+def cell(values: list[float]) -> str:
+    """``median (min-max)`` for several runs, the value alone for one, ``-`` for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"

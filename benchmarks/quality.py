@@ -60,7 +60,7 @@ from prunenet.text import SPLITS, load_text
 from prunenet.train import TrainConfig, train_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, run_tags, update_readme_block, write_csv  # noqa: E402
+from common import RESULTS, cell, run_tags, update_readme_block, write_csv  # noqa: E402
 
 METHODS = ("prunenet-sample", "prunenet-topk", "random", "magnitude")
 LABELS = {
@@ -186,15 +186,6 @@ def _values(rows: list[dict], text: str, method: str, ratio: float, train_ratio=
         and float(r["ratio"]) == ratio
         and (train_ratio is None or str(r["train_ratio"]) != "" and float(r["train_ratio"]) == train_ratio)
     ]
-
-
-def cell(values: list[float]) -> str:
-    """``median (min-max)`` for several runs, the value alone for one, ``-`` for none."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def verdict(ours: list[float], theirs: list[float]) -> str:

@@ -44,7 +44,7 @@ from prunenet.text import load_text
 from prunenet.train import TrainConfig, train_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, run_tags  # noqa: E402
+from common import RESULTS, append_csv, cell, run_tags  # noqa: E402
 
 TEXTS = ("pre1900", "post1900")
 # method -> (description, internal objective used for the correlation column, or "" when it has none)
@@ -269,14 +269,6 @@ def run(args) -> None:
 # Tables
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
-
 def report(rows: list[dict]) -> str:
     """The Markdown report of every stage in ``rows`` (CSV rows as dicts)."""
     parts = [
@@ -340,7 +332,7 @@ def report(rows: list[dict]) -> str:
                         if len(pts) >= 4:
                             stat = spearmanr([p[0] for p in pts], [p[1] for p in pts])
                             rho = f"{stat.statistic:+.2f} (p={stat.pvalue:.2g}, n={len(pts)})"
-                    row += [_cell(vals), rel, rho]
+                    row += [cell(vals), rel, rho]
                 row.append(f"{statistics.median(float(r['select_s']) for r in mine):.1f}")
                 table.append(row)
         headers = ["method", "ratio", "seeds"]
