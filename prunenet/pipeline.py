@@ -44,6 +44,7 @@ from .streaming import (
     free_memory,
     parse_size,
     plan_memory,
+    pruned_numel,
     resume_key,
     write_pruned_checkpoint,
 )
@@ -311,11 +312,7 @@ def compress(
         states.close()
         attention_info = None
         # Streaming slices each FFN tensor as the writer reads it: see timings["save_s"].
-        params_after = params_before - sum(
-            (width - k) * e.numel // e.shape[axis] * groups
-            for name, (_, axis, groups) in checkpoint.ffn_tensors(adapter, config).items()
-            for e in [checkpoint.entry(name)]
-        )
+        params_after = pruned_numel(checkpoint, adapter, config, k)
     else:
         del states  # views of weights that slicing replaces
         slice_model_(lm, adapter, keeps, progress=progress)

@@ -465,7 +465,7 @@ def write_pruned_checkpoint(
     shards: Sequence[str] | None = None,
     finish: bool = True,
     progress: bool = True,
-) -> int:
+) -> None:
     """Write the checkpoint pruned to ``keeps`` into ``folder`` (an existing, private temporary folder).
 
     Args:
@@ -473,9 +473,6 @@ def write_pruned_checkpoint(
         keeps: one sorted ``(k,)`` int64 vector of kept neurons per layer.
         shards: write only these source shards (default: all); distributed runs split them.
         finish: also write the index, ``config.json`` (FFN width ``k``) and copy the other files.
-
-    Returns:
-        Parameters written (all shards' elements when ``shards`` is ``None``).
     """
     folder = Path(folder)
     width = adapter.ffn_width(config)
@@ -488,10 +485,14 @@ def write_pruned_checkpoint(
             write_shard(source, shard, folder, ffn, keeps, width, bar)
     if finish:
         finish_checkpoint(source, adapter, config, k, folder)
-    elements = 0
-    for shard in names:
-        elements += sum(s.nbytes // s.dtype.itemsize for s in _output_specs(source, shard, ffn, k))
-    return elements
+
+
+def pruned_numel(source: CheckpointSource, adapter: ModelAdapter, config, k: int) -> int:
+    """Parameters (stored elements) of the checkpoint pruned to ``k`` neurons per FFN, as written here."""
+    ffn = source.ffn_tensors(adapter, config)
+    return sum(
+        s.nbytes // s.dtype.itemsize for shard in source.shard_entries for s in _output_specs(source, shard, ffn, k)
+    )
 
 
 def finish_checkpoint(source: CheckpointSource, adapter: ModelAdapter, config, k: int, folder: Path) -> None:
