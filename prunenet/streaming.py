@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
-from .reward import StateSequence, use_complement
+from .reward import CHUNK_BYTES, StateSequence, use_complement
 from .safetensors_io import (
     SafetensorsFormatError,
     StreamingWriter,
@@ -342,7 +342,8 @@ def plan_memory(
 
     The estimate counts the policy (``P = (n d + 2 n)`` float32) five times (parameters, gradients, two
     AdamW moments, the best policy so far), one layer's working set (the state as stored and read
-    ahead, its float32 copy kept for the backward pass, the gathered rows, three ``d x d`` matrices),
+    ahead, its float32 copy kept for the backward pass, the gathered rows, three ``d x d`` matrices, and
+    the set-up's chunk of Gram matrices),
     and on CPU the runtime itself. States go on the device when they fit, then in host memory (CUDA
     only), else they are read from disk; ``W^T W`` stays in memory when it still fits, else it is
     spilled to a file. Every choice gives bit-identical results.
@@ -351,6 +352,7 @@ def plan_memory(
     policy = (n * d + 2 * n) * 4
     rows = max(k, n - k) * d * 4
     fixed = 5 * policy + 2 * n * d * itemsize + n * d * 4 + rows + 3 * d * d * 4
+    fixed += min(num_layers, max(1, CHUNK_BYTES // (4 * d * d))) * d * d * 4  # a chunk of Gram matrices (set-up)
     if device.type == "cpu":
         fixed += RUNTIME_BYTES
     state_bytes = num_layers * n * d * itemsize

@@ -79,7 +79,7 @@ def test_episode_rewards_chunking_does_not_change_results(monkeypatch):
     keeps = [torch.arange(0, 50, 2) for _ in states]
     refs = reference_spectra(states)
     whole = episode_rewards(states, keeps, refs)
-    monkeypatch.setattr(reward, "_CHUNK_BYTES", 3 * 4 * 25 * 16)  # three layers per chunk
+    monkeypatch.setattr(reward, "CHUNK_BYTES", 3 * 4 * 25 * 16)  # three layers per chunk
     assert torch.equal(episode_rewards(states, keeps, refs), whole)
 
 
