@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune the FFN of every block and save a model stock transformers can load",
         description="Train (or reuse) a PruneNet policy on the model's FFN weights, remove the least important "
         "FFN neurons of every block (rows of the in-projections, columns of the out-projection) and save the "
-        "smaller model, its tokenizer, the policy and a prunenet.json manifest to --out.",
+        "smaller model, its tokenizer, the policy and a prunenet.json manifest to --out. Launched by torchrun "
+        "(torchrun --nproc-per-node N -m prunenet compress ...), the layers are split across the N processes "
+        "(gloo on CPU, NCCL on GPUs) with the same result as one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument(
