@@ -26,6 +26,7 @@ weights at ratio 0.3 the singular values are within 4e-6 (top half of the spectr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -215,7 +216,8 @@ class SpilledGrams:
 
     Reading matrix ``i`` costs one ``d*d*4``-byte read (64 MiB for LLaMA-2-7B) from the page cache or
     disk; memory holds only what the caller keeps. Indexing mirrors a tensor's: ``[i]`` is ``(d, d)``,
-    ``[a:b]`` is ``(b - a, d, d)``, both on ``device``. The file is deleted when this object is.
+    ``[a:b]`` is ``(b - a, d, d)``, both on ``device``. The file has no name (``TemporaryFile``): the
+    system frees it when this object is gone, even if the process is killed.
     """
 
     def __init__(self, count: int, d: int, device: torch.device, folder: str | None = None):
@@ -223,8 +225,7 @@ class SpilledGrams:
 
         self.shape = (count, d, d)
         self.device = torch.device(device)
-        handle, self.path = tempfile.mkstemp(prefix="prunenet-grams-", suffix=".f32", dir=folder)
-        self._file = os.fdopen(handle, "r+b", buffering=0)
+        self._file = tempfile.TemporaryFile(prefix="prunenet-grams-", dir=folder, buffering=0)
         self._file.truncate(count * d * d * 4)
 
     def __len__(self) -> int:
@@ -245,11 +246,8 @@ class SpilledGrams:
         return out.to(self.device)
 
     def __del__(self):
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             self._file.close()
-            os.unlink(self.path)
-        except (AttributeError, OSError):
-            pass
 
 
 def _check_states(states: Sequence[torch.Tensor]) -> None:

@@ -133,3 +133,15 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(RewardBackendError, match="needs the triton package"):
         resolve_backend("triton", "cuda")
     assert resolve_backend("auto", "cuda") == "torch"
+
+
+def test_spilled_gram_matrices_give_identical_rewards():
+    """W^T W kept in a temporary file (streaming under a small memory budget) changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    states = [torch.randn(60, 16, generator=g) for _ in range(4)]
+    keeps = [torch.randperm(60, generator=g)[:45].sort().values for _ in range(4)]
+    in_memory = prepare_reward(states, 45, "torch")
+    spilled = prepare_reward(states, 45, "torch", spill_grams=True)
+    assert not isinstance(spilled.full_grams, torch.Tensor) and spilled.full_grams.shape == (4, 16, 16)
+    assert torch.equal(spilled.full_grams[0:4], in_memory.full_grams)
+    assert torch.equal(episode_rewards(states, keeps, spilled), episode_rewards(states, keeps, in_memory))
