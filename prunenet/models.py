@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .output import match_umask
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,6 +38,9 @@ CACHE_FORMAT = 1
 
 # Files worth fetching from the hub: config, tokenizer and safetensors weights (no pickles, no code).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
+
+# What a model folder's weights are called (transformers loads these; only safetensors stream).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 # A leftover ``.partial-`` folder older than this belongs to a crashed conversion, not a running one.
 STALE_PARTIAL_S = 3600.0
@@ -146,7 +151,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(out)
     _clean_tokenizer_config(out / "tokenizer_config.json")
-    _match_umask(out)
+    match_umask(out)
 
 
 def _clean_tokenizer_config(path: Path) -> None:
@@ -163,20 +168,6 @@ def _clean_tokenizer_config(path: Path) -> None:
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _match_umask(folder: Path) -> None:
-    """Give ``folder`` and its files the permissions a plain mkdir/open would have.
-
-    ``mkdtemp`` makes the folder 0700 and some writers make files 0600; a cache other users or
-    containers share must be readable as the umask allows.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        if file.is_file():
-            file.chmod(0o666 & ~umask)
 
 
 def _sweep_stale_partials(root: Path) -> None:
@@ -298,6 +289,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if text.lower() == DEFAULT_MODEL:
         return ensure_default_model()
     local = Path(text).expanduser()
+    if os.path.lexists(local) and not local.exists():
+        raise ModelNotFoundError(f"{local} is a broken symbolic link or a loop of symbolic links")
     if local.exists():
         if not local.is_dir():
             raise ModelNotFoundError(f"{local} is a file; a model must be a Hugging Face folder with config.json")
@@ -340,6 +333,10 @@ def load_model(
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # unknown model_type, malformed JSON, ...
         raise ModelLoadError(f"could not read the model config in {path}: {err}") from err
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"{path} has a config.json but no weights ({', '.join(WEIGHT_PATTERNS)}); copy the model's weights there"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:

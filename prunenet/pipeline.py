@@ -18,20 +18,12 @@ from transformers import AutoConfig
 from . import __version__
 from .adapters import get_adapter
 from .attention import check_modules, slice_attention_by_ratio_
-from .checkpoint import (
-    POLICY_FILE,
-    atomic_folder,
-    check_output_folder,
-    kept_indices_to_json,
-    load_policy,
-    resume_folder,
-    save_policy,
-    write_manifest,
-)
+from .checkpoint import POLICY_FILE, kept_indices_to_json, load_policy, save_policy, write_manifest
 from .distributed import Distributed
 from .methods import SHIPPED as SHIPPED_METHODS
 from .methods import choose as choose_method
 from .models import ModelLoadError, load_model, resolve_model
+from .output import check_output_path, claim_output, partial_folder
 from .policy import SELECTIONS, SparsityPredictor, check_policy_shape, select_rows, skip_selection
 from .reward import BACKENDS as REWARD_BACKENDS
 from .reward import resolve_backend, state_shape
@@ -49,6 +41,7 @@ from .streaming import (
     write_pruned_checkpoint,
 )
 from .train import TrainConfig, train_policy
+from .validate import check_count, check_device, check_finite, check_number, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +112,12 @@ def choose_keeps(
     return keeps
 
 
+def weight_bytes(checkpoint: CheckpointSource, dtype: str = "auto") -> int:
+    """Bytes of the checkpoint's weights once loaded in ``dtype`` (``"auto"``: as stored)."""
+    itemsize = DTYPES[dtype].itemsize if dtype != "auto" else None
+    return sum(e.numel * (itemsize or e.dtype.itemsize) for e in checkpoint.entries.values())
+
+
 def _use_streaming(
     streaming: bool | None,
     checkpoint: CheckpointSource | None,
@@ -140,8 +139,7 @@ def _use_streaming(
         return True
     if streaming is False or checkpoint is None or needs_model:
         return False
-    itemsize = DTYPES[dtype].itemsize if dtype != "auto" else None
-    model_bytes = sum(e.numel * (itemsize or e.dtype.itemsize) for e in checkpoint.entries.values())
+    model_bytes = weight_bytes(checkpoint, dtype)
     if model_bytes <= budget:
         return False
     log.info(
@@ -201,8 +199,9 @@ def compress(
 ) -> CompressResult:
     """Prune the FFN of every block of ``model`` at ``ratio`` and save the result to ``out``.
 
-    Every argument is validated before any weights are loaded; the output folder appears only
-    when it is complete (see :func:`~prunenet.checkpoint.atomic_folder`). ``modules="ffn+attn"`` also
+    Every argument, and the output folder, is checked before any weights are loaded; the output
+    folder appears only when it is complete, and only a folder prunenet wrote is ever replaced (with
+    ``overwrite``; see :mod:`prunenet.output`). ``modules="ffn+attn"`` also
     removes whole key/value head groups of the attention at the same ratio (see :mod:`prunenet.attention`).
 
     ``streaming`` (``None``: automatic) works on the safetensors checkpoint tensor by tensor, without
@@ -224,9 +223,12 @@ def compress(
         raise ValueError(f"unknown --selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     if dtype not in COMPRESS_DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(COMPRESS_DTYPES)}")
+    check_device(device)
     budget = parse_size(max_memory) if max_memory is not None else free_memory(device)
-    if episodes < 1:
-        raise ValueError(f"--episodes must be at least 1, got {episodes}")
+    check_count("--episodes", episodes)
+    check_seed(seed)
+    check_number("--kl", kl_weight, minimum=0.0)
+    check_number("--lr", lr, positive=True)
     if policy is not None and method != "prunenet":
         raise ValueError("--policy applies only to --method prunenet")
     if reward_backend not in REWARD_BACKENDS:
@@ -237,151 +239,161 @@ def compress(
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     source = resolve_model(model)
-    out = check_output_folder(out, source, overwrite)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"could not read the model config in {source}: {err}") from None
-    adapter = get_adapter(config)
-    check_modules(modules, adapter, config)
-    width, hidden = adapter.ffn_width(config), adapter.hidden_size(config)
-    k = kept_width(ratio, width)
-    if k < 1:
-        raise ValueError(f"--ratio {ratio} leaves no FFN neurons (FFN width {width})")
-    trained_policy = load_policy(policy) if policy is not None else None
-    if trained_policy is not None:
-        check_policy_shape(trained_policy, hidden, width)
+    # Rank 0 writes the output and holds its lock; the other ranks only need its (checked) path.
+    claim = claim_output(out, sources=[source], overwrite=overwrite) if dist.is_main else contextlib.nullcontext()
+    with claim as target:
+        out = target.path if target is not None else check_output_path(out, [source])
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"could not read the model config in {source}: {err}") from None
+        adapter = get_adapter(config)
+        check_modules(modules, adapter, config)
+        width, hidden = adapter.ffn_width(config), adapter.hidden_size(config)
+        k = kept_width(ratio, width)
+        if k < 1:
+            raise ValueError(f"--ratio {ratio} leaves no FFN neurons (FFN width {width})")
+        trained_policy = load_policy(policy) if policy is not None else None
+        if trained_policy is not None:
+            check_policy_shape(trained_policy, hidden, width)
 
-    try:
-        checkpoint = CheckpointSource(source) if CheckpointSource.has_safetensors(source) else None
-    except CheckpointError as err:
-        raise ModelLoadError(f"the weights in {source} are truncated or corrupt: {err}") from None
-    plan = None
-    if _use_streaming(True if dist.active else streaming, checkpoint, source, dtype, budget, modules, method):
-        checkpoint.ffn_tensors(adapter, config)  # every FFN tensor present, with the config's width
-        stored = checkpoint.state_dtype(adapter)
-        if dtype != "auto" and DTYPES[dtype] != stored:
-            raise ValueError(
-                f"streaming copies tensors as stored ({stored}); --dtype {dtype} would need a conversion: "
-                "drop --dtype (or pass --dtype auto), or use --no-streaming"
-            )
-        owned = dist.owned_layers(adapter.num_layers(config))
-        plan = plan_memory(len(owned), width, hidden, stored.itemsize, k, budget, device)
-        log.info("streaming %s tensor by tensor; %s", source, plan.describe())
-        lm = tokenizer = None
-        states = CheckpointStates(checkpoint, adapter, config, device, plan.states, layers=owned)
-        params_before = checkpoint.numel()
-    else:
-        load_dtype = DTYPES[dtype] if dtype != "auto" else _stored_dtype(checkpoint, adapter, config)
-        lm, tokenizer, _ = load_model(str(source), device=device, dtype=load_dtype)
-        params_before = sum(p.numel() for p in lm.parameters())
-        states = [adapter.layer_state(lm, i) for i in range(adapter.num_layers(config))]
-    timings["load_s"] = time.perf_counter() - tick
-
-    train_info = None
-    tick = time.perf_counter()
-    if k == width:
-        log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", ratio, width)
-        keeps = [torch.arange(width)] * len(states)
-    else:
-        if method == "prunenet" and trained_policy is None:
-            cfg = TrainConfig(episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr, reward_backend=reward_backend)
-            result = train_policy(
-                states,
-                k,
-                cfg,
-                progress=progress and dist.is_main,
-                spill_grams=plan is not None and plan.grams == "disk",
-                dist=dist,
-            )
-            trained_policy = result.policy
-            train_info = {
-                "episodes": episodes,
-                "best_episode": result.best_episode,
-                "best_reward": result.best_reward,
-                "episode_rewards": result.episode_rewards,
-                "reward_backend": result.reward_backend,
-                **{f"config_{key}": value for key, value in vars(cfg).items()},
-            }
-            timings["train_s"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-        keeps = choose_keeps(
-            method, states, k, policy=trained_policy, selection=selection, seed=seed, dist=dist, model=lm
-        )
-    if plan is not None:
-        states.close()
-        attention_info = None
-        # Streaming slices each FFN tensor as the writer reads it: see timings["save_s"].
-        params_after = pruned_numel(checkpoint, adapter, config, k)
-    else:
-        del states  # views of weights that slicing replaces
-        slice_model_(lm, adapter, keeps, progress=progress)
-        attention_info = slice_attention_by_ratio_(lm, adapter, ratio, progress) if modules == "ffn+attn" else None
-        params_after = sum(p.numel() for p in lm.parameters())
-    timings["slice_s"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    manifest = {
-        "prunenet_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_model": model,
-        "source_path": str(source),
-        "model_type": config.model_type,
-        "ratio": ratio,
-        "ffn_width_before": width,
-        "k": k,
-        "method": method,
-        "selection": selection if method == "prunenet" else None,
-        "seed": seed,
-        "policy": POLICY_FILE if trained_policy is not None else None,
-        "policy_source": str(policy) if policy is not None else None,
-        "training": train_info,
-        "params_before": params_before,
-        "params_after": params_after,
-        "kept_indices": kept_indices_to_json(keeps),
-        "modules": modules,
-        "attention": attention_info,
-        "streaming": plan is not None,
-        "memory_plan": dataclasses.asdict(plan) if plan is not None else None,
-    }
-    # A streaming run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named
-    # after its inputs, and the same command resumes from them; the in-memory path has nothing to resume.
-    key = resume_key(checkpoint, keeps) if plan is not None else None
-    with contextlib.ExitStack() as stack:
-        # Rank 0 owns the temporary folder; it becomes `out` once every rank's shards are in it.
-        tmp = stack.enter_context(atomic_folder(out, resume=key)) if dist.is_main else resume_folder(out, key)
-        dist.barrier()  # the folder exists
-        if plan is not None:
-            shards = dist.owned_shards(list(checkpoint.shard_entries))
-            try:
-                write_pruned_checkpoint(
-                    checkpoint, adapter, config, keeps, tmp, shards=shards, finish=False, progress=progress
+        try:
+            checkpoint = CheckpointSource(source) if CheckpointSource.has_safetensors(source) else None
+        except CheckpointError as err:
+            raise ModelLoadError(f"the weights in {source} are truncated or corrupt: {err}") from None
+        if target is not None and checkpoint is not None:
+            # A lower bound of the output's size: no model shrinks by more than the ratio.
+            target.ensure_space(math.floor((1 - ratio) * weight_bytes(checkpoint, dtype)))
+        plan = None
+        if _use_streaming(True if dist.active else streaming, checkpoint, source, dtype, budget, modules, method):
+            checkpoint.ffn_tensors(adapter, config)  # every FFN tensor present, with the config's width
+            stored = checkpoint.state_dtype(adapter)
+            if dtype != "auto" and DTYPES[dtype] != stored:
+                raise ValueError(
+                    f"streaming copies tensors as stored ({stored}); --dtype {dtype} would need a conversion: "
+                    "drop --dtype (or pass --dtype auto), or use --no-streaming"
                 )
-            except BaseException:
-                with contextlib.suppress(Exception):  # the group may be broken already
-                    dist.agree(False, "writing shards")
-                raise
-            dist.agree(True, "writing shards")  # raises on every rank if one failed: rank 0 then cleans up
-            if dist.is_main:
-                finish_checkpoint(checkpoint, adapter, config, k, tmp)
+            owned = dist.owned_layers(adapter.num_layers(config))
+            plan = plan_memory(len(owned), width, hidden, stored.itemsize, k, budget, device)
+            log.info("streaming %s tensor by tensor; %s", source, plan.describe())
+            lm = tokenizer = None
+            states = CheckpointStates(checkpoint, adapter, config, device, plan.states, layers=owned)
+            params_before = checkpoint.numel()
         else:
-            lm.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        if dist.is_main:
-            if trained_policy is not None:
-                save_policy(trained_policy, tmp / POLICY_FILE, {"source_model": model, "ratio": str(ratio)})
-            timings["save_s"] = time.perf_counter() - tick
-            write_manifest(tmp, {**manifest, "timings_s": timings})
-    dist.barrier()  # every rank returns with the output in place
-    timings.setdefault("save_s", time.perf_counter() - tick)
-    return CompressResult(
-        out=out,
-        model_type=config.model_type,
-        ffn_width=width,
-        k=k,
-        params_before=params_before,
-        params_after=params_after,
-        timings=timings,
-        best_reward=train_info["best_reward"] if train_info else None,
-        streaming=plan is not None,
-    )
+            load_dtype = DTYPES[dtype] if dtype != "auto" else _stored_dtype(checkpoint, adapter, config)
+            lm, tokenizer, _ = load_model(str(source), device=device, dtype=load_dtype)
+            params_before = sum(p.numel() for p in lm.parameters())
+            states = [adapter.layer_state(lm, i) for i in range(adapter.num_layers(config))]
+            for i, state in enumerate(states):
+                check_finite(state, adapter.block_prefix(i) + adapter.tensors[0].name)
+        timings["load_s"] = time.perf_counter() - tick
+
+        train_info = None
+        tick = time.perf_counter()
+        if k == width:
+            log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", ratio, width)
+            keeps = [torch.arange(width)] * len(states)
+        else:
+            if method == "prunenet" and trained_policy is None:
+                cfg = TrainConfig(
+                    episodes=episodes, seed=seed, kl_weight=kl_weight, lr=lr, reward_backend=reward_backend
+                )
+                result = train_policy(
+                    states,
+                    k,
+                    cfg,
+                    progress=progress and dist.is_main,
+                    spill_grams=plan is not None and plan.grams == "disk",
+                    dist=dist,
+                )
+                trained_policy = result.policy
+                train_info = {
+                    "episodes": episodes,
+                    "best_episode": result.best_episode,
+                    "best_reward": result.best_reward,
+                    "episode_rewards": result.episode_rewards,
+                    "reward_backend": result.reward_backend,
+                    **{f"config_{key}": value for key, value in vars(cfg).items()},
+                }
+                timings["train_s"] = time.perf_counter() - tick
+                tick = time.perf_counter()
+            keeps = choose_keeps(
+                method, states, k, policy=trained_policy, selection=selection, seed=seed, dist=dist, model=lm
+            )
+        if plan is not None:
+            states.close()
+            attention_info = None
+            # Streaming slices each FFN tensor as the writer reads it: see timings["save_s"].
+            params_after = pruned_numel(checkpoint, adapter, config, k)
+        else:
+            del states  # views of weights that slicing replaces
+            slice_model_(lm, adapter, keeps, progress=progress)
+            attention_info = slice_attention_by_ratio_(lm, adapter, ratio, progress) if modules == "ffn+attn" else None
+            params_after = sum(p.numel() for p in lm.parameters())
+        timings["slice_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        manifest = {
+            "prunenet_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source_model": model,
+            "source_path": str(source),
+            "model_type": config.model_type,
+            "ratio": ratio,
+            "ffn_width_before": width,
+            "k": k,
+            "method": method,
+            "selection": selection if method == "prunenet" else None,
+            "seed": seed,
+            "policy": POLICY_FILE if trained_policy is not None else None,
+            "policy_source": str(policy) if policy is not None else None,
+            "training": train_info,
+            "params_before": params_before,
+            "params_after": params_after,
+            "kept_indices": kept_indices_to_json(keeps),
+            "modules": modules,
+            "attention": attention_info,
+            "streaming": plan is not None,
+            "memory_plan": dataclasses.asdict(plan) if plan is not None else None,
+        }
+        # A streaming run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named
+        # after its inputs, and the same command resumes from them; the in-memory path has nothing to resume.
+        key = resume_key(checkpoint, keeps) if plan is not None else None
+        with contextlib.ExitStack() as stack:
+            # Rank 0 owns the temporary folder; it becomes `out` once every rank's shards are in it.
+            tmp = stack.enter_context(target.write(resume=key)) if dist.is_main else partial_folder(out, key)
+            dist.barrier()  # the folder exists
+            if plan is not None:
+                shards = dist.owned_shards(list(checkpoint.shard_entries))
+                try:
+                    write_pruned_checkpoint(
+                        checkpoint, adapter, config, keeps, tmp, shards=shards, finish=False, progress=progress
+                    )
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the group may be broken already
+                        dist.agree(False, "writing shards")
+                    raise
+                dist.agree(True, "writing shards")  # raises on every rank if one failed: rank 0 then cleans up
+                if dist.is_main:
+                    finish_checkpoint(checkpoint, adapter, config, k, tmp)
+            else:
+                lm.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            if dist.is_main:
+                if trained_policy is not None:
+                    save_policy(trained_policy, tmp / POLICY_FILE, {"source_model": model, "ratio": str(ratio)})
+                timings["save_s"] = time.perf_counter() - tick
+                write_manifest(tmp, {**manifest, "timings_s": timings})
+        dist.barrier()  # every rank returns with the output in place
+        timings.setdefault("save_s", time.perf_counter() - tick)
+        return CompressResult(
+            out=out,
+            model_type=config.model_type,
+            ffn_width=width,
+            k=k,
+            params_before=params_before,
+            params_after=params_after,
+            timings=timings,
+            best_reward=train_info["best_reward"] if train_info else None,
+            streaming=plan is not None,
+        )

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,6 +46,8 @@ from .safetensors_io import (
     read_tensor,
 )
 from .slicing import slice_ffn_, validate_keeps
+from .tables import format_bytes
+from .validate import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ def parse_size(text: str | int | float) -> int:
         unit = (match.group(2) or "").lower()
         power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[:1]]
         value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** power)
+    if not math.isfinite(value):
+        raise ValueError(f"--max-memory {text!r} is not a finite size")
     if value <= 0:
         raise ValueError(f"--max-memory must be positive, got {text!r}")
     return int(value)
@@ -97,10 +102,6 @@ def free_memory(device: str | torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def _fmt(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ class CheckpointStates(StateSequence):
     def _read(self, i: int) -> torch.Tensor:
         """Layer ``i``'s state matrix on the host (a view of its first in-projection, as stored)."""
         state = self.adapter.state_matrix(self.source.read(self.names[i]), self.width)
+        check_finite(state, self.names[i])
         if self.residency == "host" and self.device.type == "cuda":
             state = state.pin_memory()
         return state
@@ -326,9 +328,10 @@ class MemoryPlan:
         where = {"device": f"in {self.device} memory", "host": "in pinned host memory", "disk": "read from disk"}
         gram = {"device": f"in {self.device} memory", "disk": "in a temporary file", "none": "not needed at this ratio"}
         text = (
-            f"memory plan (budget {_fmt(self.budget)} on {self.device}): state matrices ({_fmt(self.state_bytes)}) "
-            f"{where[self.states]}; W^T W matrices ({_fmt(self.gram_bytes)}) {gram[self.grams]}; policy, optimiser "
-            f"and one layer's work {_fmt(self.fixed_bytes)}; estimated peak {_fmt(self.estimate)}"
+            f"memory plan (budget {format_bytes(self.budget)} on {self.device}): state matrices "
+            f"({format_bytes(self.state_bytes)}) {where[self.states]}; W^T W matrices "
+            f"({format_bytes(self.gram_bytes)}) {gram[self.grams]}; policy, optimiser and one layer's work "
+            f"{format_bytes(self.fixed_bytes)}; estimated peak {format_bytes(self.estimate)}"
         )
         if self.estimate > self.budget:
             text += " -- ABOVE the budget: this is the least this model needs"

@@ -1,4 +1,4 @@
-"""Aligned plain-text and Markdown tables for command output and reports."""
+"""Aligned plain-text and Markdown tables, and byte sizes, for command output and reports."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
 
     return "\n".join([line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows)])
+
+
+def format_bytes(nbytes: int) -> str:
+    """``"1.50 GiB"`` from a gibibyte up, then ``"12 MiB"``, ``"40 KiB"``, ``"512 B"``."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.0f} {unit}"
+    return f"{nbytes} B"

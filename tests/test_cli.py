@@ -153,9 +153,9 @@ def test_eval_baseline_tasks_and_cost_side_by_side(tiny_dir, tmp_path, capsys):
     [
         (["--no-perplexity"], "nothing to measure"),
         (["--stride", "1000"], "--stride"),
-        (["--cost", "--no-perplexity", "--cost-repeats", "0"], "inference cost"),
+        (["--cost", "--no-perplexity", "--cost-repeats", "0"], "--cost-repeats must be at least 1"),
     ],
-    ids=["nothing", "stride", "cost-fails"],
+    ids=["nothing", "stride", "cost-repeats"],
 )
 def test_eval_bad_input_exits_2(tiny_dir, tmp_path, capsys, args, message):
     text = tmp_path / "text.txt"

@@ -12,8 +12,9 @@ from tiny_models import WIDTH, sample_inputs, save_tiny_model
 
 import prunenet.pipeline as pipeline
 from prunenet.adapters import UnsupportedModelError, get_adapter
-from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE, OutputFolderError, load_policy
+from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE, load_policy
 from prunenet.models import ModelLoadError, ModelNotFoundError
+from prunenet.output import OutputFolderError
 from prunenet.pipeline import compress, kept_width
 
 
@@ -141,11 +142,16 @@ def test_output_folder_rules(tiny_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
+    for overwrite in (False, True):  # not prunenet's: never replaced
+        with pytest.raises(OutputFolderError, match="precious.txt, which prunenet did not write"):
+            run(tiny_dir, out, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    run(tiny_dir, out)
     with pytest.raises(OutputFolderError, match="--overwrite"):
-        run(tiny_dir, out)
-    assert (out / "precious.txt").read_text() == "keep me"
-    run(tiny_dir, out, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / MANIFEST_FILE).exists()
+        run(tiny_dir, out, ratio=0.5)
+    run(tiny_dir, out, ratio=0.5, overwrite=True)  # an earlier prunenet output: replaced
+    assert json.loads((out / MANIFEST_FILE).read_text())["ratio"] == 0.5
     assert no_partial_output(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -163,12 +169,14 @@ def test_failure_while_saving_leaves_no_output_and_keeps_the_old_one(tiny_dir, t
         run(tiny_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_partial_output(tmp_path)
 
+    monkeypatch.undo()
     old = tmp_path / "old"
-    old.mkdir()
-    (old / "precious.txt").write_text("keep me")
+    run(tiny_dir, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    monkeypatch.setattr(pipeline, "save_policy", broken)
     with pytest.raises(OSError, match="disk full"):
-        run(tiny_dir, old, overwrite=True)
-    assert (old / "precious.txt").read_text() == "keep me" and no_partial_output(tmp_path, "old")
+        run(tiny_dir, old, ratio=0.5, overwrite=True)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before and no_partial_output(tmp_path, "old")
 
 
 def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):

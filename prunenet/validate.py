@@ -1,0 +1,95 @@
+"""Checks of user-supplied values, shared by the commands and the Python API.
+
+Each check raises ``ValueError`` with one line naming the CLI flag, the value and what is allowed, so
+the command line can print it as is (exit code 2) and an API caller gets the same message.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_COUNT = 2**31 - 1
+"""Largest value of a count flag (episodes, steps, tokens, ...): every count fits a C ``int`` downstream
+(tqdm, torch), and even one episode or step per microsecond would take 35 minutes to get there."""
+
+MAX_SEED = 2**32 - 1
+"""Seeds are in ``[0, 2**32)``: what NumPy (lm-eval seeds it) accepts; torch would take more."""
+
+
+def check_count(flag: str, value, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]``; ``ValueError`` naming ``flag`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{flag} must be a whole number, got {value!r}")
+    if not minimum <= value <= maximum:
+        bound = f"at least {minimum}" if value < minimum else f"at most {maximum}"
+        raise ValueError(f"{flag} must be {bound}, got {value}")
+    return value
+
+
+def check_seed(value, flag: str = "--seed") -> int:
+    """A seed in ``[0, MAX_SEED]``."""
+    return check_count(flag, value, minimum=0, maximum=MAX_SEED)
+
+
+def check_number(flag: str, value, *, minimum: float | None = None, positive: bool = False) -> float:
+    """A finite ``float``; ``>= minimum`` when given; ``> 0`` with ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{flag} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{flag} must be positive, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{flag} must be at least {minimum}, got {value}")
+    return float(value)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, if this process can use it.
+
+    Raises:
+        ValueError: not a device name (``--device bogus``), a CUDA device on a torch build without CUDA
+            or a machine without a GPU, a GPU index that does not exist, or any device torch cannot
+            allocate on.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(
+                f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; use --device cpu, "
+                "or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return parsed
+    try:  # mps, xpu, ...: whether torch can allocate there says whether it is usable
+        torch.empty(1, device=parsed)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"--device {device} is not usable here: {' '.join(str(err).split())}") from None
+    return parsed
+
+
+DAMAGED_WEIGHTS = "the checkpoint is damaged, or was saved from a diverged training run"
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str = DAMAGED_WEIGHTS) -> None:
+    """Raise ``ValueError`` when ``tensor`` holds NaN or infinity: ``"{what} holds N NaN or infinite values; {hint}"``.
+
+    Non-finite weights would otherwise surface far away (an eigen-solver that "failed to converge", a
+    selection that silently keeps the same neurons in every layer).
+    """
+    if tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise ValueError(f"{what} holds {bad} NaN or infinite value(s) out of {tensor.numel()}; {hint}")
