@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_streaming import all_tensors, save_sharded
+from tiny_models import all_tensors, save_sharded
 
 from prunenet.checkpoint import POLICY_FILE, read_manifest
 from prunenet.distributed import Distributed

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model, tiny_tokenizer
+from tiny_models import CONFIGS, WIDTH, all_tensors, sample_inputs, save_sharded
 
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
@@ -18,25 +18,6 @@ from prunenet.checkpoint import read_manifest
 from prunenet.pipeline import compress, kept_width
 from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
 from prunenet.streaming import CheckpointSource, CheckpointStates, parse_size, plan_memory
-
-
-def save_sharded(name: str, folder, shard_size: str = "20KB", seed: int = 0):
-    """A tiny model of family ``name`` saved in several shards (with an index), plus a tokenizer."""
-    model = tiny_model(name, seed)
-    model.save_pretrained(folder, max_shard_size=shard_size)
-    tiny_tokenizer().save_pretrained(folder)
-    return model
-
-
-def all_tensors(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (read with the safetensors library)."""
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name == "policy.safetensors":
-            continue
-        with safe_open(path, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 def run(source, out, **kwargs):

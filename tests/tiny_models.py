@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import transformers
+from safetensors import safe_open
 
 HIDDEN, WIDTH, LAYERS, HEADS, VOCAB = 32, 74, 2, 4, 128
 
@@ -96,3 +97,22 @@ def save_tiny_model(name: str, folder, seed: int = 0):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return model
+
+
+def save_sharded(name: str, folder, shard_size: str = "20KB", seed: int = 0):
+    """A tiny model of family ``name`` saved in several shards (with an index), plus a tokenizer."""
+    model = tiny_model(name, seed)
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def all_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (read with the safetensors library)."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name == "policy.safetensors":
+            continue
+        with safe_open(path, "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
