@@ -121,13 +121,11 @@ endef
 
 bench: install
 	$(call run_optional_benches,)
-	$(BIN)/python benchmarks/bench_gather_rows.py
 	$(BIN)/python benchmarks/bench_compress.py
 	$(BIN)/python benchmarks/summary.py
 
 bench-quick: install
 	$(call run_optional_benches,--quick)
-	$(BIN)/python benchmarks/bench_gather_rows.py --repeats 5
 	$(BIN)/python benchmarks/bench_compress.py --quick
 	$(BIN)/python benchmarks/summary.py
 

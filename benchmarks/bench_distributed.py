@@ -39,7 +39,7 @@ def worker(args) -> None:
 
     from prunenet import distributed
     from prunenet.adapters import get_adapter
-    from prunenet.pipeline import kept_width
+    from prunenet.config import kept_width
     from prunenet.streaming import CheckpointSource, CheckpointStates
     from prunenet.train import TrainConfig, train_policy
 

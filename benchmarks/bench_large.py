@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 
     from make_checkpoint import make_checkpoint
 
-    from prunenet.streaming import parse_size
+    from prunenet.validate import parse_size
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import append_csv, git_revision  # noqa: E402
 
-from prunenet import reward
+from prunenet import ops, reward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # layers, n (FFN width), d (hidden size)
@@ -130,7 +130,7 @@ def measure(name: str, device: str, dtype: torch.dtype, repeats: int) -> list[di
     states = [(torch.randn(n, d, generator=g) * 0.02).to(dtype).to(device) for _ in range(layers)]
     keeps = [torch.randperm(n, generator=g)[:k].sort().values.to(device) for _ in range(layers)]
 
-    methods = ["original", "torch"] + (["triton"] if device == "cuda" and reward.triton_available() else [])
+    methods = ["original", "torch"] + (["triton"] if device == "cuda" and ops.triton_available() else [])
     runs, results = {}, {}
     for method in methods:
         tick = time.perf_counter()

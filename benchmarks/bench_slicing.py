@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import OtherLoad, git_revision  # noqa: E402
 
 from prunenet import _ext, slicing
-from prunenet.pipeline import kept_width
+from prunenet.config import kept_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (n, d, gated). Gated: rows gate_proj, up_proj (n, d); cols down_proj (d, n).

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prunenet.safetensors_io import StreamingWriter, TensorSpec  # noqa: E402
-from prunenet.streaming import INDEX_FILE, parse_size  # noqa: E402
+from prunenet.streaming import INDEX_FILE  # noqa: E402
+from prunenet.validate import parse_size  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),

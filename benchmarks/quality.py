@@ -27,7 +27,7 @@ no fine-tuning. Methods:
   ``prunenet compress --policy <run at ratio A> --ratio B --seed s`` does (``--reuse``).
 
 Every pruned model is a copy of the dense model loaded once (the FFN tensors copied, the rest shared),
-sliced with the library's own functions (:func:`prunenet.pipeline.choose_keeps`,
+sliced with the library's own functions (:mod:`prunenet.selectors`,
 :func:`prunenet.slicing.slice_model_`), so one run is equivalent to the CLI commands above (a test checks
 the kept neurons against ``compress``) without re-loading or saving 100 models. Deterministic for fixed
 seeds on a given machine and torch build.
@@ -52,8 +52,9 @@ import torch
 from tqdm.auto import tqdm
 
 from prunenet.adapters import get_adapter
+from prunenet.config import kept_width
 from prunenet.evaluate import perplexity
-from prunenet.pipeline import choose_keeps, kept_width
+from prunenet.selectors import magnitude_keeps, policy_keeps, random_keeps
 from prunenet.slicing import slice_model_
 from prunenet.tables import format_table, markdown_table
 from prunenet.text import SPLITS, load_text
@@ -140,14 +141,13 @@ def run_grid(
         bar.update()
 
     def prune_and_measure(method: str, ratio: float, seed, train_ratio="", policy=None, selection="sample") -> None:
-        keeps = choose_keeps(
-            "prunenet" if policy is not None else method,
-            states,
-            kept_width(ratio, width),
-            policy=policy,
-            selection=selection,
-            seed=seed if seed != "" else 0,
-        )
+        k, seed_value = kept_width(ratio, width), seed if seed != "" else 0
+        if policy is not None:
+            keeps = policy_keeps(states, k, policy, selection, seed_value)
+        elif method == "random":
+            keeps = random_keeps(len(states), width, k, seed_value)
+        else:
+            keeps = magnitude_keeps(states, k)
         pruned = pruned_copy(model, adapter, keeps)
         measure(pruned, method, ratio, train_ratio, seed)
         del pruned

@@ -33,17 +33,19 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from prunenet import methods as M
+from prunenet import selfcal as S
 from prunenet.adapters import get_adapter
+from prunenet.config import kept_width
 from prunenet.evaluate import perplexity
 from prunenet.models import load_model
-from prunenet.pipeline import choose_keeps, kept_width
+from prunenet.selectors import magnitude_keeps, policy_keeps, random_keeps
 from prunenet.slicing import slice_model_
 from prunenet.tables import markdown_table
 from prunenet.text import load_text
 from prunenet.train import TrainConfig, train_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import selection_variants as V  # noqa: E402
 from common import RESULTS, append_csv, cell, run_tags  # noqa: E402
 
 TEXTS = ("pre1900", "post1900")
@@ -80,14 +82,14 @@ class Study:
         self.states = [self.adapter.layer_state(self.model, i) for i in range(self.layers)]
         self.texts = {name: load_text(split=name) for name in TEXTS}
         self.max_tokens, self.context = max_tokens, context
-        spec = M.out_projection(self.adapter)
+        spec = self.adapter.out_projection
         self.out_axis = spec.axis  # neurons' axis of the out-projection weight
         self.out_params = [
             self.model.get_parameter(self.adapter.block_prefix(i) + spec.name) for i in range(self.layers)
         ]
         self.original = [p.detach().clone() for p in self.out_params]
         self._layer_data = None
-        self._stats: dict[tuple[str, int, int, int], M.ActivationStats] = {}
+        self._stats: dict[tuple[str, int, int, int], S.ActivationStats] = {}
         self._reference_scores: dict[str, torch.Tensor] = {}
         self._policies: dict[tuple[int, int], torch.nn.Module] = {}
 
@@ -119,7 +121,7 @@ class Study:
 
     def check_mask_equals_slice(self, k: int) -> tuple[dict, dict]:
         """Perplexities of one random selection applied by masking and by the library's slicing."""
-        keeps = choose_keeps("random", self.states, k, seed=123)
+        keeps = random_keeps(self.layers, self.width, k, seed=123)
         self.mask(keeps)
         masked = self.perplexities()
         self.mask(None)
@@ -130,35 +132,37 @@ class Study:
         return masked, sliced
 
     # -- method inputs, cached -----------------------------------------------------------------------------------
-    def layer_data(self) -> list[M.LayerData]:
+    def layer_data(self) -> list[V.LayerData]:
         if self._layer_data is None:
             self._layer_data = [
-                M.LayerData.of(M.neuron_matrices(self.model, self.adapter, i)) for i in range(self.layers)
+                V.LayerData.of(S.neuron_matrices(self.model, self.adapter, i)) for i in range(self.layers)
             ]
         return self._layer_data
 
-    def stats(self, probe: str, seed: int, sequences: int = 8, length: int = 128) -> M.ActivationStats:
+    def stats(self, probe: str, seed: int, sequences: int = 8, length: int = 128) -> S.ActivationStats:
         key = (probe, seed, sequences, length)
         if key not in self._stats:
             self.mask(None)
-            ids = M.self_probes(self.model, kind=probe, sequences=sequences, length=length, seed=seed)
-            self._stats[key] = M.activation_stats(self.model, ids)
+            ids = S.self_probes(self.model, kind=probe, sequences=sequences, length=length, seed=seed)
+            self._stats[key] = S.activation_stats(self.model, ids)
         return self._stats[key]
 
     def super_neurons(self) -> list[torch.Tensor]:
-        return [M.super_weight_neurons(list(ld.matrices)) for ld in self.layer_data()]
+        return [V.super_weight_neurons(list(ld.matrices)) for ld in self.layer_data()]
 
     def select(self, method: str, k: int, seed: int) -> list[torch.Tensor]:
         """Kept neurons per layer for one candidate (the dense model is restored first)."""
         self.mask(None)
-        if method in ("random", "magnitude"):
-            return choose_keeps(method, self.states, k, seed=seed)
+        if method == "random":
+            return random_keeps(self.layers, self.width, k, seed)
+        if method == "magnitude":
+            return magnitude_keeps(self.states, k)
         if method in ("prunenet", "prunenet+sw"):
             if (k, seed) not in self._policies:  # prunenet+sw reuses prunenet's policy (the same training)
                 self._policies[k, seed] = train_policy(self.states, k, TrainConfig(seed=seed), progress=False).policy
             policy = self._policies[k, seed]
             if method == "prunenet":
-                return choose_keeps("prunenet", self.states, k, policy=policy, seed=seed)
+                return policy_keeps(self.states, k, policy, "sample", seed)
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 logits = [policy.logits(w) for w in self.states]
@@ -177,7 +181,7 @@ class Study:
                 "pn-baseline": dict(reward="ks", baseline=True),
                 "pn-concat": dict(reward="ks", inputs="concat", baseline=True),
             }[method]
-            logits = M.train_variant(self.layer_data(), k, seed=seed, **options)
+            logits = V.train_variant(self.layer_data(), k, seed=seed, **options)
             generator = torch.Generator().manual_seed(seed)
             from prunenet.policy import select_rows
 
@@ -186,9 +190,9 @@ class Study:
             score = "flap" if "-flap-" in method else "wanda"
             probe = "random" if method.endswith("-rand") else "generate"
             size = (2, 64) if method.endswith("-small") else (8, 128)
-            scores = M.neuron_scores(self.model, self.stats(probe, seed, *size), score)
+            scores = S.neuron_scores(self.model, self.stats(probe, seed, *size), score)
             protect = self.super_neurons() if method.endswith("+sw") else [None] * self.layers
-            return [M.top_k(scores[i], k, protect[i]) for i in range(self.layers)]
+            return [S.top_k(scores[i], k, protect[i]) for i in range(self.layers)]
         raise ValueError(f"unknown candidate {method!r}")
 
     def _protected_sample(self, logits, k, protect, generator) -> torch.Tensor:
@@ -220,7 +224,7 @@ class Study:
             if score not in names:
                 continue
             if score not in self._reference_scores:  # a fixed reference probe (seed 1000) for every selection
-                self._reference_scores[score] = M.neuron_scores(self.model, self.stats("generate", 1000), score)
+                self._reference_scores[score] = S.neuron_scores(self.model, self.stats("generate", 1000), score)
             ref = self._reference_scores[score]
             out[score] = sum(float(ref[i, keep].sum() / ref[i].sum()) for i, keep in enumerate(keeps))
         return out

@@ -1,5 +1,5 @@
-// The Python module prunenet._C. Loading the shared library runs the static TORCH_LIBRARY
-// registrations in gather_rows.cpp (and gather_rows_cuda.cu), which define torch.ops.prunenet.*;
+// The Python module prunenet._C. Loading the shared library runs the static TORCH_LIBRARY_*
+// registrations in slice_ffn.cpp (and slice_ffn_cuda.cu), which define torch.ops.prunenet.*;
 // this file only adds a few build facts. Tensors never cross pybind11 here: the ops are called
 // through the dispatcher (torch.ops.prunenet), so torch's own pybind11 type casters are not needed.
 #include <pybind11/pybind11.h>

@@ -9,7 +9,7 @@ tensor cores where there are any, and accumulates in float32.
 When fewer rows are dropped than kept, ``G_i = W_i^T W_i - W_i[drop_i]^T W_i[drop_i]`` reads only
 the ``n - k`` dropped rows plus the ``d x d`` Gram matrix of the whole layer, which does not change
 between episodes and is computed once (:func:`full_gram`). :func:`kept_gram` chooses the route
-(:func:`use_complement`).
+(:func:`prunenet.ops.use_complement`, the ``triton`` rule).
 
 One launch covers every layer of a batch: the layers' weights are separate tensors (views of a
 model's parameters, not one stacked tensor), so the kernel receives the first one and each layer's
@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import complement_rows
+from prunenet.ops import complement_rows, use_complement
 
-__all__ = ["full_gram", "gram_rows", "kept_gram", "kept_gram_ref", "use_complement"]
+__all__ = ["full_gram", "gram_rows", "kept_gram", "kept_gram_ref"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -227,23 +227,6 @@ def gram_rows(
     return out
 
 
-def use_complement(n: int, k: int) -> bool:
-    """Whether ``W^T W - W[drop]^T W[drop]`` (``n - k`` rows) beats ``W[keep]^T W[keep]`` (``k`` rows).
-
-    Cost model (the work is one pass over the chosen rows either way: ``2 d^2`` flops and ``d``
-    loaded elements per row): the complement adds one read of the float32 ``d x d`` base per output
-    tile, worth ``BLOCK_D / 2`` rows of 16-bit weights in bytes (``BLOCK_D / 4`` of float32), i.e. at
-    most 32 rows with 64-wide tiles, and no flops. So it wins from ``n - k + 32 < k``, i.e.
-    ``k > n / 2 + 16``; at ratio 0.3 it reads 0.43x the rows of the direct route.
-
-    Honest status: this crossover is reasoned, not measured on a GPU (none was available when this
-    was written, and the interpreter's timings say nothing about one). The same trade-off measured
-    with torch matmuls on CPU (SmolLM2 shape, :func:`prunenet.reward.use_complement`) crosses at
-    ``k / n`` = 0.5-0.55, where this rule puts it too (0.51 for n = 1536).
-    """
-    return n - k + 32 < k
-
-
 def full_gram(states: Sequence[torch.Tensor]) -> torch.Tensor:
     """``W_i^T W_i`` for every layer: ``(L, d, d)`` float32 (the base of the complement route)."""
     n = states[0].shape[0]
@@ -259,12 +242,12 @@ def kept_gram(
         states: ``L`` weights ``(n, d)``, as for :func:`gram_rows`.
         keeps: ``(L, k)`` distinct kept-row indices per layer.
         full_grams: ``(L, d, d)`` float32 ``W_i^T W_i`` from :func:`full_gram`; when given and
-            :func:`use_complement` says so, the dropped rows are subtracted from it instead.
+            :func:`prunenet.ops.use_complement` says so, the dropped rows are subtracted from it instead.
     Returns:
         ``(L, d, d)`` float32.
     """
     n = states[0].shape[0]
-    if full_grams is not None and use_complement(n, keeps.shape[1]):
+    if full_grams is not None and use_complement(n, keeps.shape[1], "triton"):
         return gram_rows(states, complement_rows(keeps.to(states[0].device), n), base=full_grams)
     return gram_rows(states, keeps)
 

@@ -8,8 +8,6 @@ pure PyTorch, and only :func:`require` raises.
 
 Ops (native op, pure-PyTorch reference, public wrapper that picks one):
 
-* ``torch.ops.prunenet.gather_rows`` / :func:`gather_rows_ref` / :func:`gather_rows`: rows copied into
-  a new tensor (out of place; for reading kept rows from a checkpoint).
 * ``torch.ops.prunenet.slice_ffn_`` / :func:`prunenet.slicing.slice_ffn_ref` /
   :func:`prunenet.slicing.slice_ffn_`: one FFN's tensors sliced in place.
 """
@@ -25,8 +23,6 @@ import torch
 __all__ = [
     "available",
     "cuda_available",
-    "gather_rows",
-    "gather_rows_ref",
     "import_error",
     "load",
     "NATIVE_DTYPES",
@@ -97,57 +93,3 @@ def native_device(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     return device.type == "cuda" and cuda_available()
-
-
-# ---------------------------------------------------------------------------------------------- gather_rows
-
-
-def gather_rows_ref(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Reference for ``gather_rows``: ``src.index_select(0, index).contiguous()``.
-
-    Args:
-        src: ``(R,)`` or ``(R, C)``, any dtype and strides.
-        index: ``(N,)`` integer row numbers in ``[0, R)``, on ``src``'s device.
-
-    Returns:
-        ``(N,)`` or ``(N, C)``, contiguous: ``out[i] = src[index[i]]``.
-    """
-    return src.index_select(0, index).contiguous()
-
-
-def _gather_rows_native_ok(src: torch.Tensor, index: torch.Tensor) -> bool:
-    """Whether ``torch.ops.prunenet.gather_rows`` can take these inputs (else the reference does)."""
-    return (
-        available()
-        and native_device(src.device)
-        and src.dtype in NATIVE_DTYPES
-        and src.dim() in (1, 2)
-        and (src.dim() == 1 or src.size(1) <= 1 or src.stride(1) == 1)
-        and index.dtype == torch.int64
-        and index.dim() == 1
-        and index.device == src.device
-        and not (src.requires_grad and torch.is_grad_enabled())  # the native op has no backward
-    )
-
-
-def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Copy the rows ``src[index]`` into a new contiguous tensor.
-
-    Uses the native op ``torch.ops.prunenet.gather_rows`` when the extension is built, the device is
-    supported (CPU; CUDA if built with CUDA) and the inputs fit it (float32/float16/bfloat16 ``src``,
-    1-D or 2-D with a contiguous last dim, int64 1-D ``index``, no autograd); otherwise
-    :func:`gather_rows_ref`. Both give bit-identical results.
-
-    Args:
-        src: ``(R,)`` or ``(R, C)``; rows may be strided (e.g. a column slice ``big[:, a:b]``).
-        index: ``(N,)`` row numbers in ``[0, R)`` on ``src``'s device; repeats allowed.
-
-    Returns:
-        ``(N,)`` or ``(N, C)``, contiguous, ``src``'s dtype and device: ``out[i] = src[index[i]]``.
-
-    Raises:
-        RuntimeError / IndexError: an index outside ``[0, R)``.
-    """
-    if _gather_rows_native_ok(src, index):
-        return torch.ops.prunenet.gather_rows.default(src, index)
-    return gather_rows_ref(src, index)

@@ -28,8 +28,10 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter
+from .adapters import ATTENTION_MODEL_TYPES, ModelAdapter
+from .config import MODULES, kept_width
 from .reward import ks_statistic, singular_values
+from .slicing import slice_linear_
 
 __all__ = [
     "MODULES",
@@ -41,8 +43,6 @@ __all__ = [
     "slice_attention_",
     "slice_attention_by_ratio_",
 ]
-
-MODULES = ("ffn", "ffn+attn")
 
 
 class AttentionShape(NamedTuple):
@@ -70,7 +70,7 @@ def check_modules(modules: str, adapter: ModelAdapter, config) -> None:
     if modules not in MODULES:
         raise ValueError(f"unknown --modules {modules!r}; choose one of {', '.join(MODULES)}")
     if modules == "ffn+attn" and adapter.attention is None:
-        supported = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"
+        supported = ", ".join(ATTENTION_MODEL_TYPES)
         raise ValueError(
             f"--modules ffn+attn is not supported for model type {config.model_type!r}: attention slicing is "
             f"implemented for {supported} (separate q/k/v/o projections). Use --modules ffn"
@@ -79,8 +79,6 @@ def check_modules(modules: str, adapter: ModelAdapter, config) -> None:
 
 def kept_groups_count(ratio: float, kv_heads: int) -> int:
     """Key/value groups kept at ``ratio``: ``floor((1 - ratio) * KV)``, at least 1."""
-    from .pipeline import kept_width
-
     return max(1, kept_width(ratio, kv_heads))
 
 
@@ -120,15 +118,6 @@ def choose_groups(o_weight: torch.Tensor, shape: AttentionShape, keep: int) -> t
     return torch.tensor(kept, dtype=torch.int64)
 
 
-def _slice_linear_(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep entries ``index`` of ``linear.weight`` along ``dim`` (0: outputs, also the bias; 1: inputs), in place."""
-    weight = linear.weight
-    weight.data = weight.data.index_select(dim, index.to(weight.device)).contiguous()
-    if dim == 0 and linear.bias is not None:
-        linear.bias.data = linear.bias.data.index_select(0, index.to(weight.device)).contiguous()
-    linear.out_features, linear.in_features = weight.shape
-
-
 @torch.no_grad()
 def slice_attention_(
     model: torch.nn.Module,
@@ -162,10 +151,10 @@ def slice_attention_(
         block = adapter.block_prefix(layer)
         q_rows = group_rows(groups.tolist(), shape.group, head_dim)  # (m * G * hd,)
         kv_rows = group_rows(groups.tolist(), 1, head_dim)  # (m * hd,)
-        _slice_linear_(model.get_submodule(block + spec.q), q_rows, 0)
-        _slice_linear_(model.get_submodule(block + spec.k), kv_rows, 0)
-        _slice_linear_(model.get_submodule(block + spec.v), kv_rows, 0)
-        _slice_linear_(model.get_submodule(block + spec.o), q_rows, 1)
+        slice_linear_(model.get_submodule(block + spec.q), q_rows, 0)
+        slice_linear_(model.get_submodule(block + spec.k), kv_rows, 0)
+        slice_linear_(model.get_submodule(block + spec.v), kv_rows, 0)
+        slice_linear_(model.get_submodule(block + spec.o), q_rows, 1)
     # head_dim must be explicit: transformers derives it as hidden_size // num_attention_heads otherwise.
     config.head_dim = head_dim
     config.num_attention_heads = m * shape.group

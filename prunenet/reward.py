@@ -27,20 +27,16 @@ weights at ratio 0.3 the singular values are within 4e-6 (top half of the spectr
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .kernels import complement_rows
+from .ops import complement_rows, resolve_reward_backend, use_complement
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "triton")
 
 # Reward when the spectra are identical (D == 0, e.g. nothing is removed). Any D > 0 is at
 # least 1 / (number of singular values), so 1/D <= d; this cap sits well above that.
@@ -92,54 +88,6 @@ def reward_from_ks(ks: torch.Tensor) -> torch.Tensor:
     """``1 / D``, with :data:`REWARD_AT_ZERO` where ``D == 0``. Shape preserved, float64."""
     ks = ks.double()
     return torch.where(ks > 0, 1.0 / ks.clamp_min(1e-300), torch.full_like(ks, REWARD_AT_ZERO))
-
-
-class RewardBackendError(ValueError):
-    """The requested reward backend cannot run here (a ``ValueError``: the CLI reports it in one line)."""
-
-
-def triton_available() -> bool:
-    """Whether the ``triton`` package is importable (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``"torch"`` or ``"triton"`` for states on ``device``.
-
-    ``auto`` is ``triton`` on CUDA when triton is installed, ``torch`` elsewhere. An explicit
-    ``triton`` that cannot run raises :class:`RewardBackendError` saying why; on CPU it runs only
-    in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown reward backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    device = torch.device(device)
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        if device.type == "cuda" and not triton_available():
-            log.info("reward backend: torch (the triton package is not installed)")
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if not triton_available():
-        raise RewardBackendError(
-            "--reward-backend triton needs the triton package (pip install triton; torch 2.13 pairs with "
-            "triton 3.7.1); use --reward-backend torch or auto"
-        )
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RewardBackendError(
-            f"--reward-backend triton runs on CUDA devices, but the model is on {device}; "
-            "use --reward-backend torch or auto"
-        )
-    return "triton"
-
-
-def use_complement(n: int, k: int) -> bool:
-    """Torch path: form ``W^T W - W[drop]^T W[drop]`` rather than ``W[keep]^T W[keep]``?
-
-    Measured on CPU (2 cores, SmolLM2 shape 30 x 1536 x 576, gather + matmul per layer): the
-    complement takes 1.0x the time of the direct route at k/n = 0.5, 0.7x at 0.55, 0.45x at 0.7
-    and 0.12x at 0.9 (1.5x slower at 0.4): the crossover is where the row counts are equal.
-    """
-    return 2 * k > n
 
 
 def spectra_from_gram(grams: torch.Tensor, count: int) -> torch.Tensor:
@@ -285,7 +233,7 @@ def prepare_reward(
             :class:`StateSequence` that loads each on access: they are read once, in order).
         k: kept rows per layer in the coming episodes; with it, the full Gram matrices are kept
             when the complement route is cheaper (``(L, d, d)`` float32: 2.1 GB for LLaMA-2-7B).
-        backend: ``auto``, ``torch`` or ``triton`` (see :func:`resolve_backend`).
+        backend: ``auto``, ``torch`` or ``triton`` (see :func:`prunenet.ops.resolve_reward_backend`).
         spill_grams: keep those Gram matrices in a temporary file (:class:`SpilledGrams`) instead of
             memory; the rewards are bit-identical either way.
 
@@ -295,13 +243,14 @@ def prepare_reward(
     """
     _check_states(states)
     (n, d), device = state_shape(states)
-    backend = resolve_backend(backend, device)
+    backend = resolve_reward_backend(backend, device)
     if backend == "triton":
         from prunenet.kernels import gram as kgram
 
-        full_gram, complement = (lambda w: kgram.full_gram([w])[0]), k is not None and kgram.use_complement(n, k)
+        full_gram = lambda w: kgram.full_gram([w])[0]  # noqa: E731
     else:
-        full_gram, complement = _torch_gram, k is not None and use_complement(n, k)
+        full_gram = _torch_gram
+    complement = k is not None and use_complement(n, k, backend)
     count = len(states)
     if not complement:
         full = None
@@ -390,10 +339,10 @@ def episode_rewards(
     _check_states(states)
     if isinstance(references, RewardReference):
         ref_spectra, full = references.spectra, references.full_grams
-        backend = resolve_backend(backend or references.backend, state_shape(states)[1])
+        backend = resolve_reward_backend(backend or references.backend, state_shape(states)[1])
     else:
         ref_spectra, full = torch.stack(list(references)), None
-        backend = resolve_backend(backend or "auto", state_shape(states)[1])
+        backend = resolve_reward_backend(backend or "auto", state_shape(states)[1])
     (n, _), device = state_shape(states)
     k = keeps[0].numel()
     if k == n:

@@ -19,7 +19,7 @@ from . import _ext
 from .adapters import ModelAdapter
 from .adapters.base import neuron_entries
 
-__all__ = ["BACKENDS", "slice_ffn_", "slice_ffn_ref", "slice_model_", "validate_keeps"]
+__all__ = ["BACKENDS", "slice_ffn_", "slice_ffn_ref", "slice_linear_", "slice_model_", "validate_keeps"]
 
 BACKENDS = ("auto", "native", "torch")
 # Scratch of the native op: bounds its extra memory (plus, on CPU, page rounding). 4 MiB is < 2% of
@@ -176,6 +176,24 @@ def slice_model_(
         for spec, param in found:
             _sync_module_shape(model, adapter.block_prefix(layer) + spec.name, param)
     adapter.set_ffn_width(config, k)
+
+
+@torch.no_grad()
+def slice_linear_(linear: torch.nn.Linear, index: torch.Tensor, dim: int, backend: str = "auto") -> None:
+    """Keep entries ``index`` (sorted, unique int64) of ``linear`` along ``dim``, in place, through :func:`slice_ffn_`.
+
+    ``dim`` 0 keeps output features (rows of ``weight`` ``(out, in)``, and the bias); 1 keeps input
+    features (columns). Each entry is a "neuron" of a one-group axis, so this is the same in-place op
+    the FFN goes through; ``in_features``/``out_features`` follow the new shape.
+    """
+    weight = linear.weight
+    index = index.to(weight.device)
+    if dim == 0:
+        rows = [weight] + ([linear.bias] if linear.bias is not None else [])
+        slice_ffn_(rows, [], index, weight.shape[0], backend=backend)
+    else:
+        slice_ffn_([], [weight], index, weight.shape[1], backend=backend)
+    linear.out_features, linear.in_features = weight.shape
 
 
 def _sync_module_shape(model: torch.nn.Module, param_name: str, param: torch.Tensor) -> None:

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
-from .reward import CHUNK_BYTES, StateSequence, use_complement
+from .ops import use_complement
+from .reward import CHUNK_BYTES, StateSequence
 from .safetensors_io import (
     SafetensorsFormatError,
     StreamingWriter,
@@ -65,27 +65,6 @@ RUNTIME_BYTES = 512 << 20
 
 class CheckpointError(ValueError):
     """The folder is not a usable safetensors checkpoint for streaming (the CLI prints it in one line)."""
-
-
-def parse_size(text: str | int | float) -> int:
-    """Bytes from ``"4GiB"``, ``"512MiB"``, ``"3.5GB"``, ``"2e9"`` or a number.
-
-    Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units; case-insensitive; ``B`` optional.
-    """
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), flags=re.IGNORECASE)
-        if not match:
-            raise ValueError(f"--max-memory: cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 3GB")
-        unit = (match.group(2) or "").lower()
-        power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[:1]]
-        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** power)
-    if not math.isfinite(value):
-        raise ValueError(f"--max-memory {text!r} is not a finite size")
-    if value <= 0:
-        raise ValueError(f"--max-memory must be positive, got {text!r}")
-    return int(value)
 
 
 def free_memory(device: str | torch.device) -> int:
@@ -339,7 +318,14 @@ class MemoryPlan:
 
 
 def plan_memory(
-    num_layers: int, n: int, d: int, itemsize: int, k: int, budget: int, device: str | torch.device = "cpu"
+    num_layers: int,
+    n: int,
+    d: int,
+    itemsize: int,
+    k: int,
+    budget: int,
+    device: str | torch.device = "cpu",
+    backend: str = "torch",
 ) -> MemoryPlan:
     """Choose where the state matrices and ``W^T W`` matrices live during training.
 
@@ -349,7 +335,8 @@ def plan_memory(
     the set-up's chunk of Gram matrices),
     and on CPU the runtime itself. States go on the device when they fit, then in host memory (CUDA
     only), else they are read from disk; ``W^T W`` stays in memory when it still fits, else it is
-    spilled to a file. Every choice gives bit-identical results.
+    spilled to a file. Every choice gives bit-identical results. ``backend`` (the resolved reward
+    backend) decides whether ``W^T W`` is needed at all (:func:`prunenet.ops.use_complement`).
     """
     device = torch.device(device)
     policy = (n * d + 2 * n) * 4
@@ -359,7 +346,7 @@ def plan_memory(
     if device.type == "cpu":
         fixed += RUNTIME_BYTES
     state_bytes = num_layers * n * d * itemsize
-    gram_bytes = num_layers * d * d * 4 if use_complement(n, k) and k < n else 0
+    gram_bytes = num_layers * d * d * 4 if use_complement(n, k, backend) else 0
     left = budget - fixed
     if state_bytes <= left:
         states, left = "device", left - state_bytes

@@ -21,25 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
 from .distributed import Distributed
 from .policy import SparsityPredictor, kept_log_prob, kl_to_half, select_rows, skip_selection
 from .reward import StateSequence, episode_rewards, prepare_reward, state_shape
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of policy training (defaults follow the paper where it gives them)."""
-
-    episodes: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    gamma: float = 0.99  # discount of the reward over the layer index
-    kl_weight: float = 0.0  # weight of the KL(alpha || Bernoulli(0.5)) term; 0 disables it
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    reward_backend: str = "auto"  # "auto" | "torch" | "triton": see prunenet.reward.resolve_backend
 
 
 @dataclass

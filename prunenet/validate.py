@@ -7,8 +7,11 @@ the command line can print it as is (exit code 2) and an API caller gets the sam
 from __future__ import annotations
 
 import math
+import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MAX_COUNT = 2**31 - 1
 """Largest value of a count flag (episodes, steps, tokens, ...): every count fits a C ``int`` downstream
@@ -46,6 +49,36 @@ def check_number(flag: str, value, *, minimum: float | None = None, positive: bo
     return float(value)
 
 
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``"4GiB"``, ``"512MiB"``, ``"3.5GB"``, ``"2e9"`` or a number (``--max-memory``).
+
+    Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units; case-insensitive; ``B`` optional.
+    """
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"--max-memory: cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 3GB")
+        unit = (match.group(2) or "").lower()
+        power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[:1]]
+        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** power)
+    if not math.isfinite(value):
+        raise ValueError(f"--max-memory {text!r} is not a finite size")
+    if value <= 0:
+        raise ValueError(f"--max-memory must be positive, got {text!r}")
+    return int(value)
+
+
+def resolve_device(device: str) -> str:
+    """``device``, with ``"auto"`` made concrete: ``"cuda"`` when a GPU is usable, else ``"cpu"``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The torch device ``device`` names, if this process can use it.
 
@@ -54,6 +87,8 @@ def check_device(device: str | torch.device) -> torch.device:
             or a machine without a GPU, a GPU index that does not exist, or any device torch cannot
             allocate on.
     """
+    import torch
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -88,6 +123,8 @@ def check_finite(tensor: torch.Tensor, what: str, hint: str = DAMAGED_WEIGHTS) -
     Non-finite weights would otherwise surface far away (an eigen-solver that "failed to converge", a
     selection that silently keeps the same neurons in every layer).
     """
+    import torch
+
     if tensor.is_floating_point():
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):

@@ -1,4 +1,5 @@
-"""benchmarks/bench_compress.py and benchmarks/summary.py on tiny inputs: rows, tags, ratios, output."""
+"""Benchmark and research scripts on tiny inputs: bench_compress.py and summary.py (rows, tags, ratios,
+output) and selection_variants.py (the weight-only variants the selection study measures)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from bench_loader import load_benchmark
 from tiny_models import save_tiny_model
 
@@ -57,3 +60,24 @@ def test_summary_latest_rows_medians_and_ratios(tmp_path, capsys):
     tables = printed.strip().rsplit("\n", 1)[0]  # all but the JSON line
     assert "== slicing_cpu.csv" in tables and "torch/native" in tables and "command" not in tables
     assert summary.main(["--results", str(tmp_path), "nope"]) == 2
+
+
+def test_super_weight_neurons_finds_an_injected_outlier():
+    variants = load_benchmark("selection_variants")
+    g = torch.Generator().manual_seed(0)
+    down = torch.randn(74, 32, generator=g) * 0.02  # (n, d): out-projection columns as rows
+    assert variants.super_weight_neurons([down]).numel() == 0
+    down[11, 5] = 5.0
+    assert variants.super_weight_neurons([down]).tolist() == [11]
+
+
+@pytest.mark.parametrize("reward", ["ks", "ks3", "w1", "energy"])
+def test_weight_only_objectives_prefer_keeping_everything_and_variants_are_seeded(reward):
+    variants = load_benchmark("selection_variants")
+    g = torch.Generator().manual_seed(0)
+    data = [variants.LayerData.of([torch.randn(40, 12, generator=g) for _ in range(3)]) for _ in range(2)]
+    everything, half = torch.arange(40), torch.arange(0, 40, 2)
+    assert data[0].objective(reward, everything) > data[0].objective(reward, half)
+    a = variants.train_variant(data, 30, reward=reward, episodes=2, seed=1, baseline=True, inputs="concat")
+    b = variants.train_variant(data, 30, reward=reward, episodes=2, seed=1, baseline=True, inputs="concat")
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].shape == (40,)

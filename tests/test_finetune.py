@@ -13,7 +13,7 @@ from tiny_models import sample_inputs, save_tiny_model, tiny_model, tiny_tokeniz
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE
 from prunenet.cli import main
-from prunenet.finetune import FinetuneConfig, finetune, lora_targets, merge_lora, train_lora
+from prunenet.finetune import FinetuneConfig, finetune, merge_lora, train_lora
 
 peft = pytest.importorskip("peft")
 
@@ -54,7 +54,7 @@ def test_merged_and_saved_model_reloads_and_matches_the_unmerged_peft_model(fami
 def test_lora_covers_every_ffn_and_attention_projection():
     model = tiny_model("llama")
     adapter = get_adapter(model.config)
-    targets = lora_targets(adapter)
+    targets = adapter.lora_targets()
     assert set(targets) == {f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")} | {
         f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")
     }
@@ -146,18 +146,17 @@ def test_text_too_short_is_refused(tmp_path):
 @pytest.mark.slow
 def test_recovery_finetuning_lowers_held_out_perplexity_of_the_embedded_model_at_ratio_0_2():
     """A few LoRA steps on the training split lower perplexity on the disjoint held-out split."""
+    from prunenet.config import kept_width
     from prunenet.evaluate import perplexity
     from prunenet.models import load_model
-    from prunenet.pipeline import choose_keeps, kept_width
+    from prunenet.selectors import random_keeps
     from prunenet.slicing import slice_model_
     from prunenet.text import load_text
 
     model, tokenizer, _ = load_model("smollm2-135m")
     adapter = get_adapter(model.config)
     width = adapter.ffn_width(model.config)
-    states = [adapter.layer_state(model, i) for i in range(adapter.num_layers(model.config))]
-    keeps = choose_keeps("random", states, kept_width(0.2, width), seed=0)  # no policy training: keep it short
-    del states
+    keeps = random_keeps(adapter.num_layers(model.config), width, kept_width(0.2, width), seed=0)  # no training
     slice_model_(model, adapter, keeps, progress=False)
     held_out = load_text(None, "eval")
 

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import WIDTH, save_tiny_model, tiny_text
 
+import prunenet.models as models
 import prunenet.pipeline as pipeline
+import prunenet.sources as sources
 from prunenet.checkpoint import MANIFEST_FILE
 from prunenet.cli import main
 from prunenet.output import OutputFolderError, claim_output, lock_path
@@ -282,8 +284,8 @@ def test_files_added_to_out_during_the_run_are_not_deleted(inputs, tmp_path, mon
 @pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
 def test_a_second_run_on_the_same_out_is_refused_at_once(inputs, tmp_path, monkeypatch, streaming):
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("did work"))
-    monkeypatch.setattr(pipeline, "CheckpointStates", lambda *a, **k: pytest.fail("did work"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("did work"))
+    monkeypatch.setattr(sources, "CheckpointStates", lambda *a, **k: pytest.fail("did work"))
     with claim_output(out):  # the first run
         for overwrite in (False, True):
             with pytest.raises(OutputFolderError, match=r"another prunenet run \(pid \d+ .*\) is writing --out"):
@@ -407,7 +409,7 @@ def cli_error(argv, capsys) -> str:
 
 def test_a_mount_point_as_out_is_refused_before_any_work(inputs, mount, monkeypatch, capsys):
     point = mount("mnt")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("did work"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("did work"))
     line = cli_error([*(a.format(inputs=inputs) for a in C), "--out", str(point)], capsys)
     assert "is a mount point" in line and f"{point}/pruned" in line
     assert leftovers(point.parent, "mnt") == [] and list(point.iterdir()) == []
@@ -415,7 +417,7 @@ def test_a_mount_point_as_out_is_refused_before_any_work(inputs, mount, monkeypa
 
 def test_a_read_only_parent_is_refused_before_any_work(inputs, mount, monkeypatch, capsys):
     parent = mount("ro", read_only=True)
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("did work"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("did work"))
     line = cli_error([*(a.format(inputs=inputs) for a in C), "--out", str(parent / "out")], capsys)
     assert "read-only" in line and "choose a writable --out" in line
 
@@ -426,7 +428,7 @@ def test_an_immutable_parent_is_refused_before_any_work(inputs, tmp_path, monkey
     if subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here (needs root and a file system that supports it)")
     try:
-        monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("did work"))
+        monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("did work"))
         line = cli_error([*(a.format(inputs=inputs) for a in C), "--out", str(parent / "out")], capsys)
         assert "not permitted" in line
     finally:
@@ -435,7 +437,7 @@ def test_an_immutable_parent_is_refused_before_any_work(inputs, tmp_path, monkey
 
 def test_too_little_free_space_is_refused_before_any_work(inputs, mount, monkeypatch, capsys):
     parent = mount("small", size="16k")  # the pruned tiny model needs more than 40 KiB
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("did work"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("did work"))
     line = cli_error([*(a.format(inputs=inputs) for a in C), "--out", str(parent / "out")], capsys)
     assert "not enough free space" in line and "KiB" in line
     assert list(parent.iterdir()) == []
@@ -492,7 +494,7 @@ def test_main_returns_the_signal_status_to_python_callers(inputs, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "load_model", interrupted)
+    monkeypatch.setattr(models, "load_model", interrupted)
     argv = ["compress", "--model", str(inputs / "model"), "--ratio", "0.5", "--out", str(tmp_path / "out"), "--quiet"]
     assert main(argv) == 130
     assert error_line(capsys.readouterr().err) == "prunenet compress: interrupted (no partial output is left behind)"

@@ -20,11 +20,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from prunenet.kernels import complement_rows  # noqa: E402
 from prunenet.kernels import gram as kgram  # noqa: E402
 from prunenet.kernels import ks as kks  # noqa: E402
 
-from prunenet import reward  # noqa: E402
+from prunenet import ops, reward  # noqa: E402
+from prunenet.ops import complement_rows, use_complement  # noqa: E402
 from prunenet.train import TrainConfig, train_policy  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +69,7 @@ def test_gram_matches_float64(n, d, k, dtype, route):
     keeps = random_keeps(3, n, k)
     full = kgram.full_gram(states) if route == "complement" else None
     if route == "complement":
-        assert kgram.use_complement(n, k)  # so kept_gram takes that route
+        assert use_complement(n, k, "triton")  # so kept_gram takes that route
     got = kgram.kept_gram(states, keeps, full)
     ref = kgram.kept_gram_ref(states, keeps)  # float64 of the same (rounded-to-dtype) weights
     assert got.shape == (3, d, d) and got.dtype == torch.float32
@@ -298,4 +298,4 @@ def test_gpu_llama7b_layer_gram_and_spectrum(dtype):
 
 @pytest.mark.gpu
 def test_gpu_auto_backend_is_triton():
-    assert reward.resolve_backend("auto", "cuda") == "triton"
+    assert ops.resolve_reward_backend("auto", "cuda") == "triton"

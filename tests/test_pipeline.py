@@ -10,12 +10,15 @@ import torch
 import transformers
 from tiny_models import WIDTH, sample_inputs, save_tiny_model
 
+import prunenet.models as models
 import prunenet.pipeline as pipeline
+import prunenet.train as train
 from prunenet.adapters import UnsupportedModelError, get_adapter
 from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE, load_policy
-from prunenet.models import ModelLoadError, ModelNotFoundError
+from prunenet.config import kept_width
+from prunenet.models import TORCH_DTYPES, ModelLoadError, ModelNotFoundError
 from prunenet.output import OutputFolderError
-from prunenet.pipeline import compress, kept_width
+from prunenet.pipeline import compress
 
 
 @pytest.fixture
@@ -86,7 +89,7 @@ def test_policy_reuse_skips_training_and_rejects_other_shapes(tiny_dir, tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("training must not run when --policy is given")
 
-    monkeypatch.setattr(pipeline, "train_policy", no_training)
+    monkeypatch.setattr(train, "train_policy", no_training)
     result = run(tiny_dir, tmp_path / "reused", ratio=0.5, policy=tmp_path / "trained" / POLICY_FILE, selection="topk")
     assert result.k == kept_width(0.5, WIDTH)
     with torch.no_grad():
@@ -111,14 +114,14 @@ def test_ratio_zero_keeps_everything_and_logits_are_unchanged(tiny_dir, tmp_path
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")], ids=["negative", "one", "above-one", "nan"])
 def test_bad_ratio_fails_before_any_work(tiny_dir, tmp_path, monkeypatch, ratio):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         run(tiny_dir, tmp_path / "out", ratio=ratio)
     assert not (tmp_path / "out").exists()
 
 
 def test_ratio_leaving_no_rows_fails_before_loading_weights(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match="leaves no FFN neurons"):
         run(tiny_dir, tmp_path / "out", ratio=0.99)
 
@@ -199,7 +202,7 @@ def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):
     ids=["method", "selection", "dtype", "episodes", "policy-with-random"],
 )
 def test_bad_options_are_rejected_before_any_work(tiny_dir, tmp_path, monkeypatch, kwargs, match):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=match):
         run(tiny_dir, tmp_path / "out", **kwargs)
 
@@ -208,5 +211,5 @@ def test_bad_options_are_rejected_before_any_work(tiny_dir, tmp_path, monkeypatc
 def test_half_precision_compress_saves_that_dtype(tiny_dir, tmp_path, dtype):
     run(tiny_dir, tmp_path / "out", dtype=dtype)
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
-    assert pruned.dtype == pipeline.DTYPES[dtype]
+    assert pruned.dtype == TORCH_DTYPES[dtype]
     assert get_adapter(pruned.config).ffn_width(pruned.config) == kept_width(0.25, WIDTH)

@@ -7,15 +7,15 @@ import pytest
 import scipy.stats
 import torch
 
+import prunenet.ops as ops
 import prunenet.reward as reward
+from prunenet.ops import RewardBackendError, resolve_reward_backend
 from prunenet.reward import (
     REWARD_AT_ZERO,
-    RewardBackendError,
     episode_rewards,
     ks_statistic,
     prepare_reward,
     reference_spectra,
-    resolve_backend,
     singular_values,
 )
 
@@ -119,20 +119,20 @@ def test_spectra_from_gram_returns_the_top_values_clamped():
     assert bool((reward.spectra_from_gram((w.mT @ w)[None], 12) >= 0).all())
 
 
-def test_resolve_backend(monkeypatch):
-    assert resolve_backend("auto", "cpu") == "torch"
-    assert resolve_backend("torch", "cuda") == "torch"
+def test_resolve_reward_backend(monkeypatch):
+    assert resolve_reward_backend("auto", "cpu") == "torch"
+    assert resolve_reward_backend("torch", "cuda") == "torch"
     with pytest.raises(ValueError, match="unknown reward backend 'jax'"):
-        resolve_backend("jax", "cpu")
+        resolve_reward_backend("jax", "cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(reward, "triton_available", lambda: True)
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
     with pytest.raises(RewardBackendError, match="runs on CUDA devices, but the model is on cpu"):
-        resolve_backend("triton", "cpu")
-    assert resolve_backend("auto", "cuda") == "triton"
-    monkeypatch.setattr(reward, "triton_available", lambda: False)
+        resolve_reward_backend("triton", "cpu")
+    assert resolve_reward_backend("auto", "cuda") == "triton"
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
     with pytest.raises(RewardBackendError, match="needs the triton package"):
-        resolve_backend("triton", "cuda")
-    assert resolve_backend("auto", "cuda") == "torch"
+        resolve_reward_backend("triton", "cuda")
+    assert resolve_reward_backend("auto", "cuda") == "torch"
 
 
 def test_spilled_gram_matrices_give_identical_rewards():

@@ -15,9 +15,11 @@ from tiny_models import CONFIGS, WIDTH, all_tensors, sample_inputs, save_sharded
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import read_manifest
-from prunenet.pipeline import compress, kept_width
+from prunenet.config import kept_width
+from prunenet.pipeline import compress
 from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
-from prunenet.streaming import CheckpointSource, CheckpointStates, parse_size, plan_memory
+from prunenet.streaming import CheckpointSource, CheckpointStates, plan_memory
+from prunenet.validate import parse_size
 
 
 def run(source, out, **kwargs):

@@ -22,6 +22,8 @@ _ADAPTERS: tuple[type[ModelAdapter], ...] = (
 )
 REGISTRY: dict[str, type[ModelAdapter]] = {t: cls for cls in _ADAPTERS for t in cls.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(REGISTRY))
+ATTENTION_MODEL_TYPES: tuple[str, ...] = tuple(t for t in SUPPORTED_MODEL_TYPES if REGISTRY[t].attention is not None)
+"""The model types whose attention ``compress --modules ffn+attn`` can slice."""
 
 
 class UnsupportedModelError(ValueError):
@@ -43,4 +45,12 @@ def get_adapter(config) -> ModelAdapter:
         ) from None
 
 
-__all__ = ["ModelAdapter", "NeuronTensor", "REGISTRY", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "get_adapter"]
+__all__ = [
+    "ATTENTION_MODEL_TYPES",
+    "ModelAdapter",
+    "NeuronTensor",
+    "REGISTRY",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedModelError",
+    "get_adapter",
+]

@@ -25,12 +25,15 @@ class NeuronTensor:
             in-projections along one axis (Phi-3's ``gate_up_proj`` is ``(2n, d)``: gate rows
             ``0..n-1``, up rows ``n..2n-1``); neuron ``j`` is entry ``j + g * n`` of group ``g``.
         optional: the parameter exists only in some configurations (biases).
+        role: ``"in"`` for in-projections (and their biases), ``"out"`` for the out-projection, whose
+            input is the FFN's activations.
     """
 
     name: str
     axis: int
     groups: int = 1
     optional: bool = False
+    role: str = "in"
 
     def indices(self, keep: torch.Tensor, width: int) -> torch.Tensor:
         """Entries along ``axis`` to keep, for kept neurons ``keep`` (``(k,)``, sorted) of ``width``.
@@ -85,6 +88,8 @@ class ModelAdapter:
             recovery fine-tuning puts LoRA adapters on them (and on the FFN's).
         attention: where the separate q/k/v/o projections are, for ``compress --modules ffn+attn``;
             ``None`` where attention slicing is not supported (fused qkv projections, no GQA config).
+        conv1d: the projections are GPT-2-style ``Conv1D`` modules storing ``weight`` as ``(in, out)``
+            (LoRA then needs ``fan_in_fan_out``).
     """
 
     model_types: tuple[str, ...] = ()
@@ -93,6 +98,21 @@ class ModelAdapter:
     tensors: tuple[NeuronTensor, ...] = ()
     attention_modules: tuple[str, ...] = ()
     attention: AttentionSpec | None = None
+    conv1d: bool = False
+
+    @property
+    def out_projection(self) -> NeuronTensor:
+        """The out-projection's weight (``down_proj``, ``fc2``, GPT-2's ``c_proj``): its input is the activations."""
+        return next(t for t in self.tensors if t.role == "out" and t.name.endswith("weight"))
+
+    def lora_targets(self) -> list[str]:
+        """Module paths, relative to a block, of every FFN and attention projection: LoRA's ``target_modules``.
+
+        ``peft`` matches a listed name against the end of each module's full name, so ``"mlp.c_proj"``
+        (GPT-2's FFN out-projection) is told apart from ``"attn.c_proj"``.
+        """
+        ffn = dict.fromkeys(spec.name.rpartition(".")[0] for spec in self.tensors)  # drop ".weight"/".bias"
+        return [*ffn, *self.attention_modules]
 
     # -- config ---------------------------------------------------------------------------
     def num_layers(self, config) -> int:
@@ -156,7 +176,7 @@ def gated_mlp_tensors(
     return (
         NeuronTensor(f"{prefix}.{gate}.weight", axis=0),
         NeuronTensor(f"{prefix}.{up}.weight", axis=0),
-        NeuronTensor(f"{prefix}.{down}.weight", axis=1),
+        NeuronTensor(f"{prefix}.{down}.weight", axis=1, role="out"),
         NeuronTensor(f"{prefix}.{gate}.bias", axis=0, optional=True),
         NeuronTensor(f"{prefix}.{up}.bias", axis=0, optional=True),
     )
@@ -171,6 +191,6 @@ def two_layer_mlp_tensors(fc_in: str, fc_out: str, transposed: bool = False) -> 
     in_axis, out_axis = (1, 0) if transposed else (0, 1)
     return (
         NeuronTensor(f"{fc_in}.weight", axis=in_axis),
-        NeuronTensor(f"{fc_out}.weight", axis=out_axis),
+        NeuronTensor(f"{fc_out}.weight", axis=out_axis, role="out"),
         NeuronTensor(f"{fc_in}.bias", axis=0, optional=True),
     )

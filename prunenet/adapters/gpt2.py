@@ -13,6 +13,7 @@ class GPT2Adapter(ModelAdapter):
     width_attr = "n_inner"
     tensors = two_layer_mlp_tensors("mlp.c_fc", "mlp.c_proj", transposed=True)
     attention_modules = ("attn.c_attn", "attn.c_proj")
+    conv1d = True
 
     def num_layers(self, config) -> int:
         return int(config.n_layer)

@@ -13,6 +13,6 @@ class Phi3Adapter(ModelAdapter):
     width_attr = "intermediate_size"
     tensors = (
         NeuronTensor("mlp.gate_up_proj.weight", axis=0, groups=2),
-        NeuronTensor("mlp.down_proj.weight", axis=1),
+        NeuronTensor("mlp.down_proj.weight", axis=1, role="out"),
     )
     attention_modules = ("self_attn.qkv_proj", "self_attn.o_proj")

@@ -1,5 +1,6 @@
-"""Selection methods of prunenet/methods.py: determinism, shapes, what the scores measure, stock reload, and
-(slow) that the shipped self-calibrated method beats random selection on the embedded model."""
+"""The selector registry and its methods: the CLI is built from the registry, every method is deterministic
+with valid shapes on every family, what self-calibration's scores measure, stock reload, and (slow) that
+self-calibration beats random selection on the embedded model."""
 
 from __future__ import annotations
 
@@ -12,22 +13,20 @@ import torch
 import transformers
 from tiny_models import LAYERS, WIDTH, save_tiny_model, tiny_model
 
-from prunenet import methods as M
+from prunenet import selfcal as S
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import MANIFEST_FILE
-from prunenet.pipeline import METHODS, choose_keeps, compress, kept_width
+from prunenet.cli import build_parser
+from prunenet.config import PruneConfig, kept_width
+from prunenet.pipeline import compress
+from prunenet.selectors import SELECTORS, random_keeps, select
+from prunenet.sources import CheckpointStream, ModelSource, can_serve
 
 FAMILIES = ["llama", "llama-mlp-bias", "phi3", "gpt2", "opt", "gpt_neox"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: selfcal's generation is hundreds of tiny matmuls, and on a shared 2-core machine a second
-    thread waiting at every barrier made them ~40x slower (0.36 ms vs 16 ms for an (8, 576) x (576, 1536) mm)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# selfcal's generation is hundreds of tiny matmuls: on one thread (see conftest's one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_valid_keeps(keeps, layers: int, k: int, width: int) -> None:
@@ -38,41 +37,53 @@ def assert_valid_keeps(keeps, layers: int, k: int, width: int) -> None:
         assert 0 <= int(keep.min()) and int(keep.max()) < width
 
 
-def test_shipped_methods_are_compress_choices():
-    assert set(M.SHIPPED) <= set(METHODS)
-    assert {"prunenet", "random", "magnitude"} <= set(METHODS)  # the paper's method and the baselines stay
+def test_the_cli_method_choices_are_the_registry():
+    compress = next(a for a in build_parser()._subparsers._group_actions[0].choices["compress"]._actions
+                    if a.dest == "method")  # fmt: skip
+    assert compress.choices == list(SELECTORS)
+    assert {"prunenet", "random", "magnitude", "selfcal"} <= set(SELECTORS)  # the paper's method, baselines, ours
+    for selector in SELECTORS.values():
+        assert f"'{selector.name}': {selector.summary}" in " ".join(compress.help.split())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", M.SHIPPED)
-def test_shipped_method_is_deterministic_with_valid_shapes(family, method):
+@pytest.mark.parametrize("method", sorted(SELECTORS))
+def test_every_selector_is_deterministic_with_valid_shapes(family, method):
     model = tiny_model(family)
-    adapter = get_adapter(model.config)
-    states = [adapter.layer_state(model, i) for i in range(LAYERS)]
-    width = adapter.ffn_width(model.config)  # 74, but GPT-2's default 4 * hidden = 128
-    k = kept_width(0.3, width)
-    first = choose_keeps(method, states, k, seed=3, model=model)
-    assert_valid_keeps(first, LAYERS, k, width)
+    source = ModelSource(model)
+    width = source.width  # 74, but GPT-2's default 4 * hidden = 128
+    config = PruneConfig(ratio=0.3, method=method, seed=3, episodes=2)
+    first = select(source, config, progress=False).keeps
+    assert_valid_keeps(first, LAYERS, kept_width(0.3, width), width)
     torch.manual_seed(12345)  # the global RNG must not matter
-    again = choose_keeps(method, states, k, seed=3, model=model)
+    again = select(source, config, progress=False).keeps
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_selfcal_needs_the_model():
-    model = tiny_model("llama")
-    states = [get_adapter(model.config).layer_state(model, i) for i in range(LAYERS)]
-    with pytest.raises(ValueError, match="model loaded in memory"):
-        choose_keeps("selfcal", states, 10, seed=0)
+def test_a_stream_serves_exactly_the_selectors_that_need_no_model():
+    for name, selector in SELECTORS.items():
+        config = PruneConfig(ratio=0.5, method=name)
+        assert can_serve(CheckpointStream.provides, config) == (selector.needs != "model")
+        assert can_serve(ModelSource.provides, config)
+        assert not can_serve(CheckpointStream.provides, PruneConfig(ratio=0.5, method=name, modules="ffn+attn"))
+
+
+def test_random_selection_is_uniform_over_neurons():
+    """Each neuron is kept with probability k / n: over 400 draws of 30 of 60, every count is near 200."""
+    counts = torch.zeros(60)
+    for keep in random_keeps(400, 60, 30, seed=0):
+        counts[keep] += 1
+    assert counts.sum() == 400 * 30 and (counts - 200).abs().max() < 60  # ~6 standard deviations (sd 10)
 
 
 def test_probes_are_seeded_and_start_from_bos():
     model = tiny_model("llama")
-    a = M.self_probes(model, sequences=3, length=9, seed=1)
+    a = S.self_probes(model, sequences=3, length=9, seed=1)
     assert a.shape == (3, 9) and a.dtype == torch.int64
-    assert torch.equal(a[:, 0], torch.full((3,), M.start_token(model)))
-    assert torch.equal(a, M.self_probes(model, sequences=3, length=9, seed=1))
-    assert not torch.equal(a, M.self_probes(model, sequences=3, length=9, seed=2))
-    r = M.self_probes(model, kind="random", sequences=2, length=5, seed=0)
+    assert torch.equal(a[:, 0], torch.full((3,), S.start_token(model)))
+    assert torch.equal(a, S.self_probes(model, sequences=3, length=9, seed=1))
+    assert not torch.equal(a, S.self_probes(model, sequences=3, length=9, seed=2))
+    r = S.self_probes(model, kind="random", sequences=2, length=5, seed=0)
     assert r.shape == (2, 5) and int(r.max()) < model.config.vocab_size
 
 
@@ -81,10 +92,10 @@ def test_activation_stats_and_wanda_score_match_a_direct_computation(family):
     """The hook reads each FFN's hidden activations h (B, T, n); the Wanda score is RMS(h_j) * ||W_out[:, j]||."""
     model = tiny_model(family)
     adapter = get_adapter(model.config)
-    ids = M.self_probes(model, kind="random", sequences=3, length=7, seed=0)
-    stats = M.activation_stats(model, ids, batch_size=2)  # two batches: the sums must add up
+    ids = S.self_probes(model, kind="random", sequences=3, length=7, seed=0)
+    stats = S.activation_stats(model, ids, batch_size=2)  # two batches: the sums must add up
     captured = []
-    module = M._out_module(model, adapter, 1)
+    module = S._out_module(model, adapter, 1)
     handle = module.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
@@ -93,11 +104,11 @@ def test_activation_stats_and_wanda_score_match_a_direct_computation(family):
     assert stats.tokens == ids.numel()
     torch.testing.assert_close(stats.sum_sq[1], (h * h).sum(0), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(stats.variance()[1], h.var(0, unbiased=False), rtol=1e-4, atol=1e-8)
-    out_cols = M.neuron_matrices(model, adapter, 1)[-1].double()  # (n, d): the out-projection's columns
+    out_cols = S.neuron_matrices(model, adapter, 1)[-1].double()  # (n, d): the out-projection's columns
     assert out_cols.shape == (adapter.ffn_width(model.config), adapter.hidden_size(model.config))
     # Neuron j's contribution to the FFN output over all tokens is h[:, j] outer W_out[:, j].
     expected = h.pow(2).mean(0).sqrt() * out_cols.norm(dim=1)
-    torch.testing.assert_close(M.neuron_scores(model, stats, "wanda")[1], expected, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(S.neuron_scores(model, stats, "wanda")[1], expected, rtol=1e-5, atol=1e-10)
 
 
 def test_dropping_zero_score_neurons_leaves_the_output_unchanged():
@@ -107,38 +118,15 @@ def test_dropping_zero_score_neurons_leaves_the_output_unchanged():
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.down_proj.weight[:, dead] = 0
-    keeps = M.selfcal_keeps(model, WIDTH - dead.numel(), seed=0, sequences=2, length=8)
+    keeps = S.selfcal_keeps(model, WIDTH - dead.numel(), seed=0, sequences=2, length=8)
     for keep in keeps:
         assert not torch.isin(dead, keep).any()
 
 
 def test_top_k_protects_and_breaks_ties_by_index():
     scores = torch.tensor([5.0, 1.0, 1.0, 1.0, 0.0])
-    assert top_k_list(scores, 2) == [0, 1]
-    assert top_k_list(scores, 2, torch.tensor([4])) == [0, 4]
-
-
-def top_k_list(scores, k, protect=None):
-    return M.top_k(scores, k, protect).tolist()
-
-
-def test_super_weight_neurons_finds_an_injected_outlier():
-    g = torch.Generator().manual_seed(0)
-    down = torch.randn(74, 32, generator=g) * 0.02  # (n, d): out-projection columns as rows
-    assert M.super_weight_neurons([down]).numel() == 0
-    down[11, 5] = 5.0
-    assert M.super_weight_neurons([down]).tolist() == [11]
-
-
-@pytest.mark.parametrize("reward", M.REWARDS)
-def test_weight_only_objectives_prefer_keeping_everything_and_variants_are_seeded(reward):
-    g = torch.Generator().manual_seed(0)
-    data = [M.LayerData.of([torch.randn(40, 12, generator=g) for _ in range(3)]) for _ in range(2)]
-    everything, half = torch.arange(40), torch.arange(0, 40, 2)
-    assert data[0].objective(reward, everything) > data[0].objective(reward, half)
-    a = M.train_variant(data, 30, reward=reward, episodes=2, seed=1, baseline=True, inputs="concat")
-    b = M.train_variant(data, 30, reward=reward, episodes=2, seed=1, baseline=True, inputs="concat")
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].shape == (40,)
+    assert S.top_k(scores, 2).tolist() == [0, 1]
+    assert S.top_k(scores, 2, torch.tensor([4])).tolist() == [0, 4]
 
 
 def test_compress_selfcal_reloads_with_stock_transformers_and_is_reproducible(tmp_path):
@@ -163,7 +151,7 @@ def test_compress_selfcal_reloads_with_stock_transformers_and_is_reproducible(tm
 
 @pytest.mark.slow
 def test_selfcal_beats_the_median_random_selection_on_the_embedded_model():
-    """Issue 9's claim at r = 0.1, on one held-out text (512 tokens): selfcal below the median of 5 random draws."""
+    """At r = 0.1, on one held-out text (512 tokens): selfcal below the median of 5 random draws."""
     pytest.importorskip("gguf")
     from prunenet.evaluate import perplexity
     from prunenet.models import load_model
@@ -173,14 +161,14 @@ def test_selfcal_beats_the_median_random_selection_on_the_embedded_model():
     model, tokenizer, _ = load_model("smollm2-135m")
     adapter = get_adapter(model.config)
     text = load_text(split="post1900")
-    states = [adapter.layer_state(model, i) for i in range(adapter.num_layers(model.config))]
-    k = kept_width(0.1, adapter.ffn_width(model.config))
+    layers, width = adapter.num_layers(model.config), adapter.ffn_width(model.config)
+    k = kept_width(0.1, width)
 
     def pruned_ppl(keeps):
         pruned = copy.deepcopy(model)
         slice_model_(pruned, adapter, keeps, progress=False)
         return perplexity(pruned, tokenizer, text, max_tokens=512, progress=False)["perplexity"]
 
-    ours = pruned_ppl(choose_keeps("selfcal", states, k, seed=0, model=model))
-    random = [pruned_ppl(choose_keeps("random", states, k, seed=s)) for s in range(5)]
+    ours = pruned_ppl(S.selfcal_keeps(model, k, seed=0))
+    random = [pruned_ppl(random_keeps(layers, width, k, seed=s)) for s in range(5)]
     assert ours < statistics.median(random), (ours, random)

