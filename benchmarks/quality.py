@@ -1,8 +1,8 @@
 """Quality report: perplexity of the embedded model pruned by PruneNet, random and magnitude selection.
 
     python benchmarks/quality.py                  # the full grid (`make report`): 14 min on 2 idle CPU cores
-    python benchmarks/quality.py --from-csv       # only regenerate the Markdown, plot and README block
-    python benchmarks/quality.py --ratios 0.1 --seeds 2 --max-tokens 512 --reuse none --no-readme   # a smoke run
+    python benchmarks/quality.py --from-csv       # only regenerate the Markdown, plot and docs block
+    python benchmarks/quality.py --ratios 0.1 --seeds 2 --max-tokens 512 --reuse none --no-doc   # a smoke run
     python benchmarks/quality.py --extra-rows --pruned P --finetuned F --attn A   # only the section below, merged
 
 Recovery fine-tuning and attention slicing (``--extra-rows``): the rows "PruneNet + recovery fine-tuning"
@@ -34,7 +34,7 @@ seeds on a given machine and torch build.
 
 Outputs (``--out``, default ``benchmarks/results``): ``quality.csv`` (one row per model and text),
 ``quality.md`` (tables and plain verdicts), ``quality.png`` (perplexity vs ratio per method), and the
-README block between ``<!-- quality:begin -->`` and ``<!-- quality:end -->``.
+block between ``<!-- quality:begin -->`` and ``<!-- quality:end -->`` of ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,7 +62,10 @@ from prunenet.text import SPLITS, load_text
 from prunenet.train import TrainConfig, train_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, cell, run_tags, update_readme_block, write_csv  # noqa: E402
+from common import DOCS, RESULTS, cell, run_tags, update_doc_block, write_csv  # noqa: E402
+
+PAGE = DOCS / "results.md"
+"""The documentation page holding the generated ``quality`` block."""
 
 METHODS = ("prunenet-sample", "prunenet-topk", "random", "magnitude")
 LABELS = {
@@ -523,15 +527,20 @@ def main(argv: list[str] | None = None) -> int:
         "'all' (every ordered pair) or 'none'",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.csv/.md/.png")
-    parser.add_argument("--from-csv", action="store_true", help="no measuring: rebuild .md, .png, README from the CSV")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's quality block")
+    parser.add_argument(
+        "--from-csv", action="store_true", help="no measuring: rebuild .md, .png, docs block from the CSV"
+    )
+    parser.add_argument(
+        "--no-doc", "--no-readme", dest="no_doc", action="store_true",
+        help=f"do not rewrite the quality block of {PAGE.relative_to(DOCS.parent)}",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--extra-rows",
         action="store_true",
         help="measure only the fine-tuning / attention section (--pruned, --finetuned, --attn) and merge it into the "
-        "existing quality.csv (same --max-tokens/--context as its grid), then rebuild .md, .png and README",
+        "existing quality.csv (same --max-tokens/--context as its grid), then rebuild .md, .png and the docs block",
     )
     parser.add_argument("--pruned", default=None, help="--extra-rows: folder written by `prunenet compress`")
     parser.add_argument("--finetuned", default=None, help="--extra-rows: `prunenet finetune` of --pruned")
@@ -596,12 +605,14 @@ def main(argv: list[str] | None = None) -> int:
     grid = [r for r in rows if not is_extra(r)]
     has_plot = plot(grid, args.out / "quality.png", meta["model_label"].replace("`", ""))
     (args.out / "quality.md").write_text(markdown_report(rows, meta, "quality.png" if has_plot else None))
-    if not args.no_readme:
+    if not args.no_doc:
         try:
-            image = "benchmarks/results/quality.png" if has_plot and args.out.resolve() == RESULTS else None
-            update_readme_block("quality", markdown_report(rows, meta, image))
+            # The plot, linked relative to the page (docs/ -> ../benchmarks/results/quality.png).
+            image = Path(os.path.relpath(RESULTS / "quality.png", PAGE.parent)).as_posix()
+            image = image if has_plot and args.out.resolve() == RESULTS else None
+            update_doc_block("quality", markdown_report(rows, meta, image), PAGE)
         except ValueError as err:
-            print(f"quality: README not updated: {err}", file=sys.stderr)
+            print(f"quality: {PAGE.relative_to(DOCS.parent)} not updated: {err}", file=sys.stderr)
             return 2
     print(console_table(grid))
     print(f"\nwrote {csv_path}, {args.out / 'quality.md'}" + (", quality.png" if has_plot else ""))

@@ -1,4 +1,4 @@
-"""Selection study (issue 9): which calibration-free way of choosing FFN neurons keeps perplexity lowest?
+"""Selection study: which calibration-free way of choosing FFN neurons keeps perplexity lowest?
 
     python benchmarks/selection_study.py --stage screen --seeds 3 --max-tokens 512              # every candidate
     python benchmarks/selection_study.py --stage confirm --seeds 5 --max-tokens 2048 \\
@@ -276,7 +276,7 @@ def run(args) -> None:
 def report(rows: list[dict]) -> str:
     """The Markdown report of every stage in ``rows`` (CSV rows as dicts)."""
     parts = [
-        "# Selection study (issue 9)",
+        "# Selection study",
         "",
         "Perplexity of SmolLM2-135M (the embedded model) with a fraction (the ratio) of the FFN neurons of every "
         "block removed, no fine-tuning, on two disjoint held-out texts (State of the Union `pre1900` / `post1900`, "

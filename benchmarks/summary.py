@@ -2,7 +2,7 @@
 
     python benchmarks/summary.py                    # every CSV
     python benchmarks/summary.py slicing_cpu reward # only these (file names without .csv)
-    python benchmarks/summary.py --markdown         # Markdown tables (e.g. for the README)
+    python benchmarks/summary.py --markdown         # Markdown tables (e.g. for docs/)
     python benchmarks/summary.py --json             # one JSON object on the last line
 
 CSVs are read generically, so a new benchmark needs no change here:

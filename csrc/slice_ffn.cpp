@@ -371,7 +371,7 @@ void slice_ffn_meta(at::TensorList rows, at::TensorList cols, const at::Tensor& 
 }  // namespace
 }  // namespace prunenet
 
-TORCH_LIBRARY_FRAGMENT(prunenet, m) {
+TORCH_LIBRARY(prunenet, m) {
   m.def("slice_ffn_(Tensor(a!)[] rows, Tensor(b!)[] cols, Tensor keep, int width, int scratch_bytes=4194304) -> ()");
 }
 

@@ -118,11 +118,10 @@ def _gram_kernel(
 def _config(dtype: torch.dtype) -> dict:
     """Tile sizes and launch options.
 
-    GPU: not tuned on a GPU (none was available when this was written). 64 x 64 output tiles keep
-    the float32 accumulator at 16 KB per program; float32 inputs take a shorter row block because
-    their tiles are twice the bytes. Interpreter: every block step costs a few numpy calls whatever
-    its size, so big blocks are what keeps it fast (k=1075, d=576: 6 s per call with the GPU blocks,
-    under 1 s with these).
+    GPU: not yet timed on a GPU. 64 x 64 output tiles keep the float32 accumulator at 16 KB per
+    program; float32 inputs take a shorter row block because their tiles are twice the bytes.
+    Interpreter: every block step costs a few numpy calls whatever its size, so big blocks are what
+    keeps it fast (k=1075, d=576: 6 s per call with the GPU blocks, under 1 s with these).
     """
     if _interpreting():
         # The interpreter's dot multiplies numpy arrays and keeps bfloat16 as raw uint16 bits, so

@@ -14,7 +14,16 @@ light: torch and transformers load on first use.
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressConfig", "CompressResult", "PruneConfig", "PruneResult", "SELECTORS", "compress", "prune_"]
+__all__ = [
+    "CompressConfig",
+    "CompressResult",
+    "PruneConfig",
+    "PruneResult",
+    "SELECTORS",
+    "compress",
+    "load_model",
+    "prune_",
+]
 
 _LAZY = {
     "compress": "pipeline",
@@ -24,6 +33,7 @@ _LAZY = {
     "CompressConfig": "config",
     "PruneConfig": "config",
     "SELECTORS": "selectors",
+    "load_model": "models",
 }
 
 

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.safetensors"
 MANIFEST_FILE = "prunenet.json"
+MANIFEST_FILES_KEY = "files"
+"""``prunenet.json`` lists every entry of its folder under this key: how an output is recognised as prunenet's."""
+PARTIAL_MARKER = ".prunenet-partial"
+"""File inside every temporary folder of a run (never part of an output): only marked folders are swept."""
 
 
 def save_policy(policy: SparsityPredictor, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -85,8 +89,10 @@ def strict_json(value) -> tuple[object, list[str]]:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Write ``prunenet.json``: strict, indented JSON (non-finite numbers become ``null``, with a warning)."""
-    manifest, replaced = strict_json(manifest)
+    """Write ``prunenet.json``, last: strict, indented JSON (non-finite numbers become ``null``, with a
+    warning), listing every entry of ``folder`` under ``"files"``."""
+    files = sorted({*os.listdir(folder), MANIFEST_FILE} - {PARTIAL_MARKER})
+    manifest, replaced = strict_json({**manifest, MANIFEST_FILES_KEY: files})
     if replaced:
         log.warning("%s: not finite, written as null: %s", MANIFEST_FILE, ", ".join(replaced))
     with open(folder / MANIFEST_FILE, "w") as f:

@@ -36,6 +36,16 @@ def option(default=dataclasses.MISSING, help: str = "", *, flag: str | None = No
     return field(default=default, metadata=metadata)
 
 
+def flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: ``--field-name`` unless its metadata names another."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def flag_of(cls, name: str) -> str:
+    """The flag of field ``name`` of the config dataclass ``cls``."""
+    return flag(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
 def kept_width(ratio: float, width: int) -> int:
     """``k = floor((1 - ratio) * n)``, robust to float rounding (``(1 - 0.3) * 10`` is ``6.99..``)."""
     return math.floor((1.0 - ratio) * width + 1e-9)

@@ -439,6 +439,8 @@ def inference_cost(
         "decode_ms_per_token", "peak_memory_bytes", "peak_extra_bytes", "memory_method", "prompt_tokens",
         "new_tokens", "batch_size", "repeats", "device"}``.
     """
+    from .models import forward_with_cache
+
     check_cost_options(prompt_tokens, new_tokens, batch_size, repeats)
     device = torch.device(device)
     model.eval()
@@ -455,14 +457,14 @@ def inference_cost(
     def run() -> tuple[float, float]:
         _sync(device)
         tick = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True, **extra)
+        logits, cache = forward_with_cache(model, prompt, **extra)
         _sync(device)
         prefill = time.perf_counter() - tick
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        token = logits[:, -1:].argmax(-1)
         tick = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            logits, cache = forward_with_cache(model, token, cache)
+            token = logits[:, -1:].argmax(-1)
         _sync(device)
         return prefill, time.perf_counter() - tick
 

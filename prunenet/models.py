@@ -303,6 +303,19 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     return _from_hub(text)
 
 
+def forward_with_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache=None, **kwargs):
+    """One forward pass that extends the key/value cache: ``(logits, cache)``.
+
+    transformers 5.2x names the argument and the output field ``cache``, earlier versions
+    ``past_key_values`` (now deprecated, with a warning on every call).
+    """
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **{name: cache}, **kwargs)
+    return out.logits, getattr(out, name)
+
+
 def _weights_hint(err: BaseException) -> str:
     """Blame the file only for errors that come from reading it."""
     from safetensors import SafetensorError

@@ -4,16 +4,22 @@
   :mod:`prunenet.kernels`, CUDA): :func:`resolve_reward_backend`.
 * The complement route of the Gram matrices, ``W^T W - W[drop]^T W[drop]`` instead of
   ``W[keep]^T W[keep]``: :func:`use_complement`, one cost model per backend, also used by the memory plan.
-* The native extension ``prunenet._C`` (the in-place slicing op ``torch.ops.prunenet.slice_ffn_``):
-  :mod:`prunenet._ext` loads it; :func:`prunenet.slicing.slice_ffn_` dispatches to it or to its
-  pure-PyTorch reference.
+* The native extension ``prunenet._C``, built by CMake from ``csrc/`` at install time
+  (``pip install --no-build-isolation .``; ``PRUNENET_SKIP_EXT=1`` installs without it): importing it
+  registers ``torch.ops.prunenet.slice_ffn_``, the in-place slicing op. :func:`native_slice_ok` says when
+  :func:`prunenet.slicing.slice_ffn_` may call it; otherwise its pure-PyTorch reference runs. At run
+  time ``PRUNENET_DISABLE_EXT=1`` makes the package ignore a built extension. Nothing fails at import:
+  only :func:`require` raises, with how to rebuild.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
@@ -89,3 +95,95 @@ def complement_rows(keeps: torch.Tensor, n: int) -> torch.Tensor:
     if int(dropped.sum()) != num * (n - k):
         raise ValueError("kept row indices must be distinct within each layer")
     return dropped.nonzero()[:, 1].view(num, n - k)
+
+
+# -- the native extension ---------------------------------------------------------------------------
+
+_NOT_TRIED = object()
+_module: object = _NOT_TRIED  # ModuleType | None once load() has run
+_import_error: str | None = None
+
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load() -> ModuleType | None:
+    """Import ``prunenet._C`` once (cached) and return it, or None if that fails (see :func:`import_error`)."""
+    global _module, _import_error
+    if _module is _NOT_TRIED and os.environ.get("PRUNENET_DISABLE_EXT") == "1":
+        _module, _import_error = None, "disabled by PRUNENET_DISABLE_EXT=1"
+    if _module is _NOT_TRIED:
+        try:
+            module = importlib.import_module("prunenet._C")
+            built = module.torch_version().split("+")[0].split(".")[:2]
+            running = torch.__version__.split("+")[0].split(".")[:2]
+            if module.torch_version() != "unknown" and built != running:  # "unknown": built by hand with CMake
+                raise ImportError(
+                    f"prunenet._C was built against torch {module.torch_version()}, "
+                    f"but torch {torch.__version__} is installed"
+                )
+        except Exception as e:  # ImportError, undefined symbols (ImportError/OSError), a broken build
+            _module, _import_error = None, f"{type(e).__name__}: {e}"
+        else:
+            _module, _import_error = module, None
+    return _module  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """True if the native extension is importable (its CPU kernels are then registered)."""
+    return load() is not None
+
+
+def cuda_available() -> bool:
+    """True if the native extension was built with its CUDA kernels (says nothing about a GPU being present)."""
+    module = load()
+    return module is not None and bool(module.cuda_built())
+
+
+def import_error() -> str | None:
+    """Why ``import prunenet._C`` failed, or None (not tried yet, or it worked)."""
+    load()
+    return _import_error
+
+
+def require() -> ModuleType:
+    """Return ``prunenet._C``, or raise RuntimeError saying how to build it."""
+    module = load()
+    if module is None:
+        raise RuntimeError(
+            "the native extension prunenet._C is not built: reinstall with `pip install --no-build-isolation .` "
+            "(needs cmake and a C++17 compiler; PRUNENET_SKIP_EXT=1 builds without it); "
+            f"import failed with: {_import_error}"
+        )
+    return module
+
+
+def native_device(device: torch.device) -> bool:
+    """Whether the native ops have a kernel for ``device`` (CPU always; CUDA if built with it)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and cuda_available()
+
+
+def _layout_ok(t: torch.Tensor, dim: int) -> bool:
+    """Whether the native op takes this layout: contiguous, or row-strided (see ``check_layout`` in csrc)."""
+    if dim == 0:
+        if t.dim() == 2 and t.shape[1] > 1:
+            return t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+        return t.dim() in (1, 2) and t.stride(0) >= 1
+    return t.dim() == 2 and t.stride(1) >= 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1] * t.stride(1))
+
+
+def native_slice_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
+    """Whether ``torch.ops.prunenet.slice_ffn_`` can take these inputs (else the PyTorch path does)."""
+    tensors = [*rows, *cols]
+    if not (available() and hasattr(torch.ops.prunenet, "slice_ffn_")):
+        return False
+    first = tensors[0]
+    return (
+        native_device(first.device)
+        and first.dtype in NATIVE_DTYPES
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        and keep.dtype == torch.int64
+        and all(_layout_ok(t, 0) for t in rows)
+        and all(_layout_ok(t, 1) for t in cols)
+    )

@@ -34,16 +34,10 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .checkpoint import MANIFEST_FILE, read_manifest, write_manifest
+from .checkpoint import MANIFEST_FILE, MANIFEST_FILES_KEY, PARTIAL_MARKER, read_manifest
 from .tables import format_bytes
 
 log = logging.getLogger(__name__)
-
-PARTIAL_MARKER = ".prunenet-partial"
-"""File inside every temporary folder of a run: only marked folders are ever swept as orphans."""
-
-MANIFEST_FILES_KEY = "files"
-"""``prunenet.json`` lists every entry of its folder under this key: how an output is recognised."""
 
 
 class OutputFolderError(ValueError):
@@ -310,9 +304,9 @@ class OutputFolder:
     def write(self, resume: str | None = None) -> Iterator[Path]:
         """Yield a temporary folder beside the output; when the block succeeds it becomes the output.
 
-        The block must write ``prunenet.json`` last-but-not-least: its ``files`` list is completed here
-        with every entry of the folder, which is what lets a later ``--overwrite`` recognise it. On any
-        error (Ctrl-C included) the temporary folder is removed and the old output is untouched.
+        The block must end by writing ``prunenet.json`` (:func:`~prunenet.checkpoint.write_manifest`): its
+        list of every file is what lets a later ``--overwrite`` recognise the folder. On any error (Ctrl-C
+        included) the temporary folder is removed and the old output is untouched.
 
         ``resume`` (a digest of the inputs) names the folder ``.NAME.partial-RESUME`` and reuses one a
         killed run left behind, so the same command finds what that run finished. Other leftovers of
@@ -339,13 +333,11 @@ class OutputFolder:
             raise
 
     def _install(self, tmp: Path) -> None:
-        """Record the files in the manifest, fix permissions, and rename ``tmp`` over the output."""
+        """Check the manifest lists the folder, fix permissions, and rename ``tmp`` over the output."""
         (tmp / PARTIAL_MARKER).unlink()
-        if not (tmp / MANIFEST_FILE).is_file():
-            raise RuntimeError(f"internal error: nothing wrote {MANIFEST_FILE} into {tmp}")
-        manifest = read_manifest(tmp)
-        manifest[MANIFEST_FILES_KEY] = sorted({*os.listdir(tmp), MANIFEST_FILE})
-        write_manifest(tmp, manifest)
+        foreign, why = _foreign_entries(tmp, sorted(os.listdir(tmp)))
+        if foreign:
+            raise RuntimeError(f"internal error: {MANIFEST_FILE} in {tmp} does not list {foreign} ({why})")
         match_umask(tmp)
         # The output may have changed during the run (not by prunenet: we hold its lock). Check again.
         check_existing_output(self.path, self.overwrite)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from .validate import resolve_device
 from .writers import writer_for
 
 __all__ = ["CompressResult", "PruneResult", "compress", "prune_"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,12 +83,13 @@ class PruneResult:
 
 def _prune(source: Source, config: PruneConfig, policy, dist: Distributed, progress: bool, timings: dict):
     """Select on ``source`` and apply the choice (in place, or deferred to the shard writer)."""
-    tick = time.perf_counter()
     params_before, width = source.numel(), source.width  # before slicing changes the config's width
+    tick = time.perf_counter()
     selection: Selection = select(source, config, policy=policy, dist=dist, progress=progress)
+    timings["select_s"] = time.perf_counter() - tick  # training (if any) included
     if selection.train_seconds is not None:
         timings["train_s"] = selection.train_seconds
-        tick += selection.train_seconds  # slicing time counts from the end of training
+    tick = time.perf_counter()
     writer = writer_for(source)
     attention = writer.apply(selection.keeps, config, progress)
     k = selection.keeps[0].numel()
@@ -172,7 +176,10 @@ def compress(
             target.ensure_space(plan.output_bytes_at_least())
         source = plan.open()
         timings["load_s"] = time.perf_counter() - tick
+        log.info("selecting with --method %s at ratio %s (%s)", config.method, config.ratio,
+                 "streaming" if source.streaming else "in memory")  # fmt: skip
         result, writer = _prune(source, config, policy, dist, progress, timings)
+        log.info("writing %s", out)
         manifest = {
             "prunenet_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -256,3 +256,14 @@ def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progr
     if selector.needs == "model":
         source.states()  # checks the weights for NaN/inf before running the model on them
     return selector.choose(source, k, config, policy=policy, dist=dist, progress=progress)
+
+
+def markdown_table() -> str:
+    """The registry as the docs show it (``docs/methods.md``'s generated ``methods`` block)."""
+    from .config import PruneConfig, flag_of
+
+    rows = ["| `--method` | needs | its own options | what it does |", "|---|---|---|---|"]
+    for s in SELECTORS.values():
+        options = ", ".join(f"`{flag_of(PruneConfig, o)}`" for o in s.options) or "-"
+        rows.append(f"| `{s.name}` | {NEEDS[s.needs]} | {options} | {s.summary} |")
+    return "\n".join(rows)

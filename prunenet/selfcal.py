@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import ModelAdapter, get_adapter
+from .models import forward_with_cache
 
 PROBES = ("generate", "random")
 SCORES = ("wanda", "flap")
@@ -97,11 +98,10 @@ def self_probes(
     was_training = model.training
     model.eval()
     ids = torch.full((sequences, 1), start_token(model), dtype=torch.long, device=device)
-    past, step_ids = None, ids
+    cache, step_ids = None, ids
     for _ in range(length - 1):
-        out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        probs = torch.softmax(out.logits[:, -1].float().cpu() / temperature, dim=-1)
+        logits, cache = forward_with_cache(model, step_ids, cache)
+        probs = torch.softmax(logits[:, -1].float().cpu() / temperature, dim=-1)
         step_ids = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, step_ids], dim=1)
     model.train(was_training)
@@ -213,7 +213,7 @@ def selfcal_keeps(
     """The ``selfcal`` method: kept neurons per layer (sorted ``(k,)`` int64) from self-generated probes.
 
     ``seed`` fixes the probe sequences, hence the result. Cost on SmolLM2-135M (2 CPU cores): generating
-    8 x 128 tokens and one forward pass over them -- see the README for the measured time.
+    8 x 128 tokens and one forward pass over them -- see docs/methods.md for the measured time.
     """
     ids = self_probes(model, kind=probe, sequences=sequences, length=length, seed=seed)
     scores = neuron_scores(model, activation_stats(model, ids), score)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import _ext
+from . import ops
 from .adapters import ModelAdapter
 from .adapters.base import neuron_entries
 
@@ -52,31 +52,6 @@ def slice_ffn_ref(
     """
     gather = lambda t, dim: t.index_select(dim, _neuron_index(t, dim, keep, width)).contiguous()  # noqa: E731
     return [gather(t, 0) for t in rows], [gather(t, 1) for t in cols]
-
-
-def _layout_ok(t: torch.Tensor, dim: int) -> bool:
-    """Whether the native op takes this layout: contiguous, or row-strided (see ``check_layout`` in csrc)."""
-    if dim == 0:
-        if t.dim() == 2 and t.shape[1] > 1:
-            return t.stride(1) == 1 and t.stride(0) >= t.shape[1]
-        return t.dim() in (1, 2) and t.stride(0) >= 1
-    return t.dim() == 2 and t.stride(1) >= 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1] * t.stride(1))
-
-
-def _native_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
-    """Whether ``torch.ops.prunenet.slice_ffn_`` can take these inputs (else the PyTorch path does)."""
-    tensors = [*rows, *cols]
-    if not (_ext.available() and hasattr(torch.ops.prunenet, "slice_ffn_")):
-        return False
-    first = tensors[0]
-    return (
-        _ext.native_device(first.device)
-        and first.dtype in _ext.NATIVE_DTYPES
-        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
-        and keep.dtype == torch.int64
-        and all(_layout_ok(t, 0) for t in rows)
-        and all(_layout_ok(t, 1) for t in cols)
-    )
 
 
 @torch.no_grad()
@@ -117,8 +92,8 @@ def slice_ffn_(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     rows, cols = list(rows), list(cols)
-    if backend == "native" or (backend == "auto" and _native_ok(rows, cols, keep)):
-        _ext.require()
+    if backend == "native" or (backend == "auto" and ops.native_slice_ok(rows, cols, keep)):
+        ops.require()
         scratch = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
         torch.ops.prunenet.slice_ffn_(rows, cols, keep, width, scratch)
         return rows, cols

@@ -37,7 +37,8 @@ class ModelWriter:
 
         model, adapter = self.source.model, self.source.adapter
         self.source.close()  # its state matrices are views of the weights slicing replaces
-        slice_model_(model, adapter, keeps, progress=progress)
+        if keeps[0].numel() < self.source.width:  # keeping every neuron changes nothing
+            slice_model_(model, adapter, keeps, progress=progress)
         if config.modules == "ffn+attn":
             return slice_attention_by_ratio_(model, adapter, config.ratio, progress)
         return None

@@ -8,8 +8,9 @@ import torch
 import transformers
 from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model
 
-from prunenet import _ext
+from prunenet import ops
 from prunenet.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from prunenet.selectors import random_keeps
 from prunenet.slicing import slice_model_
 
 REQUIRED_TYPES = {
@@ -18,12 +19,10 @@ REQUIRED_TYPES = {
 }  # fmt: skip
 
 
-def random_keeps(model, fraction=0.6, seed=0):
+def random_keeps_of(model, fraction=0.6, seed=0):
     adapter = get_adapter(model.config)
     n = adapter.ffn_width(model.config)
-    g = torch.Generator().manual_seed(seed)
-    k = int(fraction * n)
-    return [torch.randperm(n, generator=g)[:k].sort().values for _ in range(adapter.num_layers(model.config))]
+    return random_keeps(adapter.num_layers(model.config), n, int(fraction * n), seed)
 
 
 def masked_dense_logits(model, keeps, inputs):
@@ -97,7 +96,7 @@ def test_keeping_every_neuron_is_the_identity(name):
 def test_pruned_model_matches_masked_dense_and_reloads_with_stock_transformers(name, tmp_path):
     model = tiny_model(name)
     inputs = sample_inputs()
-    keeps = random_keeps(model)
+    keeps = random_keeps_of(model)
     k = keeps[0].numel()
     expected = masked_dense_logits(model, keeps, inputs)
     adapter = get_adapter(model.config)
@@ -116,12 +115,12 @@ def test_pruned_model_matches_masked_dense_and_reloads_with_stock_transformers(n
         assert torch.equal(reloaded(inputs).logits, pruned)
 
 
-@pytest.mark.skipif(not _ext.available(), reason=f"prunenet._C not built: {_ext.import_error()}")
+@pytest.mark.skipif(not ops.available(), reason=f"prunenet._C not built: {ops.import_error()}")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_native_and_pytorch_slicing_give_identical_models(name):
     inputs = sample_inputs()
     native, reference = tiny_model(name), tiny_model(name)  # same seed: same weights
-    keeps = random_keeps(native, fraction=0.45, seed=1)
+    keeps = random_keeps_of(native, fraction=0.45, seed=1)
     adapter = get_adapter(native.config)
     slice_model_(native, adapter, keeps, progress=False, backend="native")
     slice_model_(reference, adapter, keeps, progress=False, backend="torch")
@@ -135,7 +134,7 @@ def test_phi3_fused_gate_up_moves_rows_j_and_n_plus_j_together():
     model = tiny_model("phi3")
     adapter = get_adapter(model.config)
     fused = model.get_parameter("model.layers.0.mlp.gate_up_proj.weight").detach().clone()
-    keeps = random_keeps(model)
+    keeps = random_keeps_of(model)
     slice_model_(model, adapter, keeps, progress=False)
     sliced = model.get_parameter("model.layers.0.mlp.gate_up_proj.weight")
     keep = keeps[0]
@@ -148,7 +147,7 @@ def test_gpt2_conv1d_layout_and_null_n_inner():
     adapter = get_adapter(model.config)
     assert adapter.ffn_width(model.config) == 4 * model.config.n_embd
     c_fc = model.get_parameter("transformer.h.0.mlp.c_fc.weight").detach().clone()  # (d, n)
-    keeps = random_keeps(model)
+    keeps = random_keeps_of(model)
     slice_model_(model, adapter, keeps, progress=False)
     assert model.config.n_inner == keeps[0].numel()
     assert torch.equal(model.get_parameter("transformer.h.0.mlp.c_fc.weight"), c_fc[:, keeps[0]])

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import scipy.stats
 import torch
 import transformers
-from tiny_models import sample_inputs, save_tiny_model, tiny_model
+from tiny_models import logits, sample_inputs, save_tiny_model, spectral_ks, tiny_model
 
 from prunenet.adapters import get_adapter
 from prunenet.attention import (
@@ -33,11 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Families with separate q/k/v/o projections; qwen2 has q/k/v biases, qwen3 per-head q/k norms,
 # gemma an explicit head_dim.
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
-
-
-def logits(model, ids=None):
-    with torch.no_grad():
-        return model(input_ids=sample_inputs() if ids is None else ids).logits
 
 
 def silenced(model, adapter, removed: list[list[int]]):
@@ -96,12 +89,6 @@ def test_sliced_model_generates_with_kv_cache():
     assert torch.equal(full[0, ids.shape[1] - 1 :].argmax(-1), out[0, ids.shape[1] :])
 
 
-def ks_reference(a: torch.Tensor, b: torch.Tensor) -> float:
-    sa = np.linalg.svd(a.double().numpy(), compute_uv=False)
-    sb = np.linalg.svd(b.double().numpy(), compute_uv=False)
-    return scipy.stats.ks_2samp(sa, sb).statistic
-
-
 def test_choose_groups_removing_one_group_is_the_exhaustive_optimum():
     g = torch.Generator().manual_seed(3)
     heads, kv, hd, d = 8, 4, 5, 48
@@ -111,7 +98,7 @@ def test_choose_groups_removing_one_group_is_the_exhaustive_optimum():
     scores = {}
     for removed in range(kv):
         keep = [r for r in range(heads * hd) if not removed * span <= r < (removed + 1) * span]
-        scores[removed] = ks_reference(rows, rows[keep])
+        scores[removed] = spectral_ks(rows, rows[keep])
     chosen = choose_groups(o, AttentionShape(heads, kv, hd), kv - 1).tolist()
     best = min(scores, key=lambda r: (scores[r], r))
     assert chosen == [x for x in range(kv) if x != best]

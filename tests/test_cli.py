@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_model, tiny_text
+from tiny_models import tiny_text
 
 from prunenet.cli import build_parser, main
 
@@ -22,13 +21,6 @@ def cli(*args, check=True):
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "tiny-phi"
-    save_tiny_model("phi", folder)
-    return folder
 
 
 def test_help_documents_every_flag():
@@ -107,10 +99,6 @@ def test_triton_reward_backend_without_cuda_exits_2(tiny_dir, tmp_path, capsys, 
     code = main([*args, "--device", "cpu", "--reward-backend", "triton"])
     assert code == 2 and "--reward-backend" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-def test_offline_environment_is_set():
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 def test_eval_help_documents_evaluation_flags():

@@ -146,8 +146,8 @@ def test_zero_shot_local_task_matches_hand_computation(lm_eval_installed):
 
 
 def test_zero_shot_reports_unreachable_dataset_and_runs_the_rest(lm_eval_installed, tmp_path, monkeypatch):
-    """The README's offline recipe (a YAML reading a local JSONL with `dataset_path: json`) runs; a task whose
-    dataset is on the Hub only is reported as unavailable, with what to do."""
+    """The offline recipe of docs/evaluation.md (a YAML reading a local JSONL with `dataset_path: json`) runs; a
+    task whose dataset is on the Hub only is reported as unavailable, with what to do."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     common = "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_target: label\ndoc_to_choice: choices\n"
     data = TASKS_DIR / "tiny_mc.jsonl"
@@ -191,17 +191,21 @@ def test_inference_cost_counts_and_times():
     assert cost["peak_memory_bytes"] >= cost["peak_extra_bytes"] >= 0 and cost["memory_method"]
 
 
-def test_decode_loop_is_greedy_generation():
-    """The decode steps timed by inference_cost produce what `generate` produces: the KV cache is used right."""
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_decode_loop_is_greedy_generation(family):
+    """The cached decode steps inference_cost times (and selfcal samples with) produce what `generate`
+    produces: the key/value cache is passed and read back under the name this transformers uses."""
+    from prunenet.models import forward_with_cache
+
+    model = tiny_model(family)
     prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True)
-        past, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        logits, cache = forward_with_cache(model, prompt)
+        token, tokens = logits[:, -1:].argmax(-1), []
         for _ in range(6):
             tokens.append(int(token))
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            logits, cache = forward_with_cache(model, token, cache)
+            token = logits[:, -1:].argmax(-1)
         generated = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert generated[0, 10:].tolist() == tokens
 

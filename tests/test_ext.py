@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prunenet import _ext, slicing
+from prunenet import ops, slicing
 
-needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"prunenet._C not built: {_ext.import_error()}")
+needs_ext = pytest.mark.skipif(not ops.available(), reason=f"prunenet._C not built: {ops.import_error()}")
 
 
 # --------------------------------------------------------------------------- always run
@@ -25,10 +25,10 @@ needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"prunenet._C not bu
 def test_import_never_raises_without_extension():
     code = (
         "import sys; sys.modules['prunenet._C'] = None\n"  # makes `import prunenet._C` raise ImportError
-        "import torch; from prunenet import _ext\n"
-        "assert not _ext.available() and not _ext.cuda_available()\n"
-        "assert 'prunenet._C' in _ext.import_error()\n"
-        "try:\n    _ext.require()\nexcept RuntimeError as e:\n    assert 'pip install --no-build-isolation' in str(e)\n"
+        "import torch; from prunenet import ops\n"
+        "assert not ops.available() and not ops.cuda_available()\n"
+        "assert 'prunenet._C' in ops.import_error()\n"
+        "try:\n    ops.require()\nexcept RuntimeError as e:\n    assert 'pip install --no-build-isolation' in str(e)\n"
         "else:\n    raise AssertionError('require() did not raise')\n"
         "from prunenet.slicing import slice_ffn_\n"
         "w = torch.randn(6, 4); k = torch.tensor([0, 5]); ref = w[k].clone()\n"
@@ -40,14 +40,14 @@ def test_import_never_raises_without_extension():
 
 
 def test_falls_back_when_extension_unavailable(monkeypatch):
-    monkeypatch.setattr(_ext, "_module", None)
-    monkeypatch.setattr(_ext, "_import_error", "ImportError: forced by the test")
-    assert not _ext.available() and not _ext.cuda_available()
+    monkeypatch.setattr(ops, "_module", None)
+    monkeypatch.setattr(ops, "_import_error", "ImportError: forced by the test")
+    assert not ops.available() and not ops.cuda_available()
     with pytest.raises(RuntimeError, match="forced by the test"):
-        _ext.require()
+        ops.require()
     w = torch.randn(37, 11)
     keep = torch.tensor([2, 20, 36])
-    assert not slicing._native_ok([w], [], keep)
+    assert not ops.native_slice_ok([w], [], keep)
 
     def boom(*args):
         raise AssertionError("native op called although the extension is unavailable")
@@ -63,7 +63,7 @@ def test_falls_back_when_extension_unavailable(monkeypatch):
 
 @needs_ext
 def test_extension_module():
-    module = _ext.require()
+    module = ops.require()
     assert isinstance(module.cuda_built(), bool)
     if torch.version.cuda is None:
         assert not module.cuda_built()

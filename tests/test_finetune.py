@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import sample_inputs, save_tiny_model, tiny_model, tiny_tokenizer
+from tiny_models import logits, save_tiny_model, tiny_model, tiny_tokenizer
 
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE
@@ -28,11 +28,6 @@ TINY = dict(steps=6, seq_len=16, batch_size=2, lr=1e-2, warmup_steps=0, eval_eve
 def tiny_text(words: int = 3000) -> str:
     """Learnable text in the tiny vocabulary: a fixed cycle of 37 words (random tokens would teach nothing)."""
     return " ".join(f"w{3 + (7 * i) % 37}" for i in range(words))
-
-
-def logits(model, ids=None):
-    with torch.no_grad():
-        return model(input_ids=sample_inputs() if ids is None else ids).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "opt", "falcon"])

@@ -25,6 +25,7 @@ from prunenet.kernels import ks as kks  # noqa: E402
 
 from prunenet import ops, reward  # noqa: E402
 from prunenet.ops import complement_rows, use_complement  # noqa: E402
+from prunenet.selectors import random_keeps  # noqa: E402
 from prunenet.train import TrainConfig, train_policy  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,9 +44,8 @@ def spread_states(layers: int, n: int, d: int, dtype=torch.float32, seed: int = 
     return [(torch.randn(n, d, generator=g) * scale * 0.05).to(dtype).to(DEVICE) for _ in range(layers)]
 
 
-def random_keeps(layers: int, n: int, k: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(layers)]).to(DEVICE)
+def stacked_keeps(layers: int, n: int, k: int, seed: int = 1) -> torch.Tensor:
+    return torch.stack(random_keeps(layers, n, k, seed)).to(DEVICE)
 
 
 def float32_baseline(states, keeps, complement: bool) -> torch.Tensor:
@@ -66,7 +66,7 @@ def float32_baseline(states, keeps, complement: bool) -> torch.Tensor:
 @pytest.mark.parametrize("n, d, k", SHAPES, ids=SHAPE_IDS)
 def test_gram_matches_float64(n, d, k, dtype, route):
     states = spread_states(3, n, d, dtype)
-    keeps = random_keeps(3, n, k)
+    keeps = stacked_keeps(3, n, k)
     full = kgram.full_gram(states) if route == "complement" else None
     if route == "complement":
         assert use_complement(n, k, "triton")  # so kept_gram takes that route
@@ -97,7 +97,7 @@ def test_gram_small_tiles_ragged_edges_and_strided_weights(layout):
         states = [flat[start + i * n * d : start + (i + 1) * n * d].view(n, d) for i in reversed(range(3))]
     else:
         states = base
-    keeps = random_keeps(3, n, k)
+    keeps = stacked_keeps(3, n, k)
     got = kgram.gram_rows(states, keeps, blocks=(32, 16))
     ref = kgram.kept_gram_ref(states, keeps)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
@@ -136,7 +136,7 @@ def test_spectra_match_float64_svd(n, d, k, route):
     (d=123) and 2e-5 (d=576) here, 8e-5 on SmolLM2-135M's real gate_proj weights (the smallest
     singular value is the worst); asserted below 1e-3 as well, so float32 eigen-solves suffice."""
     states = spread_states(2, n, d)
-    keeps = random_keeps(2, n, k)
+    keeps = stacked_keeps(2, n, k)
     full = kgram.full_gram(states) if route == "complement" else None
     spectra = reward.spectra_from_gram(kgram.kept_gram(states, keeps, full), min(k, d)).double()
     exact = torch.stack([torch.linalg.svdvals(w[kp].double()).flip(-1) for w, kp in zip(states, keeps, strict=True)])
@@ -216,7 +216,7 @@ def test_both_backends_train_the_same_policy(states_of, ratio):
 
 def test_episode_rewards_backends_agree_per_layer():
     states = spread_states(5, 200, 40, torch.float16)
-    keeps = list(random_keeps(5, 200, 140))
+    keeps = list(stacked_keeps(5, 200, 140))
     rewards = {}
     for backend in ("torch", "triton"):
         ref = reward.prepare_reward(states, 140, backend)
@@ -285,7 +285,7 @@ def test_gpu_llama7b_layer_gram_and_spectrum(dtype):
     """One LLaMA-2-7B-shaped layer (11008 x 4096, ratio 0.3) on tensor cores, both routes."""
     n, d, k = 11008, 4096, 7705
     states = spread_states(1, n, d, dtype)
-    keeps = random_keeps(1, n, k)
+    keeps = stacked_keeps(1, n, k)
     ref = kgram.kept_gram_ref(states, keeps)
     for full in (None, kgram.full_gram(states)):
         got = kgram.kept_gram(states, keeps, full)

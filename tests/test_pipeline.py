@@ -21,13 +21,6 @@ from prunenet.output import OutputFolderError
 from prunenet.pipeline import compress
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    save_tiny_model("llama", folder)
-    return folder
-
-
 def run(tiny_dir, out, **kwargs):
     kwargs.setdefault("ratio", 0.25)
     kwargs.setdefault("episodes", 3)

@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: its grid reproduces what the CLI would measure, and its tables, verdicts and README block."""
+"""benchmarks/quality.py: its grid reproduces what the CLI would measure, and its tables, verdicts and docs block."""
 
 from __future__ import annotations
 
@@ -111,15 +111,17 @@ def test_markdown_states_verdicts_with_numbers():
     assert s["texts"]["pre1900"]["ratios"]["0.1"]["prunenet-topk_beats_magnitude"] is True
 
 
-def test_from_csv_rebuilds_report_plot_and_readme_block(tmp_path, monkeypatch):
+def test_from_csv_rebuilds_report_plot_and_doc_block(tmp_path, monkeypatch):
     rows = _synthetic_rows()
     common.write_csv(tmp_path / "quality.csv", [{**META, **r} for r in rows])
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\n<!-- quality:begin -->\nold\n<!-- quality:end -->\n\n## Next\nkept\n")
-    monkeypatch.setattr(quality, "update_readme_block", lambda name, content: common.update_readme_block(
-        name, content, readme))  # fmt: skip
+    page = tmp_path / "results.md"
+    page.write_text("# Title\n\n<!-- quality:begin -->\nold\n<!-- quality:end -->\n\n## Next\nkept\n")
+    written = []
+    monkeypatch.setattr(quality, "update_doc_block", lambda name, content, target: (
+        written.append(target), common.update_doc_block(name, content, page)))  # fmt: skip
     assert quality.main(["--from-csv", "--out", str(tmp_path), "--quiet"]) == 0
-    new = readme.read_text()
+    assert written == [common.ROOT / "docs" / "results.md"]  # the page that holds the block, not the README
+    new = page.read_text()
     assert (
         "old" not in new and new.startswith("# Title\n\n<!-- quality:begin -->\nPerplexity") and "## Next\nkept" in new
     )

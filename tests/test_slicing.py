@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 
-from prunenet import _ext
+from prunenet import ops
 from prunenet.slicing import slice_ffn_, slice_ffn_ref
 
-needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"prunenet._C not built: {_ext.import_error()}")
+needs_ext = pytest.mark.skipif(not ops.available(), reason=f"prunenet._C not built: {ops.import_error()}")
 needs_cuda_ext = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _ext.cuda_available()), reason="needs a CUDA device and the CUDA extension"
+    not (torch.cuda.is_available() and ops.cuda_available()), reason="needs a CUDA device and the CUDA extension"
 )
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -222,10 +222,10 @@ def test_wrapper_rejects_bad_input_on_torch_path():
 
 def test_disable_ext_env_forces_the_pytorch_path():
     code = (
-        "import torch; from prunenet import _ext; from prunenet.slicing import _native_ok, slice_ffn_\n"
-        "assert not _ext.available() and 'PRUNENET_DISABLE_EXT' in _ext.import_error()\n"
+        "import torch; from prunenet import ops; from prunenet.slicing import slice_ffn_\n"
+        "assert not ops.available() and 'PRUNENET_DISABLE_EXT' in ops.import_error()\n"
         "w = torch.randn(8, 3); k = torch.tensor([0, 5])\n"
-        "assert not _native_ok([w], [], k)\n"
+        "assert not ops.native_slice_ok([w], [], k)\n"
         "slice_ffn_([w], [], k, 8); assert w.shape == (2, 3)\n"
     )
     env = {**__import__("os").environ, "PRUNENET_DISABLE_EXT": "1"}

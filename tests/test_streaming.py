@@ -5,12 +5,14 @@ no partial output on failure, and resumption after a kill."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import CONFIGS, WIDTH, all_tensors, sample_inputs, save_sharded
+from tiny_models import CONFIGS, WIDTH, all_tensors, sample_inputs, save_sharded, tiny_tokenizer
 
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
@@ -198,6 +200,28 @@ def test_memory_plan_spills_what_does_not_fit():
     assert (roomy.states, roomy.grams) == ("device", "device")
     assert plan_memory(32, 11008, 4096, 2, 3000, parse_size("64GiB"), "cpu").grams == "none"  # 2k < n
     assert "budget 3.00 GiB" in plan.describe()
+
+
+def test_the_memory_plan_bounds_the_measured_peak_of_a_streaming_run(tmp_path):
+    """A fresh process streams a 6-layer checkpoint (150 MB; states held in memory, W^T W too at ratio 0.3):
+    its peak resident memory (VmHWM, which exec resets) stays below the plan's estimate, runtime included."""
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=4096, num_hidden_layers=6,
+                                      num_attention_heads=8, max_position_embeddings=64)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="20MB")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    code = (
+        "import sys; from prunenet.cli import main\n"
+        f"code = main(['compress', '--model', {str(tmp_path / 'src')!r}, '--out', {str(tmp_path / 'out')!r}, "
+        "'--ratio', '0.3', '--episodes', '2', '--streaming', '--max-memory', '4GiB', '--quiet'])\n"
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    plan = read_manifest(tmp_path / "out")["memory_plan"]
+    assert (plan["states"], plan["grams"]) == ("device", "device")
+    assert peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
 
 
 def test_parse_size():

@@ -4,6 +4,7 @@ and the memory-saving layer-by-layer backward equal to the gradient of the writt
 from __future__ import annotations
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -105,3 +106,35 @@ def test_each_layer_step_uses_the_gradient_of_the_written_out_loss():
 def test_k_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="k must be in"):
         train_policy(low_rank_states(), 0, TrainConfig(episodes=1), progress=False)
+
+
+def redundant_states(layers: int = 3, strong: int = 48, weak: int = 24, d: int = 16) -> list[torch.Tensor]:
+    """Each layer: ``strong`` rows sharing a mean direction, and ``weak`` rows of norm ~1e-3 shuffled in.
+
+    Keeping exactly the strong rows (k = strong) leaves the spectrum almost as it is, so a selection can
+    earn far more than a random one; and a linear policy can find them (its logits ``W u`` along the
+    shared mean tell them apart).
+    """
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(layers):
+        rows = torch.cat([torch.randn(d, generator=g) + 0.5 * torch.randn(strong, d, generator=g),
+                          1e-3 * torch.randn(weak, d, generator=g)])  # fmt: skip
+        out.append(rows[torch.randperm(strong + weak, generator=g)])
+    return out
+
+
+def test_the_trained_policy_beats_the_median_of_20_random_selections():
+    from prunenet.reward import episode_rewards, reference_spectra
+    from prunenet.selectors import policy_keeps, random_keeps
+
+    states, k = redundant_states(), 48
+    reference = reference_spectra(states)
+
+    def total(keeps):
+        return float(episode_rewards(states, keeps, reference).sum())
+
+    random = [total(random_keeps(len(states), states[0].shape[0], k, seed)) for seed in range(20)]
+    result = train_policy(states, k, TrainConfig(seed=0), progress=False)  # the CLI's 20 episodes
+    assert result.best_reward > statistics.median(random)  # discounted total of the best sampled episode
+    assert total(policy_keeps(states, k, result.policy, "topk")) > max(random)

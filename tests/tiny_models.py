@@ -68,6 +68,23 @@ def tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
+def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``model``'s logits on ``ids`` (default :func:`sample_inputs`), without gradients."""
+    with torch.no_grad():
+        return model(input_ids=sample_inputs() if ids is None else ids).logits
+
+
+def spectral_ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The reference of the spectral reward's statistic: scipy's two-sample KS between the float64 SVD
+    singular values of ``a`` and of ``b``."""
+    import numpy as np
+    import scipy.stats
+
+    sa = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    sb = np.linalg.svd(b.double().numpy(), compute_uv=False)
+    return float(scipy.stats.ks_2samp(sa, sb).statistic)
+
+
 def sample_inputs(batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
     """Random token ids ``(batch, length)``."""
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
