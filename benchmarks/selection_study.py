@@ -190,7 +190,7 @@ class Study:
             score = "flap" if "-flap-" in method else "wanda"
             probe = "random" if method.endswith("-rand") else "generate"
             size = (2, 64) if method.endswith("-small") else (8, 128)
-            scores = S.neuron_scores(self.model, self.stats(probe, seed, *size), score)
+            scores = S.neuron_scores(self.stats(probe, seed, *size), score)
             protect = self.super_neurons() if method.endswith("+sw") else [None] * self.layers
             return [S.top_k(scores[i], k, protect[i]) for i in range(self.layers)]
         raise ValueError(f"unknown candidate {method!r}")
@@ -224,7 +224,7 @@ class Study:
             if score not in names:
                 continue
             if score not in self._reference_scores:  # a fixed reference probe (seed 1000) for every selection
-                self._reference_scores[score] = S.neuron_scores(self.model, self.stats("generate", 1000), score)
+                self._reference_scores[score] = S.neuron_scores(self.stats("generate", 1000), score)
             ref = self._reference_scores[score]
             out[score] = sum(float(ref[i, keep].sum() / ref[i].sum()) for i, keep in enumerate(keeps))
         return out

@@ -22,7 +22,7 @@ most ``KV^2 / 2`` small SVDs per layer and needs no training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,8 +38,11 @@ __all__ = [
     "AttentionShape",
     "attention_shape",
     "check_modules",
+    "choose_attention",
     "choose_groups",
+    "group_entries",
     "kept_groups_count",
+    "set_kept_heads",
     "slice_attention_",
     "slice_attention_by_ratio_",
 ]
@@ -149,37 +152,40 @@ def slice_attention_(
             raise ValueError(f"layer {layer}: kept groups must be sorted, unique and in [0, {kv})")
     for layer, groups in enumerate(tqdm(kept, desc="slicing attention", unit="layer", disable=not progress)):
         block = adapter.block_prefix(layer)
-        q_rows = group_rows(groups.tolist(), shape.group, head_dim)  # (m * G * hd,)
-        kv_rows = group_rows(groups.tolist(), 1, head_dim)  # (m * hd,)
+        q_rows, kv_rows = group_entries(groups, shape)  # (m * G * hd,), (m * hd,)
         slice_linear_(model.get_submodule(block + spec.q), q_rows, 0)
         slice_linear_(model.get_submodule(block + spec.k), kv_rows, 0)
         slice_linear_(model.get_submodule(block + spec.v), kv_rows, 0)
         slice_linear_(model.get_submodule(block + spec.o), q_rows, 1)
+    set_kept_heads(config, shape, m)
+
+
+def set_kept_heads(config, shape: AttentionShape, groups: int) -> None:
+    """Record ``groups`` kept KV groups in ``config`` (heads ``groups * G``, an explicit ``head_dim``)."""
     # head_dim must be explicit: transformers derives it as hidden_size // num_attention_heads otherwise.
-    config.head_dim = head_dim
-    config.num_attention_heads = m * shape.group
-    config.num_key_value_heads = m
+    config.head_dim = shape.head_dim
+    config.num_attention_heads = groups * shape.group
+    config.num_key_value_heads = groups
 
 
-def slice_attention_by_ratio_(
-    model: torch.nn.Module, adapter: ModelAdapter, ratio: float, progress: bool = True
-) -> dict:
-    """Choose (:func:`choose_groups`) and remove KV groups at ``ratio`` in every block; returns the manifest entry.
+def group_entries(groups: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_rows, kv_rows)``: the rows of ``q_proj`` (``(H * hd, d)``; also the columns of ``o_proj``) and of
+    ``k_proj``/``v_proj`` (``(KV * hd, d)``) that kept KV groups ``groups`` (sorted) own."""
+    return group_rows(groups.tolist(), shape.group, shape.head_dim), group_rows(groups.tolist(), 1, shape.head_dim)
+
+
+def choose_attention(o_weights: Iterable[torch.Tensor], shape: AttentionShape, ratio: float) -> tuple[list, dict]:
+    """The KV groups every block keeps at ``ratio`` (:func:`choose_groups` on each ``o_proj.weight`` ``(d, H * hd)``,
+    in layer order), and the manifest entry.
 
     Returns:
-        ``{"heads_before", "kv_heads_before", "heads_after", "kv_heads_after", "head_dim", "selection",
-        "kept_groups": [[group, ...] per layer]}``.
+        ``(kept, info)``: per layer the sorted ``(m,)`` int64 groups, and ``{"heads_before", "kv_heads_before",
+        "heads_after", "kv_heads_after", "head_dim", "selection", "kept_groups": [[group, ...] per layer]}``.
     """
-    spec = adapter.attention
-    shape = attention_shape(model.config)
     heads, kv, head_dim = shape
     m = kept_groups_count(ratio, kv)
-    kept = []
-    for layer in range(adapter.num_layers(model.config)):
-        o_weight = model.get_submodule(adapter.block_prefix(layer) + spec.o).weight
-        kept.append(choose_groups(o_weight, shape, m) if m < kv else torch.arange(kv))
-    slice_attention_(model, adapter, kept, progress=progress)
-    return {
+    kept = [choose_groups(o_weight, shape, m) if m < kv else torch.arange(kv) for o_weight in o_weights]
+    return kept, {
         "heads_before": heads,
         "kv_heads_before": kv,
         "heads_after": m * shape.group,
@@ -188,3 +194,15 @@ def slice_attention_by_ratio_(
         "selection": "greedy removal of whole KV groups by the spectral (KS) reward of o_proj",
         "kept_groups": [g.tolist() for g in kept],
     }
+
+
+def slice_attention_by_ratio_(
+    model: torch.nn.Module, adapter: ModelAdapter, ratio: float, progress: bool = True
+) -> dict:
+    """Choose (:func:`choose_attention`) and remove KV groups at ``ratio`` in every block of ``model``, in place;
+    returns the manifest entry."""
+    o_weights = (model.get_submodule(adapter.block_prefix(i) + adapter.attention.o).weight
+                 for i in range(adapter.num_layers(model.config)))  # fmt: skip
+    kept, info = choose_attention(o_weights, attention_shape(model.config), ratio)
+    slice_attention_(model, adapter, kept, progress=progress)
+    return info

@@ -212,6 +212,11 @@ def _compress_summary(result) -> dict:
                 ("time: load", f"{t['load_s']:.1f} s"),
                 ("time: training", f"{t['train_s']:.1f} s" if "train_s" in t else "-"),
                 ("time: selection", f"{t['select_s']:.1f} s" + (" (training included)" if "train_s" in t else "")),
+                *(
+                    (f"  of which {label}", f"{t[key]:.1f} s")
+                    for key, label in (("probe_s", "probe generation"), ("stats_s", "statistics"))
+                    if key in t
+                ),
                 ("time: slicing", f"{t['slice_s']:.2f} s" if not result.streaming else "(streamed: while saving)"),
                 ("time: saving", f"{t['save_s']:.1f} s" + (" (slicing included)" if result.streaming else "")),
             ],

@@ -113,6 +113,8 @@ class PruneConfig:
         "triton is installed, torch otherwise",
         choices=REWARD_BACKENDS,
     )
+    probe_sequences: int = option(8, "self-generated probe sequences the model runs forward on")
+    probe_length: int = option(128, "tokens per probe sequence (at most the model's context)")
     modules: str = option(
         "ffn",
         "what to prune: the FFN only (the paper's default), or also whole key/value head groups of the attention at "
@@ -130,6 +132,8 @@ class PruneConfig:
         _check_choice("--reward-backend", self.reward_backend, REWARD_BACKENDS)
         _check_choice("--modules", self.modules, MODULES)
         check_count("--episodes", self.episodes)
+        check_count("--probe-sequences", self.probe_sequences)
+        check_count("--probe-length", self.probe_length, minimum=2)
         check_seed(self.seed)
         check_number("--kl", self.kl_weight, minimum=0.0)
         check_number("--lr", self.lr, positive=True)

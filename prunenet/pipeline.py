@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class PruneResult:
             "ffn_width_before": self.ffn_width,
             "k": self.k,
             "method": c.method,
+            "method_options": {name: _json_value(getattr(c, name)) for name in SELECTORS[c.method].options},
             "selection": c.selection if "selection" in SELECTORS[c.method].options else None,
             "seed": c.seed,
             "policy": POLICY_FILE if self.policy is not None else None,
@@ -81,12 +83,18 @@ class PruneResult:
         }
 
 
+def _json_value(value):
+    """Paths (``--policy``) as strings, for the manifest."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _prune(source: Source, config: PruneConfig, policy, dist: Distributed, progress: bool, timings: dict):
     """Select on ``source`` and apply the choice (in place, or deferred to the shard writer)."""
     params_before, width = source.numel(), source.width  # before slicing changes the config's width
     tick = time.perf_counter()
     selection: Selection = select(source, config, policy=policy, dist=dist, progress=progress)
     timings["select_s"] = time.perf_counter() - tick  # training (if any) included
+    timings.update(selection.timings)
     if selection.train_seconds is not None:
         timings["train_s"] = selection.train_seconds
     tick = time.perf_counter()

@@ -48,12 +48,14 @@ class Selection:
         policy: the PruneNet policy that chose them (trained, or loaded with ``--policy``), else ``None``.
         training: the training trace for the manifest (``None`` when nothing was trained).
         train_seconds: time spent training (``None`` when nothing was trained).
+        timings: seconds of the selector's own phases (e.g. ``{"probe_s": ..., "stats_s": ...}``).
     """
 
     keeps: list[torch.Tensor]
     policy: SparsityPredictor | None = None
     training: dict | None = None
     train_seconds: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -206,10 +208,27 @@ def _choose_prunenet(source: Source, k: int, config: PruneConfig, *, policy=None
     return Selection(keeps, policy=policy, training=training, train_seconds=seconds)
 
 
-def _choose_selfcal(source: Source, k: int, config: PruneConfig, **_) -> Selection:
+def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, dist=None, **_) -> Selection:
+    """Self-calibration, on any source: the model runs with every block resident, or offloaded block by block.
+
+    Under ``torchrun`` rank 0 runs it and broadcasts the choice: the forward passes are sequential over
+    blocks and decoding steps, so other ranks could only repeat them (or idle in a pipeline) and would
+    read the weights again.
+    """
+    import torch
+
     from .selfcal import selfcal_keeps
 
-    return Selection([keep.cpu() for keep in selfcal_keeps(source.model, k, seed=config.seed)])
+    dist, timings = _dist(dist), {}
+    keeps = None
+    if dist.is_main:
+        with source.run_model() as model:
+            keeps = selfcal_keeps(model, k, seed=config.seed, sequences=config.probe_sequences,
+                                  length=config.probe_length, timings=timings)  # fmt: skip
+    if dist.active:
+        table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_layers, k, dtype=torch.int64)
+        keeps = list(dist.broadcast(table, 0))
+    return Selection(keeps, timings=timings)
 
 
 SELECTORS: dict[str, Selector] = {
@@ -231,6 +250,7 @@ SELECTORS: dict[str, Selector] = {
             "contributing most to each FFN's output",
             needs="model",
             choose=_choose_selfcal,
+            options=("probe_sequences", "probe_length"),
         ),
     )
 }
@@ -252,10 +272,7 @@ def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progr
     if k == source.width:
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
         return Selection([torch.arange(source.width)] * source.num_layers, policy=policy)
-    selector = SELECTORS[config.method]
-    if selector.needs == "model":
-        source.states()  # checks the weights for NaN/inf before running the model on them
-    return selector.choose(source, k, config, policy=policy, dist=dist, progress=progress)
+    return SELECTORS[config.method].choose(source, k, config, policy=policy, dist=dist, progress=progress)
 
 
 def markdown_table() -> str:

@@ -14,12 +14,14 @@ Shapes: ``n`` FFN width, ``d`` hidden size, ``k`` kept neurons per layer, ``L`` 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .adapters import ModelAdapter, get_adapter
 from .models import forward_with_cache
+from .validate import check_finite
 
 PROBES = ("generate", "random")
 SCORES = ("wanda", "flap")
@@ -66,6 +68,13 @@ def start_token(model: torch.nn.Module) -> int:
     return 0
 
 
+def probe_length(config, length: int) -> int:
+    """``length`` capped at the model's context: never past its position table (GPT-2-style learned
+    positions fail with an IndexError beyond it)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(length, int(limit)) if limit else length
+
+
 @torch.no_grad()
 def self_probes(
     model: torch.nn.Module,
@@ -87,11 +96,9 @@ def self_probes(
     """
     if kind not in PROBES:
         raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(PROBES)}")
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the ids go (offloaded blocks are elsewhere)
     generator = torch.Generator().manual_seed(seed)
-    # Never past the model's position table (GPT-2-style learned positions fail with an IndexError beyond it).
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    length = min(length, int(limit)) if limit else length
+    length = probe_length(model.config, length)
     vocab = model.get_output_embeddings().weight.shape[0]
     if kind == "random":
         return torch.randint(vocab, (sequences, length), generator=generator).to(device)
@@ -102,6 +109,7 @@ def self_probes(
     for _ in range(length - 1):
         logits, cache = forward_with_cache(model, step_ids, cache)
         probs = torch.softmax(logits[:, -1].float().cpu() / temperature, dim=-1)
+        check_finite(probs, "the model's next-token probabilities on its own text")
         step_ids = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, step_ids], dim=1)
     model.train(was_training)
@@ -116,11 +124,14 @@ class ActivationStats:
         sum_sq: ``(L, n)`` float64 ``sum_t h_tj^2``.
         total: ``(L, n)`` float64 ``sum_t h_tj``.
         tokens: number of tokens ``t`` summed over.
+        out_norms: ``(L, n)`` float64 ``||W_out[:, j]||_2``, the norm of the out-projection column each
+            neuron feeds, read while the block's weights were resident (an offloaded block's are only then).
     """
 
     sum_sq: torch.Tensor
     total: torch.Tensor
     tokens: int
+    out_norms: torch.Tensor
 
     def mean_square(self) -> torch.Tensor:
         """``(L, n)``: ``E[h^2]``."""
@@ -132,23 +143,42 @@ class ActivationStats:
         return (self.mean_square() - mean**2).clamp_min(0)
 
 
+def resident_weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight``, also when accelerate has offloaded it: its hook loads the weight only inside the
+    module's own forward, after the pre-hooks have run, so read it from the hook's weights map then."""
+    weight = module.weight.detach()
+    hook = getattr(module, "_hf_hook", None)
+    if weight.is_meta and getattr(hook, "weights_map", None) is not None:
+        weight = hook.weights_map["weight"]
+    return weight
+
+
 @torch.no_grad()
 def activation_stats(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> ActivationStats:
     """Run ``model`` on probe ids ``(B, T)`` and collect :class:`ActivationStats` of every FFN.
 
     A forward pre-hook on each out-projection reads its input ``(batch, T, n)``; nothing is stored but two
-    ``(n,)`` float64 sums per layer, so memory does not grow with the probe budget.
+    ``(n,)`` float64 sums per layer, so memory does not grow with the probe budget. Only the base model
+    runs (no LM head): the statistics are the FFNs', and ``B x T x vocab`` logits would be most of the
+    memory. ``model`` may have its blocks offloaded (:func:`prunenet.offload.offloaded_model`).
     """
     adapter = get_adapter(model.config)
     layers, width = adapter.num_layers(model.config), adapter.ffn_width(model.config)
     sum_sq = torch.zeros(layers, width, dtype=torch.float64)
     total = torch.zeros(layers, width, dtype=torch.float64)
+    out_norms = torch.zeros(layers, width, dtype=torch.float64)
+    seen = [False] * layers
+    spec = adapter.out_projection
 
     def hook_for(layer: int):
-        def hook(_module, args):
+        def hook(module, args):
             h = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
             sum_sq[layer] += (h * h).sum(0)
             total[layer] += h.sum(0)
+            if not seen[layer]:
+                weight = resident_weight(module)
+                out_norms[layer] = (weight if spec.axis == 0 else weight.t()).double().norm(dim=1).cpu()
+                seen[layer] = True
 
         return hook
 
@@ -157,15 +187,17 @@ def activation_stats(model: torch.nn.Module, ids: torch.Tensor, batch_size: int 
     model.eval()
     try:
         for start in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[start : start + batch_size], use_cache=False)
+            model.base_model(input_ids=ids[start : start + batch_size], use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return ActivationStats(sum_sq=sum_sq, total=total, tokens=ids.numel())
+    check_finite(sum_sq, "the FFN activations on the probes")
+    check_finite(out_norms, "the FFN out-projections")
+    return ActivationStats(sum_sq=sum_sq, total=total, tokens=ids.numel(), out_norms=out_norms)
 
 
-def neuron_scores(model: torch.nn.Module, stats: ActivationStats, score: str = "wanda") -> torch.Tensor:
+def neuron_scores(stats: ActivationStats, score: str = "wanda") -> torch.Tensor:
     """``(L, n)`` float64 importance of every FFN neuron; higher is kept first.
 
     * ``"wanda"``: ``sqrt(E[h_j^2]) * ||W_out[:, j]||_2`` -- the RMS size of neuron ``j``'s contribution to
@@ -176,13 +208,7 @@ def neuron_scores(model: torch.nn.Module, stats: ActivationStats, score: str = "
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    adapter = get_adapter(model.config)
-    norms = torch.stack(
-        [
-            neuron_matrices(model, adapter, i)[-1].double().norm(dim=1).cpu()
-            for i in range(adapter.num_layers(model.config))
-        ]
-    )  # (L, n): norms of the out-projection columns
+    norms = stats.out_norms
     if score == "wanda":
         return stats.mean_square().sqrt() * norms
     return stats.variance() * norms**2
@@ -209,12 +235,20 @@ def selfcal_keeps(
     score: str = "wanda",
     sequences: int = 8,
     length: int = 128,
+    timings: dict[str, float] | None = None,
 ) -> list[torch.Tensor]:
-    """The ``selfcal`` method: kept neurons per layer (sorted ``(k,)`` int64) from self-generated probes.
+    """The ``selfcal`` method: kept neurons per layer (sorted ``(k,)`` int64 CPU) from self-generated probes.
 
-    ``seed`` fixes the probe sequences, hence the result. Cost on SmolLM2-135M (2 CPU cores): generating
-    8 x 128 tokens and one forward pass over them -- see docs/methods.md for the measured time.
+    ``seed`` fixes the probe sequences, hence the result. ``model`` may have its blocks offloaded
+    (:mod:`prunenet.offload`). ``timings``, when given, receives the seconds of the two phases:
+    ``probe_s`` (generating ``sequences x length`` tokens, one decoding step per token) and ``stats_s``
+    (one forward pass over them). Measured costs: docs/methods.md and docs/large-models.md.
     """
+    timings = {} if timings is None else timings
+    tick = time.perf_counter()
     ids = self_probes(model, kind=probe, sequences=sequences, length=length, seed=seed)
-    scores = neuron_scores(model, activation_stats(model, ids), score)
-    return [top_k(layer_scores, k) for layer_scores in scores]
+    timings["probe_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    stats = activation_stats(model, ids)
+    timings["stats_s"] = time.perf_counter() - tick
+    return [top_k(layer_scores, k).cpu() for layer_scores in neuron_scores(stats, score)]

@@ -3,9 +3,10 @@
 * :class:`ModelSource`: an instantiated ``transformers`` model (given by the caller, or loaded from a
   folder). Its state matrices are views of the weights; it can run forward passes; the in-memory writer
   slices it in place.
-* :class:`CheckpointStream`: a safetensors checkpoint read tensor by tensor under a memory budget, never
-  instantiated: the state matrices are loaded on access (:class:`~prunenet.streaming.CheckpointStates`,
-  placed by the memory plan) and the shard writer copies it shard by shard.
+* :class:`CheckpointStream`: a safetensors checkpoint read tensor by tensor under a memory budget: the
+  state matrices are loaded on access (:class:`~prunenet.streaming.CheckpointStates`, placed by the
+  memory plan), the model runs forward with one decoder block resident at a time
+  (:mod:`prunenet.offload`), and the shard writer copies it shard by shard.
 
 A source *provides* some of :data:`~prunenet.selectors.NEEDS` (plus ``"attention"``: slicing whole
 key/value head groups, which needs the instantiated attention); :func:`requirements` says what a run
@@ -14,6 +15,7 @@ needs and :func:`can_serve` is the one rule deciding whether a source can serve 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +28,16 @@ from .config import CompressConfig, PruneConfig, kept_width
 from .distributed import Distributed
 from .models import TORCH_DTYPES
 from .selectors import SELECTORS
-from .streaming import CheckpointError, CheckpointSource, CheckpointStates, MemoryPlan, free_memory, plan_memory
+from .streaming import (
+    CheckpointError,
+    CheckpointSource,
+    CheckpointStates,
+    ForwardPlan,
+    MemoryPlan,
+    free_memory,
+    plan_forward,
+    plan_memory,
+)
 from .validate import check_finite, parse_size
 
 log = logging.getLogger(__name__)
@@ -78,6 +89,10 @@ class Source:
         """Parameters (stored elements: tied weights count once)."""
         raise NotImplementedError
 
+    def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """``with source.run_model() as model:`` a model that runs forward (for selectors that need ``"model"``)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Drop the state matrices (and any reader threads)."""
 
@@ -103,32 +118,47 @@ class ModelSource(Source):
     def numel(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        return contextlib.nullcontext(self.model)
+
     def close(self) -> None:
         self._states = None  # views of weights that slicing replaces
 
 
 class CheckpointStream(Source):
-    """A safetensors checkpoint, streamed: nothing is instantiated. ``layers``: the ones this rank reads."""
+    """A safetensors checkpoint, streamed: never instantiated whole. ``layers``: the ones this rank reads.
 
-    provides = frozenset({"nothing", "weights"})
+    ``plan`` is a :class:`~prunenet.streaming.MemoryPlan` (selectors that read weights) or a
+    :class:`~prunenet.streaming.ForwardPlan` (selectors that run the model).
+    """
+
+    provides = frozenset({"nothing", "weights", "model", "attention"})
     streaming = True
 
-    def __init__(self, checkpoint: CheckpointSource, config, adapter: ModelAdapter, plan: MemoryPlan, device: str,
-                 layers: range):  # fmt: skip
+    def __init__(self, checkpoint: CheckpointSource, config, adapter: ModelAdapter, plan: MemoryPlan | ForwardPlan,
+                 device: str, layers: range):  # fmt: skip
         super().__init__(config, adapter)
         self.checkpoint, self.memory_plan, self.device, self.layers = checkpoint, plan, device, layers
-        self.spill_grams = plan.grams == "disk"
+        self.spill_grams = getattr(plan, "grams", None) == "disk"
         self._states: CheckpointStates | None = None
 
     def states(self) -> CheckpointStates:
         if self._states is None:
+            residency = getattr(self.memory_plan, "states", "disk")
             self._states = CheckpointStates(
-                self.checkpoint, self.adapter, self.config, self.device, self.memory_plan.states, layers=self.layers
+                self.checkpoint, self.adapter, self.config, self.device, residency, layers=self.layers
             )
         return self._states
 
     def numel(self) -> int:
         return self.checkpoint.numel()
+
+    def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        from .offload import OffloadedModel
+
+        blocks = getattr(self.memory_plan, "blocks", "disk")
+        dtype = self.checkpoint.state_dtype(self.adapter)
+        return OffloadedModel(self.checkpoint.folder, self.config, self.adapter, self.device, dtype, blocks)
 
     def close(self) -> None:
         if self._states is not None:
@@ -262,11 +292,15 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
             f"streaming copies tensors as stored ({stored}); --dtype {settings.dtype} would need a conversion: "
             "drop --dtype (or pass --dtype auto), or use --no-streaming"
         )
-    from .ops import resolve_reward_backend
+    if SELECTORS[settings.method].needs == "model":
+        plan = plan_forward(checkpoint, adapter, config, budget, settings.device, settings.probe_sequences,
+                            settings.probe_length)  # fmt: skip
+    else:
+        from .ops import resolve_reward_backend
 
-    trains = "reward_backend" in SELECTORS[settings.method].options  # W^T W matter only to policy training
-    backend = resolve_reward_backend(settings.reward_backend, settings.device) if trains else "torch"
-    plan = plan_memory(len(layers), width, adapter.hidden_size(config), stored.itemsize, k, budget, settings.device,
-                       backend)  # fmt: skip
+        trains = "reward_backend" in SELECTORS[settings.method].options  # W^T W matter only to policy training
+        backend = resolve_reward_backend(settings.reward_backend, settings.device) if trains else "torch"
+        plan = plan_memory(len(layers), width, adapter.hidden_size(config), stored.itemsize, k, budget,
+                           settings.device, backend)  # fmt: skip
     log.info("streaming %s tensor by tensor; %s", path, plan.describe())
     return SourcePlan(path, config, adapter, checkpoint, settings, plan, layers)

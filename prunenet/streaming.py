@@ -8,14 +8,16 @@ and the pruned checkpoint differs from the source only in its FFN tensors. This 
 * :class:`CheckpointStates`: the per-layer state matrices of such a checkpoint as a lazy
   sequence for :func:`prunenet.train.train_policy` (held on the device, in host memory, or read
   from disk on every access, as a :class:`MemoryPlan` decides, with the next layer read ahead);
-* :func:`plan_memory`: that decision, from a byte budget (``--max-memory``);
-* :func:`write_pruned_checkpoint`: the pruned checkpoint, shard by shard: FFN tensors gathered to
-  the kept neurons as they are read, every other tensor's bytes copied unchanged, index and
+* :func:`plan_memory`: that decision, from a byte budget (``--max-memory``), for the policy's
+  training; :func:`plan_forward`: where the blocks of a model that runs forward live (self-calibration);
+* :func:`write_pruned_checkpoint`: the pruned checkpoint, shard by shard: FFN tensors (and, with
+  ``--modules ffn+attn``, the attention projections) gathered to what they keep as they are read
+  (:data:`Slices`), every other tensor's bytes copied unchanged; :func:`finish_checkpoint`: index and
   config rewritten, tokenizer and other small files copied. Each finished shard is renamed into
   place, so a run killed half-way can be resumed (see :func:`resume_key`).
 
-Peak host memory is about one FFN tensor plus the policy and its optimiser state, whatever the
-model's size.
+Peak host memory is about one FFN tensor plus the policy and its optimiser state (or, running the
+model, one block and the probes' activations), whatever the model's size.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .safetensors_io import (
     read_header,
     read_tensor,
 )
+from .selfcal import probe_length
 from .slicing import slice_ffn_, validate_keeps
 from .tables import format_bytes
 from .validate import check_finite
@@ -364,33 +367,161 @@ def plan_memory(
     return MemoryPlan(budget, str(device), states, grams, fixed, state_bytes, gram_bytes, estimate)
 
 
+@dataclasses.dataclass
+class ForwardPlan:
+    """Where a model that runs forward on a budget keeps its blocks (self-calibration on a checkpoint).
+
+    Attributes:
+        budget: the budget in bytes; device: where the model runs.
+        blocks: ``"device"`` (every block on the device), ``"host"`` (in host memory, each moved to the
+            CUDA device while it runs) or ``"disk"`` (each read from the checkpoint while it runs).
+        resident_bytes: what stays on the device: embeddings, final norm, head (and, on CPU, the runtime).
+        block_bytes: the largest block; kv_bytes: the key/value cache of the probe batch at full length;
+        activation_bytes: the largest activations of one block on the probe batch, and the logits.
+        estimate: the plan's estimated peak on the device.
+    """
+
+    budget: int
+    device: str
+    blocks: str
+    resident_bytes: int
+    block_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    estimate: int
+
+    def describe(self) -> str:
+        where = {"device": f"all in {self.device} memory", "host": "in host memory, each moved to the device to run",
+                 "disk": "read from the checkpoint as each runs"}  # fmt: skip
+        parts = [
+            f"forward plan (budget {format_bytes(self.budget)} on {self.device}): blocks",
+            f"({format_bytes(self.block_bytes)} the largest) {where[self.blocks]};",
+            f"embeddings, head and runtime {format_bytes(self.resident_bytes)};",
+            f"KV cache {format_bytes(self.kv_bytes)}; activations {format_bytes(self.activation_bytes)};",
+            f"estimated peak {format_bytes(self.estimate)}",
+        ]
+        return " ".join(parts)
+
+
+def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget: int, device: str | torch.device,
+                 sequences: int, length: int) -> ForwardPlan:  # fmt: skip
+    """Choose where the blocks of a model run forward on ``sequences x length`` probe tokens live.
+
+    The estimate counts what stays on the device (every tensor outside the blocks: embeddings, final
+    norm, head), one block, the key/value cache of the batch at full length, the largest activations of
+    a block (hidden states and the FFN's ``n``-wide ones, attention scores) and the logits of one
+    decoding step, plus on CPU the runtime. Blocks all go on the device when they fit, else in host
+    memory (CUDA only), else they are read from the checkpoint as each runs.
+
+    Raises:
+        ValueError: the budget cannot hold even one block with the rest.
+    """
+    device = torch.device(device)
+    layers = adapter.num_layers(config)
+    prefixes = [adapter.block_prefix(i) for i in range(layers)]
+    block_bytes = [0] * layers
+    resident = 0
+    for name, entry in source.entries.items():
+        owner = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
+        if owner is None:
+            resident += entry.nbytes
+        else:
+            block_bytes[owner] += entry.nbytes
+    itemsize = source.state_dtype(adapter).itemsize
+    d, n = adapter.hidden_size(config), adapter.ffn_width(config)
+    heads = int(getattr(config, "num_attention_heads", 1))
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or d // heads)
+    vocab = int(getattr(config, "vocab_size", 0))
+    length = probe_length(config, length)
+    kv = layers * 2 * sequences * kv_heads * length * head_dim * itemsize
+    tokens = sequences * length
+    activations = (
+        tokens * (4 * d + 3 * n) * itemsize + sequences * heads * length * length * 4 + 3 * sequences * vocab * 4
+    )
+    if device.type == "cpu":
+        resident += RUNTIME_BYTES
+    fixed = resident + kv + activations
+    total_blocks = sum(block_bytes)
+    if fixed + total_blocks <= budget:
+        blocks, estimate = "device", fixed + total_blocks
+    else:
+        if fixed + max(block_bytes) > budget:
+            raise ValueError(
+                f"--max-memory {format_bytes(budget)} cannot run this model one block at a time: it needs at least "
+                f"{format_bytes(fixed + max(block_bytes))} (embeddings, head and runtime {format_bytes(resident)}, one "
+                f"block {format_bytes(max(block_bytes))}, KV cache {format_bytes(kv)}, activations "
+                f"{format_bytes(activations)}); raise --max-memory or lower --probe-sequences / --probe-length"
+            )
+        host_free = free_memory("cpu") - RUNTIME_BYTES
+        blocks = "host" if device.type == "cuda" and total_blocks <= host_free else "disk"
+        estimate = fixed + max(block_bytes)
+    return ForwardPlan(budget, str(device), blocks, resident, max(block_bytes), kv, activations, estimate)
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 
-def resume_key(source: CheckpointSource, keeps: Sequence[torch.Tensor], extra: str = "") -> str:
-    """A digest of everything the written tensors depend on: the source shards and the kept neurons.
+Slices = dict[str, tuple[int, torch.Tensor, int]]
+"""``{tensor name: (axis, keep, width)}``: along ``axis``, every ``width``-long group of entries keeps the
+entries ``keep`` (sorted). An FFN tensor keeps its kept neurons (``width`` = FFN width; a fused projection
+has several groups); an attention projection keeps the rows of its kept KV groups (one group)."""
+
+
+def ffn_slices(source: CheckpointSource, adapter: ModelAdapter, config, keeps: Sequence[torch.Tensor]) -> Slices:
+    """What every neuron-indexed FFN tensor of the checkpoint keeps, for ``keeps`` (one ``(k,)`` per layer)."""
+    width = adapter.ffn_width(config)
+    validate_keeps(keeps, adapter.num_layers(config), width)
+    ffn = source.ffn_tensors(adapter, config)
+    return {name: (axis, keeps[layer], width) for name, (layer, axis, _) in ffn.items()}
+
+
+def attention_slices(source: CheckpointSource, adapter: ModelAdapter, config, kept_groups) -> Slices:
+    """What the attention projections keep for the KV groups ``kept_groups`` (sorted ``(m,)`` per layer):
+    the rows of ``q``/``k``/``v`` (weights and biases) and the columns of ``o``'s weight."""
+    from .attention import attention_shape, group_entries
+
+    spec, shape = adapter.attention, attention_shape(config)
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    slices: Slices = {}
+    for layer, groups in enumerate(kept_groups):
+        q_rows, kv_rows = group_entries(groups, shape)
+        prefix = adapter.block_prefix(layer)
+        projections = ((spec.q, 0, q_rows, q_width), (spec.k, 0, kv_rows, kv_width), (spec.v, 0, kv_rows, kv_width))
+        for module, axis, rows, width in projections:
+            for param in ("weight", "bias"):
+                if f"{prefix}{module}.{param}" in source:
+                    slices[f"{prefix}{module}.{param}"] = (axis, rows, width)
+        slices[f"{prefix}{spec.o}.weight"] = (1, q_rows, q_width)  # its bias is (d,): untouched
+    return slices
+
+
+def resume_key(source: CheckpointSource, slices: Slices) -> str:
+    """A digest of everything the written tensors depend on: the source shards and what each tensor keeps.
 
     The streaming writer's temporary folder is named after it, so a run killed half-way (power
     loss, ``SIGKILL``) and started again with the same inputs finds its finished shards and skips
     them; a run with other inputs never mistakes another's shards for its own.
     """
-    h = hashlib.sha256(extra.encode())
+    h = hashlib.sha256()
     for path in source.shards:
         stat = path.stat()
         h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    for keep in keeps:
+    for name in sorted(slices):
+        axis, keep, width = slices[name]
+        h.update(f"{name}:{axis}:{width}:".encode())
         h.update(keep.to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _output_specs(source: CheckpointSource, shard: str, ffn: dict, k: int) -> list[TensorSpec]:
+def _output_specs(source: CheckpointSource, shard: str, slices: Slices) -> list[TensorSpec]:
     specs = []
     for name in source.shard_entries[shard]:
         entry = source.entries[name]
         shape = list(entry.shape)
-        if name in ffn:
-            _, axis, groups = ffn[name]
-            shape[axis] = groups * k
+        if name in slices:
+            axis, keep, width = slices[name]
+            shape[axis] = shape[axis] // width * keep.numel()
         specs.append(TensorSpec(name, entry.dtype, tuple(shape)))
     return specs
 
@@ -404,24 +535,15 @@ def _shard_is_complete(path: Path, specs: list[TensorSpec]) -> bool:
     return [(n, e.dtype, e.shape) for n, e in entries.items()] == [(s.name, s.dtype, s.shape) for s in specs]
 
 
-def write_shard(
-    source: CheckpointSource,
-    shard: str,
-    folder: Path,
-    ffn: dict[str, tuple[int, int, int]],
-    keeps: Sequence[torch.Tensor],
-    width: int,
-    progress_bar=None,
-) -> int:
+def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slices, progress_bar=None) -> int:
     """Write the pruned version of source shard ``shard`` into ``folder``; returns its tensor bytes.
 
-    FFN tensors are read one at a time, compacted in place to the kept neurons
+    Sliced tensors are read one at a time, compacted in place to what they keep
     (:func:`prunenet.slicing.slice_ffn_`: the native op's few MiB of scratch, or one ``index_select``)
     and written; every other tensor's bytes are copied file to file (``copy_file_range``), so they
     are bit-identical. The shard is written as ``NAME.partial`` and renamed when complete and synced.
     """
-    k = keeps[0].numel()
-    specs = _output_specs(source, shard, ffn, k)
+    specs = _output_specs(source, shard, slices)
     final = folder / shard
     if final.exists() and _shard_is_complete(final, specs):
         log.info("resuming: %s was already written", shard)
@@ -432,11 +554,11 @@ def write_shard(
     with open(source.folder / shard, "rb") as src, StreamingWriter(partial, specs, source.metadata[shard]) as writer:
         for spec in specs:
             entry = source.entries[spec.name]
-            if spec.name in ffn:
-                layer, axis, _ = ffn[spec.name]
+            if spec.name in slices:
+                axis, keep, width = slices[spec.name]
                 tensor = read_tensor(entry, src)
                 rows, cols = ([tensor], []) if axis == 0 else ([], [tensor])
-                slice_ffn_(rows, cols, keeps[layer], width)
+                slice_ffn_(rows, cols, keep, width)
                 writer.write(spec.name, tensor)
                 del tensor
             else:
@@ -449,56 +571,45 @@ def write_shard(
 
 def write_pruned_checkpoint(
     source: CheckpointSource,
-    adapter: ModelAdapter,
-    config,
-    keeps: Sequence[torch.Tensor],
+    slices: Slices,
     folder: str | os.PathLike,
     *,
     shards: Sequence[str] | None = None,
-    finish: bool = True,
     progress: bool = True,
 ) -> None:
-    """Write the checkpoint pruned to ``keeps`` into ``folder`` (an existing, private temporary folder).
+    """Write the shards of the checkpoint pruned as ``slices`` says into ``folder`` (an existing, private
+    temporary folder); :func:`finish_checkpoint` then writes the files around them.
 
     Args:
         source: the dense checkpoint.
-        keeps: one sorted ``(k,)`` int64 vector of kept neurons per layer.
+        slices: what each sliced tensor keeps (:func:`ffn_slices`, :func:`attention_slices`).
         shards: write only these source shards (default: all); distributed runs split them.
-        finish: also write the index, ``config.json`` (FFN width ``k``) and copy the other files.
     """
     folder = Path(folder)
-    width = adapter.ffn_width(config)
-    k = validate_keeps(keeps, adapter.num_layers(config), width)
-    ffn = source.ffn_tensors(adapter, config)
     names = list(source.shard_entries) if shards is None else list(shards)
     total = sum(source.entries[t].nbytes for s in names for t in source.shard_entries[s])
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
         for shard in names:
-            write_shard(source, shard, folder, ffn, keeps, width, bar)
-    if finish:
-        finish_checkpoint(source, adapter, config, k, folder)
+            write_shard(source, shard, folder, slices, bar)
 
 
-def pruned_numel(source: CheckpointSource, adapter: ModelAdapter, config, k: int) -> int:
-    """Parameters (stored elements) of the checkpoint pruned to ``k`` neurons per FFN, as written here."""
-    ffn = source.ffn_tensors(adapter, config)
+def pruned_numel(source: CheckpointSource, slices: Slices) -> int:
+    """Parameters (stored elements) of the checkpoint pruned as ``slices`` says, as written here."""
     return sum(
-        s.nbytes // s.dtype.itemsize for shard in source.shard_entries for s in _output_specs(source, shard, ffn, k)
+        s.nbytes // s.dtype.itemsize for shard in source.shard_entries for s in _output_specs(source, shard, slices)
     )
 
 
-def finish_checkpoint(source: CheckpointSource, adapter: ModelAdapter, config, k: int, folder: Path) -> None:
-    """The files around the shards: the index (new ``total_size``), ``config.json`` at FFN width ``k``,
-    and every other top-level file of the source (tokenizer, generation config, ...) copied."""
-    ffn = source.ffn_tensors(adapter, config)
+def finish_checkpoint(source: CheckpointSource, slices: Slices, config, folder: Path) -> None:
+    """The files around the shards: the index (new ``total_size``), ``config`` (the pruned model's: new FFN
+    width, and heads where attention was sliced), and every other top-level file of the source (tokenizer,
+    generation config, ...) copied."""
     if source.index is not None:
-        total = sum(s.nbytes for shard in source.shard_entries for s in _output_specs(source, shard, ffn, k))
+        total = sum(s.nbytes for shard in source.shard_entries for s in _output_specs(source, shard, slices))
         index = {**source.index, "metadata": {**source.index.get("metadata", {}), "total_size": total}}
         with open(folder / INDEX_FILE, "w") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
-    config = type(config).from_dict(config.to_dict())  # a copy: the caller's config keeps the dense width
-    adapter.set_ffn_width(config, k)
     config.save_pretrained(folder)
     for path in sorted(source.folder.iterdir()):
         if path.is_file() and not _NOT_COPIED.match(path.name) and not path.name.endswith(".partial"):

@@ -3,9 +3,10 @@
 * :class:`ModelWriter` (a :class:`~prunenet.sources.ModelSource`): slices the instantiated model in place
   (:func:`prunenet.slicing.slice_model_`, and the attention's key/value head groups with
   ``--modules ffn+attn``), then ``save_pretrained`` writes it and its tokenizer.
-* :class:`ShardWriter` (a :class:`~prunenet.sources.CheckpointStream`): slices each FFN tensor as its
-  shard is copied (:func:`prunenet.streaming.write_pruned_checkpoint`); the other bytes are copied
-  unchanged. Under ``torchrun`` each rank writes its share of the shards; a killed run resumes.
+* :class:`ShardWriter` (a :class:`~prunenet.sources.CheckpointStream`): slices each FFN tensor (and
+  attention projection) as its shard is copied (:func:`prunenet.streaming.write_pruned_checkpoint`);
+  the other bytes are copied unchanged. Under ``torchrun`` each rank writes its share of the shards; a
+  killed run resumes.
 
 Both slice through the one in-place op, ``torch.ops.prunenet.slice_ffn_`` (or its PyTorch reference).
 """
@@ -55,42 +56,61 @@ class ModelWriter:
 
 
 class ShardWriter:
-    """Writes a streamed checkpoint shard by shard, slicing the FFN tensors on the way."""
+    """Writes a streamed checkpoint shard by shard, slicing the FFN (and attention) tensors on the way."""
 
     def __init__(self, source: CheckpointStream):
         self.source = source
+        self.slices = None
+        self.config = None  # the pruned model's config
 
-    def apply(self, keeps, config: PruneConfig, progress: bool = True) -> None:
-        self.source.close()  # slicing happens while saving; the state matrices are no longer needed
-        return None
+    def apply(self, keeps: Sequence[torch.Tensor], config: PruneConfig, progress: bool = True) -> dict | None:
+        """Decide what every tensor keeps (slicing happens while saving); with ``--modules ffn+attn`` the KV
+        groups are chosen from each block's ``o_proj`` weight, read from the checkpoint. Returns the
+        attention's manifest entry (``None`` for the FFN only)."""
+        from .attention import attention_shape, choose_attention, set_kept_heads
+        from .streaming import attention_slices, ffn_slices
+
+        checkpoint, adapter, model_config = self.source.checkpoint, self.source.adapter, self.source.config
+        self.source.close()  # the state matrices are no longer needed
+        self.slices = ffn_slices(checkpoint, adapter, model_config, keeps)
+        self.config = type(model_config).from_dict(model_config.to_dict())  # the source's keeps the dense widths
+        adapter.set_ffn_width(self.config, keeps[0].numel())
+        if config.modules != "ffn+attn":
+            return None
+        shape = attention_shape(model_config)
+        o_weights = (checkpoint.read(adapter.block_prefix(i) + adapter.attention.o + ".weight")
+                     for i in range(adapter.num_layers(model_config)))  # fmt: skip
+        kept, info = choose_attention(o_weights, shape, config.ratio)
+        self.slices.update(attention_slices(checkpoint, adapter, model_config, kept))
+        set_kept_heads(self.config, shape, kept[0].numel())
+        return info
 
     def params_after(self, k: int) -> int:
         from .streaming import pruned_numel
 
-        return pruned_numel(self.source.checkpoint, self.source.adapter, self.source.config, k)
+        return pruned_numel(self.source.checkpoint, self.slices)
 
     def resume_key(self, keeps: Sequence[torch.Tensor]) -> str:
         """A run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named after its
         inputs, and the same command resumes from them."""
         from .streaming import resume_key
 
-        return resume_key(self.source.checkpoint, keeps)
+        return resume_key(self.source.checkpoint, self.slices)
 
     def save(self, folder: Path, keeps: Sequence[torch.Tensor], dist: Distributed, progress: bool = True) -> None:
         from .streaming import finish_checkpoint, write_pruned_checkpoint
 
-        checkpoint, adapter, config = self.source.checkpoint, self.source.adapter, self.source.config
+        checkpoint = self.source.checkpoint
         shards = dist.owned_shards(list(checkpoint.shard_entries))
         try:
-            write_pruned_checkpoint(checkpoint, adapter, config, keeps, folder, shards=shards, finish=False,
-                                    progress=progress)  # fmt: skip
+            write_pruned_checkpoint(checkpoint, self.slices, folder, shards=shards, progress=progress)
         except BaseException:
             with contextlib.suppress(Exception):  # the group may be broken already
                 dist.agree(False, "writing shards")
             raise
         dist.agree(True, "writing shards")  # raises on every rank if one failed: rank 0 then cleans up
         if dist.is_main:
-            finish_checkpoint(checkpoint, adapter, config, keeps[0].numel(), folder)
+            finish_checkpoint(checkpoint, self.slices, self.config, folder)
 
 
 def writer_for(source: Source) -> ModelWriter | ShardWriter:

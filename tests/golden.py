@@ -84,9 +84,17 @@ def tiny_cases() -> list[tuple[str, str, list[str]]]:
             (f"{family}/magnitude/memory", family, ["--method", "magnitude", "--no-streaming"]),
             (f"{family}/magnitude/streaming", family, ["--method", "magnitude", "--streaming", "--max-memory", "1GiB"]),
             (f"{family}/selfcal/memory", family, ["--method", "selfcal"]),
+            (f"{family}/selfcal/streaming", family, ["--method", "selfcal", "--streaming", "--max-memory", "1GiB"]),
         ]
         if family in ATTENTION_FAMILIES:
             cases.append((f"{family}/prunenet-attn/memory", family, ["--episodes", "2", "--modules", "ffn+attn"]))
+            cases.append(
+                (
+                    f"{family}/prunenet-attn/streaming",
+                    family,
+                    ["--episodes", "2", "--modules", "ffn+attn", "--streaming", "--max-memory", "1GiB"],
+                )
+            )
     return cases
 
 
@@ -94,6 +102,7 @@ TORCHRUN_CASES = [
     ("llama/prunenet/torchrun-2", "llama", ["--episodes", "2", "--max-memory", "1GiB"]),
     ("llama/random/torchrun-2", "llama", ["--method", "random", "--max-memory", "1GiB"]),
     ("llama/magnitude/torchrun-2", "llama", ["--method", "magnitude", "--max-memory", "1GiB"]),
+    ("llama/selfcal/torchrun-2", "llama", ["--method", "selfcal", "--max-memory", "1GiB"]),
 ]
 
 
@@ -156,6 +165,7 @@ EMBEDDED_CASES = [
     ("smollm2/random/streaming", ["--method", "random", "--streaming", "--max-memory", "4GiB"]),
     ("smollm2/magnitude/memory", ["--method", "magnitude", "--no-streaming"]),
     ("smollm2/selfcal/memory", ["--method", "selfcal"]),
+    ("smollm2/selfcal/streaming-disk", ["--method", "selfcal", "--streaming", "--max-memory", "1GiB"]),
     ("smollm2/prunenet-attn/memory", ["--episodes", "2", "--modules", "ffn+attn"]),
 ]
 

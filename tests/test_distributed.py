@@ -113,13 +113,17 @@ def test_a_failing_rank_fails_the_job_cleanly(source, tmp_path, fail):
 
 
 @pytest.mark.slow
-def test_torchrun_command_line(source, tmp_path):
-    """The documented command: `torchrun --nproc-per-node 2 -m prunenet compress ...`."""
+@pytest.mark.parametrize("method", ["prunenet", "selfcal"])
+def test_torchrun_command_line(source, tmp_path, method):
+    """The documented command: `torchrun --nproc-per-node 2 -m prunenet compress ...`; with selfcal, rank 0
+    runs the model (offloaded block by block) and the other rank writes its shards with the same choice."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     cmd += ["-m", "prunenet", "compress", "--model", str(source), "--out", str(tmp_path / "out"), "--ratio", "0.25"]
-    cmd += ["--episodes", "3", "--seed", "5", "--device", "cpu", "--quiet"]
+    cmd += ["--episodes", "3", "--seed", "5", "--device", "cpu", "--quiet", "--method", method]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("FFN width") == 1  # one rank reports
-    compress(model=str(source), out=tmp_path / "one", **KW)
+    compress(model=str(source), out=tmp_path / "one", **{**KW, "method": method})
     assert read_manifest(tmp_path / "out")["kept_indices"] == read_manifest(tmp_path / "one")["kept_indices"]
+    a, b = all_tensors(tmp_path / "one"), all_tensors(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

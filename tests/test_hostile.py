@@ -148,6 +148,31 @@ BAD_INPUTS = [
     pytest.param([*C, "--out", "o", "--seed", "12345678901234567890123"], "--seed must be at most", id="seed-huge"),
     pytest.param([*C, "--out", "o", "--ratio", "nan"], "--ratio must be in [0, 1)", id="ratio-nan"),
     pytest.param([*C, "--out", "o", "--ratio", "1"], "--ratio must be in [0, 1)", id="ratio-1"),
+    pytest.param(
+        [*C, "--out", "o", "--method", "selfcal", "--probe-length", "1"],
+        "--probe-length must be at least 2",
+        id="probe-length-1",
+    ),  # fmt: skip
+    pytest.param(
+        [*C, "--out", "o", "--method", "selfcal", "--probe-sequences", "0"],
+        "--probe-sequences must be at least 1",
+        id="probe-sequences-0",
+    ),  # fmt: skip
+    pytest.param(
+        [*C, "--out", "o", "--method", "selfcal", "--streaming", "--max-memory", "64MiB"],
+        "cannot run this model one block at a time",
+        id="selfcal-budget-below-one-block",
+    ),  # fmt: skip
+    pytest.param(
+        [*C, "--out", "o", "--model", "{inputs}/nan-model", "--method", "selfcal"],
+        "NaN or infinite",
+        id="weights-nan-selfcal",
+    ),  # fmt: skip
+    pytest.param(
+        [*C, "--out", "o", "--model", "{inputs}/nan-model", "--method", "selfcal", "--streaming"],
+        "NaN or infinite",
+        id="weights-nan-selfcal-streaming",
+    ),  # fmt: skip
     pytest.param([*E, "--max-tokens", "0"], "--max-tokens must be at least 1", id="eval-max-tokens-0"),
     pytest.param([*E, "--max-tokens", "-5"], "--max-tokens must be at least 1", id="eval-max-tokens-negative"),
     pytest.param([*E, "--context", "1"], "--context must be at least 2", id="eval-context-1"),

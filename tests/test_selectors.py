@@ -60,12 +60,17 @@ def test_every_selector_is_deterministic_with_valid_shapes(family, method):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_a_stream_serves_exactly_the_selectors_that_need_no_model():
+def test_a_source_serves_a_run_when_it_provides_everything_the_run_needs():
+    weights_only = frozenset({"nothing", "weights"})
     for name, selector in SELECTORS.items():
-        config = PruneConfig(ratio=0.5, method=name)
-        assert can_serve(CheckpointStream.provides, config) == (selector.needs != "model")
-        assert can_serve(ModelSource.provides, config)
-        assert not can_serve(CheckpointStream.provides, PruneConfig(ratio=0.5, method=name, modules="ffn+attn"))
+        config, with_attention = (
+            PruneConfig(ratio=0.5, method=name),
+            PruneConfig(ratio=0.5, method=name, modules="ffn+attn"),
+        )
+        assert can_serve(weights_only, config) == (selector.needs != "model")
+        assert not can_serve(weights_only, with_attention)  # slicing attention needs "attention"
+        for source in (ModelSource, CheckpointStream):  # both run the model and slice attention
+            assert can_serve(source.provides, config) and can_serve(source.provides, with_attention)
 
 
 def test_random_selection_is_uniform_over_neurons():
@@ -108,7 +113,7 @@ def test_activation_stats_and_wanda_score_match_a_direct_computation(family):
     assert out_cols.shape == (adapter.ffn_width(model.config), adapter.hidden_size(model.config))
     # Neuron j's contribution to the FFN output over all tokens is h[:, j] outer W_out[:, j].
     expected = h.pow(2).mean(0).sqrt() * out_cols.norm(dim=1)
-    torch.testing.assert_close(S.neuron_scores(model, stats, "wanda")[1], expected, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(S.neuron_scores(stats, "wanda")[1], expected, rtol=1e-5, atol=1e-10)
 
 
 def test_dropping_zero_score_neurons_leaves_the_output_unchanged():

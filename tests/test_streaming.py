@@ -20,7 +20,7 @@ from prunenet.checkpoint import read_manifest
 from prunenet.config import kept_width
 from prunenet.pipeline import compress
 from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
-from prunenet.streaming import CheckpointSource, CheckpointStates, plan_memory
+from prunenet.streaming import CheckpointSource, CheckpointStates, plan_forward, plan_memory
 from prunenet.validate import parse_size
 
 
@@ -67,6 +67,62 @@ def test_streaming_equals_in_memory_for_every_family(family, tmp_path):
         x = sample_inputs()
         assert torch.equal(reloaded(x).logits, reference(x).logits)
     assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+def forward_plan_budget(source, blocks: str) -> int:
+    """A --max-memory under which a stream runs selfcal with its blocks placed as ``blocks`` says."""
+    config = transformers.AutoConfig.from_pretrained(source)
+    adapter = get_adapter(config)
+    plan = plan_forward(CheckpointSource(source), adapter, config, 2**40, "cpu", 8, 128)
+    fixed = plan.resident_bytes + plan.kv_bytes + plan.activation_bytes
+    return plan.estimate if blocks == "device" else fixed + plan.block_bytes + 1
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_streaming_selfcal_equals_in_memory_selfcal(family, tmp_path, one_thread):
+    """The model run block by block (offloaded to the checkpoint, or every block resident) gives the same
+    probes and statistics as the model in memory: the same kept neurons and output tensors."""
+    source = tmp_path / "src"
+    save_sharded(family, source)
+    run(source, tmp_path / "mem", streaming=False, method="selfcal", seed=2)
+    expected, mem = read_manifest(tmp_path / "mem")["kept_indices"], all_tensors(tmp_path / "mem")
+    for blocks in ("disk", "device"):
+        out = tmp_path / blocks
+        run(source, out, streaming=True, method="selfcal", seed=2, max_memory=forward_plan_budget(source, blocks))
+        manifest = read_manifest(out)
+        assert manifest["memory_plan"]["blocks"] == blocks and manifest["kept_indices"] == expected
+        stream = all_tensors(out)
+        assert all(torch.equal(tensor, stream[name]) for name, tensor in mem.items())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral"])
+def test_streaming_attention_slicing_equals_in_memory(family, tmp_path):
+    """--modules ffn+attn streams too (choosing KV groups reads only o_proj weights): the same kept groups,
+    heads in the config and tensors as in memory (qwen2's q/k/v biases included), and stock reload."""
+    source = tmp_path / "src"
+    save_sharded(family, source)
+    for path, streams in (("mem", False), ("stream", True)):
+        run(source, tmp_path / path, streaming=streams, modules="ffn+attn", ratio=0.5)
+    mem, stream = read_manifest(tmp_path / "mem"), read_manifest(tmp_path / "stream")
+    assert stream["attention"] == mem["attention"] and stream["kept_indices"] == mem["kept_indices"]
+    assert stream["params_after"] == mem["params_after"]
+    a, b = all_tensors(tmp_path / "mem"), all_tensors(tmp_path / "stream")
+    assert all(torch.equal(tensor, b[name]) for name, tensor in a.items())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    assert reloaded.config.num_key_value_heads == mem["attention"]["kv_heads_after"]
+    with torch.no_grad():
+        x = sample_inputs()
+        assert torch.equal(reloaded(x).logits, reference(x).logits)
+
+
+def test_a_budget_too_small_for_one_block_is_refused_before_any_work(tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    monkeypatch.setattr("prunenet.offload.OffloadedModel.__enter__", lambda self: pytest.fail("did work"))
+    with pytest.raises(ValueError, match="cannot run this model one block at a time: it needs at least"):
+        run(source, tmp_path / "out", streaming=True, method="selfcal", max_memory="100MiB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_streamed_ffn_tensors_are_the_kept_rows_and_columns(tmp_path):
@@ -131,7 +187,8 @@ def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, monkeypatch):
     run(source, tmp_path / "ref", streaming=True, method="random")
     # Simulate the kill: the first run wrote every shard of a partial folder and then vanished.
     keeps = [torch.tensor(k) for k in read_manifest(tmp_path / "ref")["kept_indices"]]
-    key = streaming.resume_key(CheckpointSource(source), keeps)
+    checkpoint, config = CheckpointSource(source), transformers.AutoConfig.from_pretrained(source)
+    key = streaming.resume_key(checkpoint, streaming.ffn_slices(checkpoint, get_adapter(config), config, keeps))
     partial = tmp_path / f".out.partial-{key}"
     partial.mkdir()
     shards = sorted(p.name for p in (tmp_path / "ref").glob("model-*.safetensors"))
@@ -169,9 +226,6 @@ def test_streaming_refusals_are_clear(tmp_path):
         run(source, tmp_path / "a", streaming=True, dtype="fp16")
     with pytest.raises(ValueError, match="cannot read"):
         run(source, tmp_path / "a", max_memory="lots")
-    for needs_model in ({"method": "selfcal"}, {"modules": "ffn+attn"}):
-        with pytest.raises(ValueError, match="cannot stream"):
-            run(source, tmp_path / "a", streaming=True, **needs_model)
     sorted(source.glob("model-*.safetensors"))[0].rename(source / "moved")
     with pytest.raises(Exception, match="missing"):
         run(source, tmp_path / "a", streaming=True)
