@@ -3,6 +3,11 @@
     python benchmarks/bench_large.py                          # 7B fp16, ratio 0.3, 1 episode, CPU
     python benchmarks/bench_large.py --episodes 20 --device cuda
     python benchmarks/bench_large.py --shape tiny --episodes 2 # seconds: a smoke run
+    python benchmarks/bench_large.py --method selfcal          # self-calibration, run block by block
+
+``--method selfcal`` runs ``streaming`` (the model offloaded block by block under ``--max-memory``) and
+``in-memory`` (where it fits), each with its phases (probe generation, statistics, writing), its forward
+plan, and the comparison of the two outputs; results: ``benchmarks/results/large_selfcal_<device>.csv``.
 
 Each run is a fresh child process (``--child``) calling :func:`prunenet.pipeline.compress`; its
 peak RSS is the kernel's high-water mark (``VmHWM``), its peak GPU memory
@@ -122,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None, help="existing checkpoint (default: WORKDIR/SHAPE-DTYPE)")
     parser.add_argument("--workdir", default="/tmp/prunenet-bench-large", help="checkpoints and outputs go here")
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--method", default="prunenet", choices=["prunenet", "selfcal"], help="the selector to time")
+    parser.add_argument("--probe-sequences", type=int, default=8, help="--method selfcal: probe sequences")
+    parser.add_argument("--probe-length", type=int, default=128, help="--method selfcal: tokens per sequence")
     parser.add_argument("--episodes", type=int, default=1, help="policy episodes of the streaming run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-memory", default="3GiB", help="--max-memory of the streaming runs")
@@ -147,6 +155,8 @@ def main(argv=None) -> int:
         make_checkpoint(args.shape, ckpt, args.dtype)
         print(f"made {ckpt} in {time.perf_counter() - start:.0f} s", flush=True)
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    if args.method == "selfcal":
+        return bench_selfcal(args, ckpt, size)
     common = dict(model=str(ckpt), ratio=args.ratio, device=args.device, seed=0, overwrite=True)
     outs = {name: work / f"out-{name}" for name in ("streaming", "in-memory", "streaming-policy")}
     runs = [
@@ -202,6 +212,70 @@ def main(argv=None) -> int:
                 "identical_to_in_memory": identical if name == "streaming" else "",
             }
         )
+    append_csv(csv_path, csv_rows)
+    print(f"appended {len(csv_rows)} rows to {csv_path}")
+    if not args.keep:
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+def bench_selfcal(args, ckpt: Path, size: int) -> int:
+    """``--method selfcal``: streaming (block by block) and in-memory, side by side."""
+    from prunenet.validate import parse_size
+
+    work = Path(args.workdir)
+    common = dict(model=str(ckpt), ratio=args.ratio, device=args.device, seed=0, overwrite=True, method="selfcal",
+                  probe_sequences=args.probe_sequences, probe_length=args.probe_length)  # fmt: skip
+    outs = {name: work / f"out-selfcal-{name}" for name in ("streaming", "in-memory")}
+    runs = [("streaming", dict(common, out=str(outs["streaming"]), streaming=True, max_memory=args.max_memory), None)]
+    if not args.skip_in_memory:
+        runs.append(("in-memory", dict(common, out=str(outs["in-memory"]), streaming=False),
+                     parse_size(args.in_memory_limit)))  # fmt: skip
+    rows, check, identical, kept = [], {}, "", {}
+    for name, kwargs, limit in runs:
+        print(f"== selfcal {name}", flush=True)
+        result = run_child(kwargs, limit)
+        print(json.dumps(result), flush=True)
+        out = Path(kwargs["out"])
+        manifest = json.loads((out / "prunenet.json").read_text()) if (out / "prunenet.json").is_file() else {}
+        kept[name] = manifest.get("kept_indices")
+        rows.append((name, kwargs, result, manifest.get("memory_plan") or {}))
+        if name == "streaming" and out.exists():
+            check = reload_check(out)
+            print("reload:", json.dumps(check), flush=True)
+    if len(runs) == 2 and all(o.exists() for o in outs.values()):
+        same, count = same_tensors(outs["streaming"], outs["in-memory"])
+        identical = f"{same and kept['streaming'] == kept['in-memory']} ({count} tensors)"
+        print("streaming and in-memory outputs identical:", identical, flush=True)
+    csv_path = Path(args.csv) if args.csv else HERE / "results" / f"large_selfcal_{torch.device(args.device).type}.csv"
+    csv_rows = [
+        {
+            **run_tags(args.device),
+            "device": device_label(args.device),
+            "shape": args.shape,
+            "dtype": args.dtype,
+            "checkpoint_gib": round(size / GIB, 2),
+            "ratio": args.ratio,
+            "probe_tokens": f"{args.probe_sequences}x{args.probe_length}",
+            "run": name,
+            "max_memory": kwargs.get("max_memory", ""),
+            "blocks": plan.get("blocks", ""),
+            "plan_estimate_gib": round(plan["estimate"] / GIB, 3) if plan else "",
+            "error": r.get("error", ""),
+            "wall_s": round(r.get("wall_s", float("nan")), 1),
+            "load_s": round(r.get("load_s", float("nan")), 1),
+            "probe_s": round(r.get("probe_s", float("nan")), 1),
+            "stats_s": round(r.get("stats_s", float("nan")), 1),
+            "select_s": round(r.get("select_s", float("nan")), 1),
+            "save_s": round(r.get("save_s", float("nan")), 1),
+            "peak_rss_gib": round(r.get("peak_rss_bytes", float("nan")) / GIB, 3),
+            "peak_gpu_gib": round(r.get("peak_gpu_bytes", float("nan")) / GIB, 3),
+            "reload_width": check.get("config_width", check.get("error", "")) if name == "streaming" else "",
+            "identical_to_in_memory": identical if name == "streaming" else "",
+        }
+        for name, kwargs, r, plan in rows
+    ]
     append_csv(csv_path, csv_rows)
     print(f"appended {len(csv_rows)} rows to {csv_path}")
     if not args.keep:

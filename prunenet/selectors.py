@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 NEEDS = {
     "nothing": "no weights",
     "weights": "the FFN weights only",
-    "model": "forward passes of the instantiated model",
+    "model": "forward passes of the model (block by block from the checkpoint when streaming)",
 }
 """What a selector reads, from least to most: a source that can give it is one that can serve it."""
 

@@ -232,7 +232,7 @@ def _streams(settings: CompressConfig, checkpoint: CheckpointSource | None, path
     if streaming:
         if checkpoint is None:
             raise ValueError(f"--streaming needs safetensors weights, and {path} has none; use --no-streaming")
-        if not servable:  # e.g. self-calibration and attention slicing run the instantiated model
+        if not servable:  # a selector registered with needs a stream does not provide
             flag = _unmet_flag(CheckpointStream.provides, settings)
             raise ValueError(f"{flag} needs the instantiated model: it cannot stream (use --no-streaming)")
         return True

@@ -64,6 +64,10 @@ _NOT_COPIED = re.compile(
 # Python, torch and transformers themselves, on top of the tensors a plan counts (measured: ~0.45 GB RSS
 # after `import transformers` with torch 2.13 on Linux). Only host (CPU) budgets include it.
 RUNTIME_BYTES = 512 << 20
+# Running the model adds transformers' modeling code and accelerate (0.45 GB RSS once the offloaded model is
+# built) and what the allocator keeps from the forward passes' temporaries (a 6-block model peaked at
+# 0.63 GiB in all). Only host (CPU) budgets include it.
+FORWARD_RUNTIME_BYTES = 640 << 20
 
 
 class CheckpointError(ValueError):
@@ -408,10 +412,13 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
     """Choose where the blocks of a model run forward on ``sequences x length`` probe tokens live.
 
     The estimate counts what stays on the device (every tensor outside the blocks: embeddings, final
-    norm, head), one block, the key/value cache of the batch at full length, the largest activations of
-    a block (hidden states and the FFN's ``n``-wide ones, attention scores) and the logits of one
-    decoding step, plus on CPU the runtime. Blocks all go on the device when they fit, else in host
-    memory (CUDA only), else they are read from the checkpoint as each runs.
+    norm, head), one block and a copy of its largest tensor (a matmul may repack a weight), the key/value
+    cache of the batch at full length, the largest activations of a block (hidden states and the FFN's
+    ``n``-wide ones, attention scores), the float64 copies the statistics hooks make of the ``n``-wide
+    activations, and the logits of one decoding step, plus on CPU the runtime. Blocks all go on the
+    device when they fit, else in host memory (CUDA only), else they are read from the checkpoint as each
+    runs. Measured on the LLaMA-2-7B shape (fp16, 8 x 128 probes, CPU): 2.19 GiB peak for a 2.36 GiB
+    estimate (``benchmarks/bench_large.py --method selfcal``).
 
     Raises:
         ValueError: the budget cannot hold even one block with the rest.
@@ -419,7 +426,7 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
     device = torch.device(device)
     layers = adapter.num_layers(config)
     prefixes = [adapter.block_prefix(i) for i in range(layers)]
-    block_bytes = [0] * layers
+    block_bytes, largest = [0] * layers, 0
     resident = 0
     for name, entry in source.entries.items():
         owner = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
@@ -427,6 +434,7 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
             resident += entry.nbytes
         else:
             block_bytes[owner] += entry.nbytes
+            largest = max(largest, entry.nbytes)
     itemsize = source.state_dtype(adapter).itemsize
     d, n = adapter.hidden_size(config), adapter.ffn_width(config)
     heads = int(getattr(config, "num_attention_heads", 1))
@@ -437,10 +445,14 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
     kv = layers * 2 * sequences * kv_heads * length * head_dim * itemsize
     tokens = sequences * length
     activations = (
-        tokens * (4 * d + 3 * n) * itemsize + sequences * heads * length * length * 4 + 3 * sequences * vocab * 4
+        tokens * (4 * d + 3 * n) * itemsize  # hidden states, the FFN's n-wide activations
+        + tokens * n * 8 * 2  # the statistics hooks' float64 copy and its square
+        + sequences * heads * length * length * 4  # attention scores
+        + 3 * sequences * vocab * 4  # one decoding step's logits, in float32, and their softmax
+        + largest  # a repacked copy of the largest weight
     )
     if device.type == "cpu":
-        resident += RUNTIME_BYTES
+        resident += FORWARD_RUNTIME_BYTES
     fixed = resident + kv + activations
     total_blocks = sum(block_bytes)
     if fixed + total_blocks <= budget:

@@ -18,6 +18,7 @@ import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import read_manifest
 from prunenet.config import kept_width
+from prunenet.models import ModelLoadError
 from prunenet.pipeline import compress
 from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
 from prunenet.streaming import CheckpointSource, CheckpointStates, plan_forward, plan_memory
@@ -122,6 +123,24 @@ def test_a_budget_too_small_for_one_block_is_refused_before_any_work(tmp_path, m
     monkeypatch.setattr("prunenet.offload.OffloadedModel.__enter__", lambda self: pytest.fail("did work"))
     with pytest.raises(ValueError, match="cannot run this model one block at a time: it needs at least"):
         run(source, tmp_path / "out", streaming=True, method="selfcal", max_memory="100MiB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("damage", ["missing-shard", "truncated-shard"])
+def test_a_damaged_checkpoint_is_refused_before_selfcal_runs_it(damage, tmp_path, monkeypatch):
+    """Streaming self-calibration reads blocks late (each as it runs), so the checkpoint is checked whole
+    first: a missing shard or a tensor cut short is one clear error before any forward pass or output."""
+    source = tmp_path / "src"
+    save_sharded("llama", source)
+    shard = sorted(source.glob("model-*.safetensors"))[-1]
+    if damage == "missing-shard":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size - 64])
+    monkeypatch.setattr("prunenet.offload.OffloadedModel.__enter__", lambda self: pytest.fail("ran the model"))
+    with pytest.raises(ModelLoadError, match=shard.name) as err:
+        run(source, tmp_path / "out", streaming=True, method="selfcal")
+    assert "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -276,6 +295,28 @@ def test_the_memory_plan_bounds_the_measured_peak_of_a_streaming_run(tmp_path):
     plan = read_manifest(tmp_path / "out")["memory_plan"]
     assert (plan["states"], plan["grams"]) == ("device", "device")
     assert peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
+
+
+def test_the_forward_plan_bounds_the_measured_peak_of_a_streaming_selfcal_run(tmp_path):
+    """Self-calibration on a 6-block checkpoint with its blocks read from disk (the budget holds one): the
+    process's peak resident memory stays below the forward plan's estimate, runtime included."""
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=4096, num_hidden_layers=6,
+                                      num_attention_heads=8, max_position_embeddings=64)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="20MB")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    budget = forward_plan_budget(tmp_path / "src", "disk")
+    code = (
+        "import sys; from prunenet.cli import main\n"
+        f"code = main(['compress', '--model', {str(tmp_path / 'src')!r}, '--out', {str(tmp_path / 'out')!r}, "
+        f"'--ratio', '0.3', '--method', 'selfcal', '--streaming', '--max-memory', '{budget}', '--quiet'])\n"
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    plan = read_manifest(tmp_path / "out")["memory_plan"]
+    assert plan["blocks"] == "disk" and peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
 
 
 def test_parse_size():

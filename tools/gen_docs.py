@@ -3,6 +3,8 @@
 Usage: python tools/gen_docs.py [--check]
 
 * ``methods`` in ``docs/methods.md``: the selector registry (:func:`prunenet.selectors.markdown_table`).
+* ``keywords`` in ``docs/usage.md``: the keywords of ``prune_``/``compress``, from the fields of
+  ``PruneConfig`` and ``CompressConfig`` and the options each selector declares.
 
 ``--check`` changes nothing and exits 1 when a block is out of date (``tests/test_docs.py`` checks too).
 """
@@ -10,6 +12,7 @@ Usage: python tools/gen_docs.py [--check]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,9 +21,30 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import replace_block  # noqa: E402
 
-from prunenet.selectors import markdown_table  # noqa: E402
+from prunenet.config import CompressConfig, PruneConfig, flag  # noqa: E402
+from prunenet.selectors import SELECTORS, markdown_table  # noqa: E402
 
-BLOCKS = {("methods", ROOT / "docs" / "methods.md"): markdown_table}
+
+def keyword_table() -> str:
+    """Markdown table: each config field's keyword, flag, default, dataclass, and the selector that reads it."""
+    owner = {option: s.name for s in SELECTORS.values() for option in s.options}
+    own = {f.name for f in dataclasses.fields(PruneConfig)}
+    rows = ["| keyword | flag | default | config |", "|---|---|---|---|"]
+    for f in dataclasses.fields(CompressConfig):
+        default = "(required)" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
+        where = "PruneConfig" if f.name in own else "CompressConfig"
+        reader = f" ({owner[f.name]})" if f.name in owner else ""
+        flags = f"`{flag(f)}`"
+        if f.metadata["cli"].get("action") == "boolean-optional":
+            flags += f" / `--no-{flag(f)[2:]}`"
+        rows.append(f"| `{f.name}` | {flags} | {default} | `{where}`{reader} |")
+    return "\n".join(rows)
+
+
+BLOCKS = {
+    ("methods", ROOT / "docs" / "methods.md"): markdown_table,
+    ("keywords", ROOT / "docs" / "usage.md"): keyword_table,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
