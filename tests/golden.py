@@ -11,16 +11,20 @@ Record again only when an output is meant to change, and say why in the commit:
     python tests/golden.py --embedded # the embedded SmolLM2-135M (a few minutes)
 
 Float results (trained policies, self-calibration) are reproducible on one machine, not across CPU
-types. Each record therefore also holds the hash of the source weights as generated here: where they
-differ (another machine), only the machine-independent fields are compared (see ``EXACT_ANYWHERE``).
+types: the same policy training rounds differently on an Intel and an AMD CPU. Each record therefore
+also holds the machine it was made on (CPU model, torch's CPU capability, torch version; see
+:func:`machine`) and the hash of the source weights as generated there: where either differs, only the
+machine-independent fields are compared (see ``EXACT_ANYWHERE`` and :func:`comparable`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -55,6 +59,27 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
                 h.update(raw.numpy().tobytes())
                 hashes[f"{path.name}:{name}"] = h.hexdigest()[:16]
     return hashes
+
+
+def machine() -> dict:
+    """What float results depend on besides the code: the CPU model, the instruction set torch's kernels
+    use on it, and the torch version."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model or platform.processor(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}  # fmt: skip
+
+
+def same_machine(recorded: dict, produced: dict, family: str) -> bool:
+    """Whether a record may be compared in full: made on this kind of machine from the same source weights."""
+    return (
+        recorded.get("machine") == produced.get("machine")
+        and recorded["sources"][family] == produced["sources"][family]
+    )
 
 
 def folder_digest(folder: Path) -> str:
@@ -156,7 +181,8 @@ def run_tiny(root: Path, cases=None, torchrun_cases=None) -> dict:
         out = root / "out" / f"t{i}"
         run_torchrun(compress_args(sources[family], out, extra))
         records[case] = record_of(out)
-    return {"sources": {family: folder_digest(sources[family]) for family in families}, "cases": records}
+    sources = {family: folder_digest(sources[family]) for family in families}
+    return {"machine": machine(), "sources": sources, "cases": records}
 
 
 EMBEDDED_CASES = [
@@ -182,14 +208,14 @@ def run_embedded(root: Path, cases=None) -> dict:
         argv[argv.index("--model") + 1] = DEFAULT_MODEL
         run_in_process(argv)
         records[case] = record_of(out)
-    return {"sources": {"smollm2": folder_digest(ensure_default_model())}, "cases": records}
+    return {"machine": machine(), "sources": {"smollm2": folder_digest(ensure_default_model())}, "cases": records}
 
 
-def comparable(case: str, record: dict, same_sources: bool) -> dict:
-    """The part of ``record`` to compare: all of it where the source weights are the recorded ones (the
-    recording machine), elsewhere what does not depend on float rounding: for ``EXACT_ANYWHERE`` methods
+def comparable(case: str, record: dict, same: bool) -> dict:
+    """The part of ``record`` to compare: all of it on the recording kind of machine (``same``, see
+    :func:`same_machine`), elsewhere what does not depend on float rounding: for ``EXACT_ANYWHERE`` methods
     the whole manifest (kept neurons included), for the others the counts; the config always."""
-    if same_sources:
+    if same:
         return record
     if case.split("/")[1] in EXACT_ANYWHERE:
         return {"manifest": record["manifest"], "config": record["config"]}
