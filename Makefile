@@ -90,6 +90,16 @@ cuda-check: $(CUDA_STAMP)
 	cmake --build $(CUDA_BUILD) --target _C --parallel $(MAX_JOBS)
 	$(CUDA_PY) tools/fatbin_archs.py $(CUDA_BUILD)/_C*.so --require $(CUDA_ARCHS)
 
+# `make gpu-check`: the GPU half (tools/gpu-check), run once on a machine with a CUDA device: builds the
+# CUDA extension in place, runs the gpu tests and times the CUDA op, the Triton reward and compress.
+# Results go to $(OUT) (an OUT in the environment wins). Rehearse it on CPU: make gpu-check GPU_CHECK_ARGS=--dry-run
+# On a machine without network, skip .venv: python3 tools/gpu-check (it installs nothing).
+OUT ?= build/gpu-check
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: install
+	$(BIN)/python tools/gpu-check --out $(OUT) $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info $(DEMO_OUT) prunenet/_C*.so
 

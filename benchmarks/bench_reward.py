@@ -1,12 +1,14 @@
 """One training episode's spectral reward, three ways side by side in one run.
 
     python benchmarks/bench_reward.py [--quick] [--shapes NAME ...] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/bench_reward.py --shapes llama-2-7b --layers 8 --csv out.csv --md out.md
 
 * ``original``: the reference implementation's method, one layer at a time: ``torch.linalg.svdvals``
   of ``W[keep]`` on the device, then ``scipy.stats.ks_2samp`` on the CPU.
 * ``torch``: :func:`prunenet.reward.episode_rewards` with the pure-PyTorch backend (Gram matrices,
   ``W^T W - W[drop]^T W[drop]`` at this ratio, batched eigen-solve, ``searchsorted`` KS).
-* ``triton``: the same with the Triton kernels (CUDA only; "n/a" elsewhere).
+* ``triton``: the same with the Triton kernels (CUDA; on CPU only in Triton's interpreter, when
+  ``TRITON_INTERPRET=1`` is set: slow, for rehearsals; "n/a" elsewhere).
 
 Shapes are the FFN state matrices (layers x n x d) of OPT-125m, SmolLM2-135M, LLaMA-2-7B and
 LLaMA-2-13B with random weights, keeping k = floor(0.7 n) random rows per layer (ratio 0.3). The
@@ -22,7 +24,10 @@ timings are comparable only within one run.
 
 Default shapes: all four on CUDA; on CPU only OPT-125m and SmolLM2-135M (``--quick``), since the
 per-layer SVDs of the 7B/13B shapes take many minutes on a few cores (name them with ``--shapes``).
-Rows are appended to ``results/reward.csv``; the run's table goes to ``results/reward_<device>.md``.
+``--layers N`` takes only N layers of each shape (the episode time scales with the layer count).
+``--shapes tiny`` (2 x 172 x 64, never a default) takes seconds even in Triton's interpreter.
+Rows are appended to ``results/reward.csv`` (``--csv``); the run's table goes to
+``results/reward_<device>.md`` (``--md``).
 """
 
 from __future__ import annotations
@@ -52,8 +57,10 @@ SHAPES = {  # layers, n (FFN width), d (hidden size)
     "smollm2-135m": (30, 1536, 576),
     "llama-2-7b": (32, 11008, 4096),
     "llama-2-13b": (40, 13824, 5120),
+    "tiny": (2, 172, 64),  # seconds even in Triton's interpreter: for rehearsals (tools/gpu-check --dry-run)
 }
 QUICK = ["opt-125m", "smollm2-135m"]
+FULL = ["opt-125m", "smollm2-135m", "llama-2-7b", "llama-2-13b"]  # the default on CUDA
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RATIO = 0.3
 
@@ -123,14 +130,20 @@ def original_rewards(states, keeps, ref_spectra_np) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def measure(name: str, device: str, dtype: torch.dtype, repeats: int) -> list[dict]:
-    layers, n, d = SHAPES[name]
+def triton_runs_on(device: str) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA, or CPU inside Triton's interpreter."""
+    return ops.triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def measure(name: str, device: str, dtype: torch.dtype, repeats: int, layers: int | None = None) -> list[dict]:
+    shape_layers, n, d = SHAPES[name]
+    layers = min(layers or shape_layers, shape_layers)
     k = math.floor((1 - RATIO) * n)
     g = torch.Generator().manual_seed(0)
     states = [(torch.randn(n, d, generator=g) * 0.02).to(dtype).to(device) for _ in range(layers)]
     keeps = [torch.randperm(n, generator=g)[:k].sort().values.to(device) for _ in range(layers)]
 
-    methods = ["original", "torch"] + (["triton"] if device == "cuda" and ops.triton_available() else [])
+    methods = ["original", "torch"] + (["triton"] if triton_runs_on(device) else [])
     runs, results = {}, {}
     for method in methods:
         tick = time.perf_counter()
@@ -209,18 +222,25 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="shapes to run (default: see above)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (median)")
+    parser.add_argument("--layers", type=int, help="only this many layers of each shape (default: all)")
+    parser.add_argument("--csv", type=Path, help="CSV to append the rows to (default: results/reward.csv)")
+    parser.add_argument("--md", type=Path, help="Markdown table of the run (default: results/reward_<device>.md)")
     args = parser.parse_args()
     device = torch.device(args.device).type
-    shapes = args.shapes or (QUICK if args.quick or device == "cpu" else list(SHAPES))
+    shapes = args.shapes or (QUICK if args.quick or device == "cpu" else FULL)
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
 
     rows = []
     for name in shapes:
-        rows += measure(name, device, dtype, args.repeats)
+        rows += measure(name, device, dtype, args.repeats, args.layers)
     table = markdown(rows, "python " + " ".join(sys.argv))
     print("\n" + table)
-    append_csv(RESULTS / "reward.csv", rows)
-    (RESULTS / f"reward_{device}.md").write_text(table)
+    append_csv(args.csv or RESULTS / "reward.csv", rows)
+    md = args.md or RESULTS / f"reward_{device}.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(table)
 
 
 if __name__ == "__main__":

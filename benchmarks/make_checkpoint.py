@@ -6,8 +6,11 @@ one tensor), and shards are cut at ``--shard-size`` like ``save_pretrained``'s, 
 
     python benchmarks/make_checkpoint.py --shape llama2-7b --dtype fp16 --out /tmp/llama2-7b
     python benchmarks/make_checkpoint.py --shape tiny --out /tmp/tiny   # seconds, for tests
+    python benchmarks/make_checkpoint.py --shape llama2-7b --layers 4 --out /tmp/7b-4  # 2 GiB, 7B-shaped layers
 
-Shapes: LLaMA-2 7B / 13B / 70B (70B has grouped-query attention, 8 KV heads) and ``tiny``.
+Shapes: LLaMA-2 7B / 13B / 70B (70B has grouped-query attention, 8 KV heads), SmolLM2-135M's (the
+embedded model's shape, untied head) and ``tiny``. ``--layers N`` keeps only the first N decoder
+blocks: every tensor keeps its shape, so a run on it costs what N layers of the full model cost.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
     "llama2-70b": dict(
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
     ),
@@ -42,9 +53,14 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def llama_config(shape: str, dtype: torch.dtype) -> transformers.LlamaConfig:
-    """The ``LlamaConfig`` of a shape (LLaMA-2 defaults: vocabulary 32000, RMSNorm eps 1e-5)."""
+def llama_config(shape: str, dtype: torch.dtype, layers: int | None = None) -> transformers.LlamaConfig:
+    """The ``LlamaConfig`` of a shape (LLaMA-2 defaults: vocabulary 32000, RMSNorm eps 1e-5), with only
+    its first ``layers`` decoder blocks if given."""
     kwargs = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, **SHAPES[shape]}
+    if layers is not None:
+        if not 1 <= layers <= kwargs["num_hidden_layers"]:
+            raise ValueError(f"layers must be in 1..{kwargs['num_hidden_layers']} for {shape}, not {layers}")
+        kwargs["num_hidden_layers"] = layers
     config = transformers.LlamaConfig(**kwargs, tie_word_embeddings=False)
     config.dtype = dtype
     config.architectures = ["LlamaForCausalLM"]
@@ -91,12 +107,15 @@ def shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     return groups
 
 
-def make_checkpoint(shape: str, out: Path, dtype: str = "fp16", shard_size: str = "5GB", seed: int = 0) -> Path:
-    """Write the checkpoint to ``out`` atomically (a temporary sibling renamed at the end)."""
+def make_checkpoint(
+    shape: str, out: Path, dtype: str = "fp16", shard_size: str = "5GB", seed: int = 0, layers: int | None = None
+) -> Path:
+    """Write the checkpoint to ``out`` atomically (a temporary sibling renamed at the end); ``layers``: only
+    the first that many decoder blocks (default: all)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it first")
-    config = llama_config(shape, DTYPES[dtype])
+    config = llama_config(shape, DTYPES[dtype], layers)
     specs = tensor_specs(config, DTYPES[dtype])
     groups = shard(specs, parse_size(shard_size))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -130,9 +149,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weight dtype")
     parser.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 2GiB")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--layers", type=int, help="only the first N decoder blocks (default: all of the shape's)")
     args = parser.parse_args(argv)
+    if args.layers is not None and not 1 <= args.layers <= SHAPES[args.shape]["num_hidden_layers"]:
+        parser.error(f"--layers must be in 1..{SHAPES[args.shape]['num_hidden_layers']} for {args.shape}")
     start = time.perf_counter()
-    out = make_checkpoint(args.shape, Path(args.out), args.dtype, args.shard_size, args.seed)
+    out = make_checkpoint(args.shape, Path(args.out), args.dtype, args.shard_size, args.seed, args.layers)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
     return 0
