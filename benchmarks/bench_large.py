@@ -191,12 +191,7 @@ def main(argv=None) -> int:
     for name, kwargs, r in rows:
         csv_rows.append(
             {
-                **run_tags(args.device),
-                "device": device_label(args.device),
-                "shape": args.shape,
-                "dtype": args.dtype,
-                "checkpoint_gib": round(size / GIB, 2),
-                "ratio": args.ratio,
+                **row_head(args, size),
                 "run": name,
                 "episodes": kwargs.get("episodes", 0) if "policy" not in kwargs else 0,
                 "max_memory": kwargs.get("max_memory", ""),
@@ -206,10 +201,7 @@ def main(argv=None) -> int:
                 "train_s": round(r.get("train_s", 0.0), 1),
                 "select_slice_s": round(r.get("slice_s", float("nan")), 1),
                 "save_s": round(r.get("save_s", float("nan")), 1),
-                "peak_rss_gib": round(r.get("peak_rss_bytes", float("nan")) / GIB, 3),
-                "peak_gpu_gib": round(r.get("peak_gpu_bytes", float("nan")) / GIB, 3),
-                "reload_width": check.get("config_width", check.get("error", "")) if name == "streaming" else "",
-                "identical_to_in_memory": identical if name == "streaming" else "",
+                **row_tail(name, r, check, identical),
             }
         )
     append_csv(csv_path, csv_rows)
@@ -218,6 +210,28 @@ def main(argv=None) -> int:
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     return 0
+
+
+def row_head(args, size: int) -> dict:
+    """The CSV columns every run of one invocation shares: provenance, device, checkpoint, ratio."""
+    return {
+        **run_tags(args.device),
+        "device": device_label(args.device),
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "checkpoint_gib": round(size / GIB, 2),
+        "ratio": args.ratio,
+    }
+
+
+def row_tail(name: str, result: dict, check: dict, identical: str) -> dict:
+    """The last CSV columns: peak memory, and for the streaming run the reload check and the comparison."""
+    return {
+        "peak_rss_gib": round(result.get("peak_rss_bytes", float("nan")) / GIB, 3),
+        "peak_gpu_gib": round(result.get("peak_gpu_bytes", float("nan")) / GIB, 3),
+        "reload_width": check.get("config_width", check.get("error", "")) if name == "streaming" else "",
+        "identical_to_in_memory": identical if name == "streaming" else "",
+    }
 
 
 def bench_selfcal(args, ckpt: Path, size: int) -> int:
@@ -251,12 +265,7 @@ def bench_selfcal(args, ckpt: Path, size: int) -> int:
     csv_path = Path(args.csv) if args.csv else HERE / "results" / f"large_selfcal_{torch.device(args.device).type}.csv"
     csv_rows = [
         {
-            **run_tags(args.device),
-            "device": device_label(args.device),
-            "shape": args.shape,
-            "dtype": args.dtype,
-            "checkpoint_gib": round(size / GIB, 2),
-            "ratio": args.ratio,
+            **row_head(args, size),
             "probe_tokens": f"{args.probe_sequences}x{args.probe_length}",
             "run": name,
             "max_memory": kwargs.get("max_memory", ""),
@@ -269,10 +278,7 @@ def bench_selfcal(args, ckpt: Path, size: int) -> int:
             "stats_s": round(r.get("stats_s", float("nan")), 1),
             "select_s": round(r.get("select_s", float("nan")), 1),
             "save_s": round(r.get("save_s", float("nan")), 1),
-            "peak_rss_gib": round(r.get("peak_rss_bytes", float("nan")) / GIB, 3),
-            "peak_gpu_gib": round(r.get("peak_gpu_bytes", float("nan")) / GIB, 3),
-            "reload_width": check.get("config_width", check.get("error", "")) if name == "streaming" else "",
-            "identical_to_in_memory": identical if name == "streaming" else "",
+            **row_tail(name, r, check, identical),
         }
         for name, kwargs, r, plan in rows
     ]

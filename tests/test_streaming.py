@@ -275,24 +275,34 @@ def test_memory_plan_spills_what_does_not_fit():
     assert "budget 3.00 GiB" in plan.describe()
 
 
-def test_the_memory_plan_bounds_the_measured_peak_of_a_streaming_run(tmp_path):
-    """A fresh process streams a 6-layer checkpoint (150 MB; states held in memory, W^T W too at ratio 0.3):
-    its peak resident memory (VmHWM, which exec resets) stays below the plan's estimate, runtime included."""
+def six_block_checkpoint(folder):
+    """A 6-block llama checkpoint (150 MB in 20 MB shards) with the tiny tokenizer, saved in ``folder``."""
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=4096, num_hidden_layers=6,
                                       num_attention_heads=8, max_position_embeddings=64)  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="20MB")
-    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder, max_shard_size="20MB")
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def peak_of_compress(source, out, flags: list[str]) -> tuple[int, dict]:
+    """``compress --streaming`` of ``source`` in a fresh process: its peak resident memory (VmHWM, which exec
+    resets) and the manifest's memory plan."""
+    argv = ["compress", "--model", str(source), "--out", str(out), "--ratio", "0.3", "--streaming", "--quiet", *flags]
     code = (
-        "import sys; from prunenet.cli import main\n"
-        f"code = main(['compress', '--model', {str(tmp_path / 'src')!r}, '--out', {str(tmp_path / 'out')!r}, "
-        "'--ratio', '0.3', '--episodes', '2', '--streaming', '--max-memory', '4GiB', '--quiet'])\n"
+        f"import sys; from prunenet.cli import main\ncode = main({argv!r})\n"
         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
         "sys.exit(code)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    peak = int(proc.stdout.strip().splitlines()[-1])
-    plan = read_manifest(tmp_path / "out")["memory_plan"]
+    return int(proc.stdout.strip().splitlines()[-1]), read_manifest(out)["memory_plan"]
+
+
+def test_the_memory_plan_bounds_the_measured_peak_of_a_streaming_run(tmp_path):
+    """A fresh process streams a 6-layer checkpoint (150 MB; states held in memory, W^T W too at ratio 0.3):
+    its peak resident memory (VmHWM, which exec resets) stays below the plan's estimate, runtime included."""
+    source = six_block_checkpoint(tmp_path / "src")
+    peak, plan = peak_of_compress(source, tmp_path / "out", ["--episodes", "2", "--max-memory", "4GiB"])
     assert (plan["states"], plan["grams"]) == ("device", "device")
     assert peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
 
@@ -300,22 +310,9 @@ def test_the_memory_plan_bounds_the_measured_peak_of_a_streaming_run(tmp_path):
 def test_the_forward_plan_bounds_the_measured_peak_of_a_streaming_selfcal_run(tmp_path):
     """Self-calibration on a 6-block checkpoint with its blocks read from disk (the budget holds one): the
     process's peak resident memory stays below the forward plan's estimate, runtime included."""
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=4096, num_hidden_layers=6,
-                                      num_attention_heads=8, max_position_embeddings=64)  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="20MB")
-    tiny_tokenizer().save_pretrained(tmp_path / "src")
-    budget = forward_plan_budget(tmp_path / "src", "disk")
-    code = (
-        "import sys; from prunenet.cli import main\n"
-        f"code = main(['compress', '--model', {str(tmp_path / 'src')!r}, '--out', {str(tmp_path / 'out')!r}, "
-        f"'--ratio', '0.3', '--method', 'selfcal', '--streaming', '--max-memory', '{budget}', '--quiet'])\n"
-        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
-        "sys.exit(code)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    peak = int(proc.stdout.strip().splitlines()[-1])
-    plan = read_manifest(tmp_path / "out")["memory_plan"]
+    source = six_block_checkpoint(tmp_path / "src")
+    budget = forward_plan_budget(source, "disk")
+    peak, plan = peak_of_compress(source, tmp_path / "out", ["--method", "selfcal", "--max-memory", str(budget)])
     assert plan["blocks"] == "disk" and peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
 
 
