@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="recovery fine-tuning (LoRA, merged) of a pruned model",
         description="Train LoRA adapters (peft; `pip install 'prunenet[finetune]'`) on the FFN and attention "
-        "projections of a (pruned) model on real text, with early stopping on a held-out tail of that text, merge "
-        "them into the weights and save a model stock transformers loads at the same (pruned) width. The default "
-        "text is the 'train' split of the embedded State of the Union corpus (speeches before 1990), disjoint from "
-        "the held-out 'eval' split (1990 on) that `prunenet eval` uses.",
+        "projections of a (pruned) model, with early stopping on a held-out tail of the training text, merge them "
+        "into the weights and save a model stock transformers loads at the same (pruned) width. With --teacher "
+        "DENSE no dataset is used: the teacher writes the text and the model learns its next-token distribution "
+        "(KL). Otherwise the text is real: --text-file, or the 'train' split of the embedded State of the Union "
+        "corpus (speeches before 1990), disjoint from the held-out 'eval' split (1990 on) that `prunenet eval` uses.",
         formatter_class=defaults,
     )
     f.add_argument("--model", required=True, help="the model to fine-tune: a folder written by compress, or any model")
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder: absent, empty, or an earlier prunenet output (with --overwrite)"
     )
     f.add_argument("--text-file", default=None, help="UTF-8 training text (default: the embedded 'train' split)")
+    f.add_argument(
+        "--teacher",
+        default=None,
+        help="self-distillation, no dataset: this model (e.g. the dense model MODEL was pruned from) generates the "
+        "training text and MODEL learns to match its next-token distribution (excludes --text-file)",
+    )
     add_config_arguments(f, FinetuneConfig)
     f.add_argument(
         "--eval-tokens",
@@ -241,6 +248,7 @@ def _run_finetune(args) -> dict:
         model=args.model,
         out=args.out,
         text_file=args.text_file,
+        teacher=args.teacher,
         config=config_of(FinetuneConfig, args),
         eval_tokens=args.eval_tokens,
         device=args.device,

@@ -233,7 +233,21 @@ class FinetuneConfig:
     holdout_tokens: int = option(
         4096, "tokens at the end of the training text held out for the validation loss (never trained on)"
     )
-    seed: int = option(0, "seed of the window order, LoRA init and dropout")
+    seed: int = option(0, "seed of the window order, LoRA init and dropout (and of the teacher's text)")
+    teacher_tokens: int = option(
+        32768,
+        "with --teacher: tokens of text the teacher generates, as sequences of --seq-len tokens (the last "
+        "--holdout-tokens of them held out for early stopping)",
+    )
+    top_k: int = option(
+        64,
+        "with --teacher: the teacher's most likely next tokens kept per position, the KL taken over them and one "
+        "bucket for the rest (0: the full vocabulary, the teacher stays resident and runs on every batch)",
+        flag="--kd-top-k",
+    )
+    hard_label_weight: float = option(
+        0.0, "with --teacher: weight of the next-token loss on the generated text, added to the KL"
+    )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the CLI flag of the first bad value."""
@@ -245,6 +259,7 @@ class FinetuneConfig:
             "--eval-every": self.eval_every,
             "--patience": self.patience,
             "--holdout-tokens": self.holdout_tokens,
+            "--teacher-tokens": self.teacher_tokens,
         }.items():
             check_count(flag, value)
         check_count("--seq-len", self.seq_len, minimum=2)
@@ -254,6 +269,8 @@ class FinetuneConfig:
         check_number("--lora-alpha", self.lora_alpha, positive=True)
         if not 0 <= check_number("--lora-dropout", self.lora_dropout) < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        check_count("--kd-top-k", self.top_k, minimum=0)
+        check_number("--hard-label-weight", self.hard_label_weight, minimum=0.0)
 
 
 def check_cost_options(prompt_tokens: int, new_tokens: int, batch_size: int, repeats: int) -> None:

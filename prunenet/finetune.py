@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
+import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +33,14 @@ from . import __version__
 from .adapters import ModelAdapter, get_adapter
 from .checkpoint import MANIFEST_FILE, POLICY_FILE, read_manifest, write_manifest
 from .config import FinetuneConfig
+from .distill import TeacherTargets, full_kl, teacher_targets, topk_kl
 from .output import OutputFolder, claim_output
 from .text import SPLITS
 from .validate import check_count, check_device, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "merge_lora", "train_lora"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "distill_lora", "finetune", "merge_lora", "train_lora"]
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
@@ -62,16 +66,13 @@ def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: count * seq_len].view(count, seq_len)
 
 
-@torch.no_grad()
 def _mean_loss(model, windows: torch.Tensor, batch_size: int, device) -> float:
-    """Mean next-token loss over ``windows`` ``(N, L)`` (every window the same length, so a plain mean)."""
-    was_training = model.training
-    model.eval()
+    """Mean next-token loss over ``windows`` ``(N, L)`` (every window the same length, so a plain mean); called
+    by :func:`fit_adapters` in eval mode without gradients."""
     total = 0.0
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size].to(device)
         total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0]
-    model.train(was_training)
     return total / windows.shape[0]
 
 
@@ -127,11 +128,88 @@ def train_lora(
         [{"step", "train_loss", "val_loss"}], "train_windows", "holdout_windows", "tokens_per_step",
         "trainable_parameters", "target_modules", "seconds"}``.
     """
-    peft = _require_peft()
     cfg.validate()
-    adapter = adapter or get_adapter(model.config)
     device = torch.device(device)
     train, holdout = _split_tokens(tokenizer, text, cfg)
+    model, targets = with_lora(model, adapter or get_adapter(model.config), cfg)
+
+    def train_loss(idx: torch.Tensor) -> torch.Tensor:
+        batch = train[idx].to(device)
+        return model(input_ids=batch, labels=batch).loss
+
+    info = fit_adapters(model, cfg, train.shape[0], train_loss,
+                        lambda: _mean_loss(model, holdout, cfg.batch_size, device), progress=progress)  # fmt: skip
+    info.update(train_windows=int(train.shape[0]), holdout_windows=int(holdout.shape[0]), target_modules=targets)
+    return model, info
+
+
+def distill_lora(
+    model: torch.nn.Module,
+    targets: TeacherTargets,
+    cfg: FinetuneConfig,
+    *,
+    teacher: torch.nn.Module | None = None,
+    adapter: ModelAdapter | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict]:
+    """Train LoRA adapters on ``model`` to match the teacher's next-token distribution on its own text.
+
+    The items are the teacher's generated sequences (``targets.ids``, ``(N, L)``); the last
+    ``ceil(holdout_tokens / L)`` of them are held out, and early stopping watches the KL on them. The loss is
+    :func:`~prunenet.distill.topk_kl` against the stored top-``K`` targets, or, with ``targets.top_k == 0``,
+    :func:`~prunenet.distill.full_kl` against ``teacher`` run on the same batch; plus
+    ``cfg.hard_label_weight`` times the next-token loss on the generated text.
+
+    Returns:
+        ``(peft_model, info)`` as :func:`train_lora`, with ``train_sequences`` and ``holdout_sequences``.
+    """
+    cfg.validate()
+    device = torch.device(device)
+    count, length = targets.ids.shape
+    holdout = min(count - 1, math.ceil(cfg.holdout_tokens / length))
+    if holdout < 1:
+        raise FinetuneError(
+            f"the teacher's text is {count} sequence(s) of {length} tokens: too few for a held-out sequence plus "
+            "one to train on; raise --teacher-tokens or lower --seq-len"
+        )
+    if targets.top_k == 0 and teacher is None:
+        raise ValueError("full-vocabulary distillation (--kd-top-k 0) needs the teacher model")
+    model, lora_targets = with_lora(model, adapter or get_adapter(model.config), cfg)
+    train_idx, held_idx = torch.arange(count - holdout), torch.arange(count - holdout, count)
+
+    def loss_on(idx: torch.Tensor, hard: bool) -> torch.Tensor:
+        ids, logp, index, tail = targets.rows(idx, device)
+        logits = model(input_ids=ids).logits
+        if targets.top_k:
+            loss = topk_kl(logits, logp, index, tail)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            loss = full_kl(logits, teacher_logits)
+        if hard and cfg.hard_label_weight:
+            labels = ids[:, 1:].reshape(-1)
+            loss = loss + cfg.hard_label_weight * torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(labels.numel(), -1).float(), labels
+            )
+        return loss
+
+    def held_out_kl() -> float:
+        total = 0.0
+        for i in range(0, holdout, cfg.batch_size):
+            idx = held_idx[i : i + cfg.batch_size]
+            total += float(loss_on(idx, hard=False)) * idx.numel()
+        return total / holdout
+
+    info = fit_adapters(model, cfg, count - holdout, lambda idx: loss_on(train_idx[idx], hard=True), held_out_kl,
+                        progress=progress)  # fmt: skip
+    info.update(train_sequences=count - holdout, holdout_sequences=holdout, target_modules=lora_targets)
+    return model, info
+
+
+def with_lora(model: torch.nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig) -> tuple[torch.nn.Module, list]:
+    """``model`` wrapped by ``peft`` with LoRA adapters (seeded) on every projection the adapter names."""
+    peft = _require_peft()
     targets = adapter.lora_targets()
     torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout masks
     lora = peft.LoraConfig(
@@ -144,33 +222,63 @@ def train_lora(
         # GPT-2's Conv1D stores weights as (in, out).
         fan_in_fan_out=adapter.conv1d,
     )
-    model = peft.get_peft_model(model, lora)
+    return peft.get_peft_model(model, lora), targets
+
+
+def fit_adapters(
+    model: torch.nn.Module,
+    cfg: FinetuneConfig,
+    items: int,
+    train_loss: Callable[[torch.Tensor], torch.Tensor],
+    val_loss: Callable[[], float],
+    *,
+    progress: bool = True,
+) -> dict:
+    """The training loop of LoRA recovery, whatever the loss: AdamW on the trainable parameters of ``model``.
+
+    Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` item indices (a seeded random
+    order over ``range(items)``, renewed each epoch) and backpropagates ``train_loss(indices)``; gradients are
+    clipped to norm 1. ``val_loss()`` is measured before training and every ``eval_every`` steps; the
+    parameters of the lowest value are restored at the end, and ``patience`` validations without
+    improvement stop the run.
+
+    Returns:
+        ``{"steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss", "history",
+        "tokens_per_step", "trainable_parameters", "seconds"}``.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
-    lora_names = [name for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
 
     def snapshot() -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
-        return {name: params[name].detach().clone() for name in lora_names}
+        return {name: params[name].detach().clone() for name in names}
+
+    def validate() -> float:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            value = float(val_loss())
+        model.train(was_training)
+        return value
 
     start = time.perf_counter()
-    best_loss = val_before = _mean_loss(model, holdout, cfg.batch_size, device)
+    best_loss = val_before = validate()
     best_state, best_step, bad, stopped_early = snapshot(), 0, 0, False
     history = [{"step": 0, "train_loss": None, "val_loss": val_before}]
     order_gen = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(train.shape[0], generator=order_gen), 0
+    order, cursor = torch.randperm(items, generator=order_gen), 0
     model.train()
     bar = tqdm(range(1, cfg.steps + 1), desc="fine-tuning", unit="step", disable=not progress)
     running, running_n, step = 0.0, 0, 0
     for step in bar:
         for _ in range(cfg.grad_accum):
             if cursor + cfg.batch_size > order.numel():  # next epoch, new order
-                order, cursor = torch.randperm(train.shape[0], generator=order_gen), 0
+                order, cursor = torch.randperm(items, generator=order_gen), 0
             idx = order[cursor : cursor + cfg.batch_size]
             cursor += cfg.batch_size
-            batch = train[idx].to(device)
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = train_loss(idx)
             (loss / cfg.grad_accum).backward()
             running += float(loss.detach())
             running_n += 1
@@ -179,7 +287,7 @@ def train_lora(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = _mean_loss(model, holdout, cfg.batch_size, device)
+            val = validate()
             history.append({"step": step, "train_loss": running / running_n, "val_loss": val})
             bar.set_postfix(train_loss=f"{running / running_n:.3f}", val_loss=f"{val:.3f}", best=f"{best_loss:.3f}")
             running, running_n = 0.0, 0
@@ -196,21 +304,17 @@ def train_lora(
         for name, value in best_state.items():
             params[name].copy_(value)
     model.eval()
-    info = {
+    return {
         "steps_run": step,
         "best_step": best_step,
         "stopped_early": stopped_early,
         "val_loss_before": val_before,
         "best_val_loss": best_loss,
         "history": history,
-        "train_windows": int(train.shape[0]),
-        "holdout_windows": int(holdout.shape[0]),
         "tokens_per_step": cfg.batch_size * cfg.grad_accum * cfg.seq_len,
         "trainable_parameters": sum(p.numel() for p in trainable),
-        "target_modules": targets,
         "seconds": time.perf_counter() - start,
     }
-    return model, info
 
 
 def merge_lora(peft_model: torch.nn.Module) -> torch.nn.Module:
@@ -245,11 +349,30 @@ def _text_description(text_file: str | None) -> dict:
     }
 
 
+def _teacher_description(teacher: tuple[str | None, Path | None], targets: TeacherTargets, cfg: FinetuneConfig):
+    name, path = teacher
+    sequences, length = targets.ids.shape
+    return {
+        "source": "generated by the teacher (no dataset)",
+        "teacher": name,
+        "teacher_path": str(path),
+        "sampling": "ancestral, temperature 1, from the BOS token",
+        "seed": targets.seed,
+        "sequences": int(sequences),
+        "length": int(length),
+        "tokens": int(sequences * length),
+        "top_k": targets.top_k,
+        "targets_bytes": targets.nbytes(),
+        "hard_label_weight": cfg.hard_label_weight,
+    }
+
+
 def finetune(
     *,
     model: str,
     out: str | Path,
     text_file: str | None = None,
+    teacher: str | None = None,
     config: FinetuneConfig | None = None,
     eval_tokens: int = 2048,
     eval_context: int = 512,
@@ -261,7 +384,9 @@ def finetune(
     """Recovery-fine-tune the model ``model`` (e.g. a folder written by ``compress``) and save it to ``out``.
 
     Loads the model, trains LoRA adapters (:func:`train_lora`) on ``text_file`` or the ``train`` split of the
-    embedded corpus, merges them (:func:`merge_lora`) and writes the model, tokenizer, the source's policy file
+    embedded corpus -- or, with ``teacher`` (e.g. the dense model it was pruned from), on text the teacher
+    generates, to match the teacher's next-token distribution (:func:`distill_lora`; no dataset) -- merges
+    them (:func:`merge_lora`) and writes the model, tokenizer, the source's policy file
     (if any) and its ``prunenet.json`` extended with a ``"finetune"`` section into ``out``, atomically.
     ``eval_tokens > 0`` also measures perplexity before and after on the first ``eval_tokens`` tokens of the
     held-out ``eval`` split (``prunenet eval``'s default text), in ``eval_context``-token windows.
@@ -277,11 +402,21 @@ def finetune(
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     check_count("--eval-tokens", eval_tokens, minimum=0)
+    if teacher is not None and text_file is not None:
+        raise ValueError("--teacher and --text-file exclude each other: the teacher writes the training text")
+    if teacher is not None and cfg.teacher_tokens // cfg.seq_len < 2:
+        raise FinetuneError(
+            f"--teacher-tokens {cfg.teacher_tokens} makes fewer than two {cfg.seq_len}-token sequences (one to "
+            "train on, one held out); raise --teacher-tokens or lower --seq-len"
+        )
     device = str(check_device(resolve_device(device)))
     _require_peft()
     source = resolve_model(model)
-    with claim_output(out, sources=[source], overwrite=overwrite) as target:
-        return _finetune_into(target, source, model, text_file, cfg, eval_tokens, eval_context, device, dtype, progress)
+    teacher_path = resolve_model(teacher) if teacher is not None else None
+    sources = [source] if teacher_path is None else [source, teacher_path]
+    with claim_output(out, sources=sources, overwrite=overwrite) as target:
+        return _finetune_into(target, source, model, text_file, (teacher, teacher_path), cfg, eval_tokens,
+                              eval_context, device, dtype, progress)  # fmt: skip
 
 
 def _finetune_into(
@@ -289,6 +424,7 @@ def _finetune_into(
     source: Path,
     model: str,
     text_file: str | None,
+    teacher: tuple[str | None, Path | None],
     cfg: FinetuneConfig,
     eval_tokens: int,
     eval_context: int,
@@ -308,11 +444,33 @@ def _finetune_into(
     with contextlib.suppress(CheckpointError):  # unreadable weights: load_model says what is wrong
         if CheckpointSource.has_safetensors(source):
             target.ensure_space(weight_bytes(CheckpointSource(source), dtype))
-    text = load_text(text_file, TRAIN_SPLIT)
+    teacher_name, teacher_path = teacher
     eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
+    text = targets = teacher_lm = teacher_vocab = None
+    if teacher_path is None:
+        text = load_text(text_file, TRAIN_SPLIT)
+    else:
+        teacher_lm, _, _ = load_model(str(teacher_path), device=device, dtype=TORCH_DTYPES[dtype])
+        timings["teacher_load_s"] = time.perf_counter() - tick
+        targets = teacher_targets(teacher_lm, sequences=cfg.teacher_tokens // cfg.seq_len, length=cfg.seq_len,
+                                  top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.batch_size,
+                                  progress=progress)  # fmt: skip
+        timings.update(targets.seconds)
+        teacher_vocab = teacher_lm.get_output_embeddings().weight.shape[0]
+        if cfg.top_k:  # the targets hold what training needs: the teacher need not stay resident
+            del teacher_lm
+            teacher_lm = None
+            gc.collect()
+        tick = time.perf_counter()
     lm, tokenizer, _ = load_model(str(source), device=device, dtype=TORCH_DTYPES[dtype])
     adapter = get_adapter(lm.config)
     timings["load_s"] = time.perf_counter() - tick
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    if teacher_vocab is not None and teacher_vocab != vocab:
+        raise FinetuneError(
+            f"the teacher {teacher_name} has a vocabulary of {teacher_vocab} tokens and the model {vocab}: "
+            "distil from the model this one was pruned from"
+        )
 
     def held_out() -> float | None:
         if eval_text is None:
@@ -324,7 +482,12 @@ def _finetune_into(
     tick = time.perf_counter()
     ppl_before = held_out()
     timings["eval_before_s"] = time.perf_counter() - tick
-    peft_model, info = train_lora(lm, tokenizer, text, cfg, adapter=adapter, device=device, progress=progress)
+    if targets is None:
+        peft_model, info = train_lora(lm, tokenizer, text, cfg, adapter=adapter, device=device, progress=progress)
+    else:
+        peft_model, info = distill_lora(lm, targets, cfg, teacher=teacher_lm, adapter=adapter, device=device,
+                                        progress=progress)  # fmt: skip
+        del teacher_lm
     timings["train_s"] = info["seconds"]
     tick = time.perf_counter()
     lm = merge_lora(peft_model)
@@ -340,8 +503,9 @@ def _finetune_into(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_model": model,
         "source_path": str(source),
-        "method": "LoRA (peft), merged into the weights",
-        "text": _text_description(text_file),
+        "method": "LoRA (peft), merged into the weights"
+        + (", trained to match the teacher's next-token distribution on its own text" if targets else ""),
+        "text": _text_description(text_file) if targets is None else _teacher_description(teacher, targets, cfg),
         "config": asdict(cfg),
         "dtype": dtype,
         "device": str(device),

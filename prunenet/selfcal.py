@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, get_adapter
 from .models import forward_with_cache
@@ -84,6 +85,7 @@ def self_probes(
     length: int = 128,
     seed: int = 0,
     temperature: float = 1.0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Probe token ids ``(sequences, length)`` int64 produced without any dataset (``length`` capped at the
     model's maximum positions).
@@ -93,6 +95,7 @@ def self_probes(
     Sampling at temperature 1 rather than greedy decoding: greedy text from a small base model loops on
     one phrase, which would excite only the few neurons of that phrase.
     ``"random"``: uniformly random ids (the cheapest probe; off the model's input distribution).
+    ``progress``: a progress bar over the decoding steps.
     """
     if kind not in PROBES:
         raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(PROBES)}")
@@ -106,7 +109,7 @@ def self_probes(
     model.eval()
     ids = torch.full((sequences, 1), start_token(model), dtype=torch.long, device=device)
     cache, step_ids = None, ids
-    for _ in range(length - 1):
+    for _ in tqdm(range(length - 1), desc="generating", unit="token", disable=not progress):
         logits, cache = forward_with_cache(model, step_ids, cache)
         probs = torch.softmax(logits[:, -1].float().cpu() / temperature, dim=-1)
         check_finite(probs, "the model's next-token probabilities on its own text")
