@@ -204,9 +204,14 @@ def main(argv=None) -> int:
                 **row_tail(name, r, check, identical),
             }
         )
+    return finish(csv_path, csv_rows, outs, args.keep)
+
+
+def finish(csv_path: Path, csv_rows: list[dict], outs: dict[str, Path], keep: bool) -> int:
+    """Append the rows to the CSV and remove the runs' outputs (unless ``keep``)."""
     append_csv(csv_path, csv_rows)
     print(f"appended {len(csv_rows)} rows to {csv_path}")
-    if not args.keep:
+    if not keep:
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     return 0
@@ -282,12 +287,7 @@ def bench_selfcal(args, ckpt: Path, size: int) -> int:
         }
         for name, kwargs, r, plan in rows
     ]
-    append_csv(csv_path, csv_rows)
-    print(f"appended {len(csv_rows)} rows to {csv_path}")
-    if not args.keep:
-        for out in outs.values():
-            shutil.rmtree(out, ignore_errors=True)
-    return 0
+    return finish(csv_path, csv_rows, outs, args.keep)
 
 
 if __name__ == "__main__":
