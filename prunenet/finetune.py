@@ -458,7 +458,6 @@ def _finetune_into(
         timings.update(targets.seconds)
         teacher_vocab = teacher_lm.get_output_embeddings().weight.shape[0]
         if cfg.top_k:  # the targets hold what training needs: the teacher need not stay resident
-            del teacher_lm
             teacher_lm = None
             gc.collect()
         tick = time.perf_counter()
