@@ -226,10 +226,29 @@ def _compress_summary(result) -> dict:
                 ),
                 ("time: slicing", f"{t['slice_s']:.2f} s" if not result.streaming else "(streamed: while saving)"),
                 ("time: saving", f"{t['save_s']:.1f} s" + (" (slicing included)" if result.streaming else "")),
+                *_training_rows(result.recovery, t["recover_s"] if result.recovery else None, "recovery "),
             ],
         )
     )
+    if result.recovery is not None:
+        summary.update({f"recover_{key}": result.recovery[key] for key in RECOVERY_KEYS})
     return summary
+
+
+RECOVERY_KEYS = ("steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss")
+"""The fine-tuning record's fields that ``--json`` prints (``finetune``, and ``compress --recover`` prefixed)."""
+
+
+def _training_rows(info: dict | None, seconds: float | None, prefix: str = "") -> list[tuple[str, str]]:
+    """The summary rows of a fine-tuning record (``prunenet finetune``, ``compress --recover``)."""
+    if info is None:
+        return []
+    return [
+        (f"{prefix}steps", f"{info['steps_run']} run, best at {info['best_step']}"
+         + (" (stopped early)" if info["stopped_early"] else "")),
+        (f"{prefix}validation loss", f"{info['val_loss_before']:.4f} -> {info['best_val_loss']:.4f}"),
+        (f"time: {prefix or 'training'}".rstrip(), f"{seconds:.1f} s"),
+    ]  # fmt: skip
 
 
 def _run_eval(args) -> dict:
@@ -267,12 +286,10 @@ def _run_finetune(args) -> dict:
             None,
             [
                 ("output", str(result.out)),
-                ("steps", f"{info['steps_run']} run, best at {info['best_step']}"
-                 + (" (stopped early)" if info["stopped_early"] else "")),
-                ("validation loss", f"{info['val_loss_before']:.4f} -> {info['best_val_loss']:.4f}"),
+                *_training_rows(info, t["train_s"])[:2],
                 (f"held-out perplexity ({args.eval_tokens} tokens)", ppl),
                 ("trainable parameters", f"{info['trainable_parameters']:,}"),
-                ("time: training", f"{t['train_s']:.1f} s"),
+                *_training_rows(info, t["train_s"])[2:],
             ]
         )
     )  # fmt: skip
@@ -280,7 +297,7 @@ def _run_finetune(args) -> dict:
         "out": str(result.out),
         "perplexity_before": result.perplexity_before,
         "perplexity_after": result.perplexity_after,
-        **{k: info[k] for k in ("steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss")},
+        **{k: info[k] for k in RECOVERY_KEYS},
         **{key: round(value, 3) for key, value in t.items()},
     }
 

@@ -182,6 +182,18 @@ class CompressConfig(PruneConfig):
         "contains or lies inside the source model or a cache, or is the current folder, a parent of it, or your "
         "home. The old output is removed only once the new one is complete",
     )
+    recover: bool = option(
+        False,
+        "after pruning, recover by self-distillation with no dataset: the source model writes text, its top-64 "
+        "next-token probabilities are stored, and LoRA (rank 16, lr 1e-3, batches of 4x128 tokens) on the pruned "
+        "model learns them, merged into the weights; the same as `prunenet finetune --teacher MODEL` with those "
+        "settings on the pruned folder (needs peft). Trained and saved in --dtype ('auto': fp32); the source "
+        "model and the pruned one are in memory one after the other, not together",
+    )
+    recover_steps: int = option(190, "with --recover: optimizer steps at most (early stopping may end sooner)")
+    recover_tokens: int = option(
+        24576, "with --recover: tokens of text the source model generates to train on (the last 1024 held out)"
+    )
 
     def validate(self) -> None:
         from .validate import check_device
@@ -192,6 +204,17 @@ class CompressConfig(PruneConfig):
             check_device(self.device)
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        check_count("--recover-steps", self.recover_steps)
+        # One sequence to train on and one held out for early stopping, at the recipe's 128 tokens each.
+        check_count("--recover-tokens", self.recover_tokens, minimum=2 * 128)
+
+    def recovery_config(self) -> FinetuneConfig:
+        """The self-distillation settings of ``--recover``: the recipe measured on the embedded model
+        (docs/results.md#self-distillation), with this run's steps, token budget and seed."""
+        return FinetuneConfig(
+            steps=self.recover_steps, teacher_tokens=self.recover_tokens, seed=self.seed, seq_len=128, batch_size=4,
+            holdout_tokens=1024, lr=1e-3, lora_r=16, eval_every=30,
+        )  # fmt: skip
 
 
 def config_from(cls, config=None, **options):

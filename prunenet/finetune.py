@@ -50,7 +50,7 @@ class FinetuneError(ValueError):
     """Fine-tuning cannot run: ``peft`` is missing, or the text is too short for the requested windows."""
 
 
-def _require_peft():
+def require_peft():
     try:
         import peft
     except ImportError:
@@ -209,7 +209,7 @@ def distill_lora(
 
 def with_lora(model: torch.nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig) -> tuple[torch.nn.Module, list]:
     """``model`` wrapped by ``peft`` with LoRA adapters (seeded) on every projection the adapter names."""
-    peft = _require_peft()
+    peft = require_peft()
     targets = adapter.lora_targets()
     torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout masks
     lora = peft.LoraConfig(
@@ -410,18 +410,20 @@ def finetune(
             "train on, one held out); raise --teacher-tokens or lower --seq-len"
         )
     device = str(check_device(resolve_device(device)))
-    _require_peft()
+    require_peft()
     source = resolve_model(model)
     teacher_path = resolve_model(teacher) if teacher is not None else None
     sources = [source] if teacher_path is None else [source, teacher_path]
     with claim_output(out, sources=sources, overwrite=overwrite) as target:
-        return _finetune_into(target, source, model, text_file, (teacher, teacher_path), cfg, eval_tokens,
-                              eval_context, device, dtype, progress)  # fmt: skip
+        return finetune_into(target, source, model=model, text_file=text_file, teacher=(teacher, teacher_path),
+                             cfg=cfg, eval_tokens=eval_tokens, eval_context=eval_context, device=device, dtype=dtype,
+                             progress=progress)  # fmt: skip
 
 
-def _finetune_into(
+def finetune_into(
     target: OutputFolder,
     source: Path,
+    *,
     model: str,
     text_file: str | None,
     teacher: tuple[str | None, Path | None],
@@ -431,8 +433,13 @@ def _finetune_into(
     device: str,
     dtype: str,
     progress: bool,
+    staged: bool = False,
 ) -> FinetuneResult:
-    """:func:`finetune` once ``target`` is claimed: load, train, merge, save."""
+    """:func:`finetune` once ``target`` is claimed: load ``source``, train, merge, save into ``target``.
+
+    ``model`` names the source in the manifest; ``staged``: ``source`` is a staging folder that is removed
+    after the run (``compress --recover``), so the manifest records no path for it.
+    """
     from .evaluate import perplexity
     from .models import TORCH_DTYPES, load_model
     from .sources import weight_bytes
@@ -501,7 +508,7 @@ def _finetune_into(
         "prunenet_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_model": model,
-        "source_path": str(source),
+        "source_path": None if staged else str(source),
         "method": "LoRA (peft), merged into the weights"
         + (", trained to match the teacher's next-token distribution on its own text" if targets else ""),
         "text": _text_description(text_file) if targets is None else _teacher_description(teacher, targets, cfg),

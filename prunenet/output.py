@@ -13,7 +13,8 @@ Every command that writes a model (``compress``, ``finetune``) goes through :fun
 5. Everything is written into ``.NAME.partial-*`` beside ``--out`` and renamed into place when complete
    (:meth:`OutputFolder.write`); the folder being replaced is removed only once the new one is in place.
    Partial folders of dead runs (marked by :data:`PARTIAL_MARKER`) are removed by the next run on that
-   output, or resumed when they match its inputs.
+   output, or resumed when they match its inputs. Intermediate results (``compress --recover``'s pruned
+   model before recovery) go to a marked ``.NAME.stage-*`` folder beside it, removed at the end of the run.
 6. Before any work, the parent is checked to be writable (by creating the lock) and to have room for
    the estimated output (:meth:`OutputFolder.ensure_space`).
 7. Folders and files get the permissions the umask gives, like any other tool's output.
@@ -26,6 +27,7 @@ import datetime
 import errno
 import fcntl
 import glob
+import itertools
 import logging
 import os
 import secrets
@@ -269,12 +271,16 @@ class OutputFolder:
 
     def __init__(self, path: Path, overwrite: bool):
         self.path, self.overwrite = path, overwrite
+        self._staged: set[Path] = set()  # this run's staging folders: not leftovers while it holds them
 
     def _leftovers(self) -> list[Path]:
         """Temporary folders of earlier runs on this output (marked: ours to remove)."""
         name = glob.escape(self.path.name)
-        found = [*self.path.parent.glob(f".{name}.partial-*"), *self.path.parent.glob(f".{name}.old-*")]
-        return sorted(p for p in found if p.is_dir() and not p.is_symlink() and (p / PARTIAL_MARKER).is_file())
+        found = [self.path.parent.glob(f".{name}.{kind}-*") for kind in ("partial", "old", "stage")]
+        return sorted(
+            p for p in itertools.chain(*found)
+            if p.is_dir() and not p.is_symlink() and (p / PARTIAL_MARKER).is_file() and p not in self._staged
+        )  # fmt: skip
 
     def ensure_space(self, nbytes: int) -> None:
         """Refuse before any work when the output (at least ``nbytes``) clearly cannot fit.
@@ -331,6 +337,21 @@ class OutputFolder:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """Yield a marked, empty ``.NAME.stage-XXXXXXXX`` folder beside the output for an intermediate result
+        (e.g. the pruned model that ``compress --recover`` then fine-tunes), removed when the block ends.
+
+        A killed run's staging folder is a leftover like a partial one: the next run on this output removes it.
+        """
+        folder = self._new_temporary("stage")
+        self._staged.add(folder)
+        try:
+            yield folder
+        finally:
+            self._staged.discard(folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _install(self, tmp: Path) -> None:
         """Check the manifest lists the folder, fix permissions, and rename ``tmp`` over the output."""

@@ -24,7 +24,7 @@ from .checkpoint import POLICY_FILE, kept_indices_to_json, save_policy, write_ma
 from .config import DEFAULT_MODEL, CompressConfig, PruneConfig, config_from
 from .distributed import Distributed
 from .models import resolve_model
-from .output import check_output_path, claim_output, partial_folder
+from .output import OutputFolder, check_output_path, claim_output, partial_folder
 from .selectors import SELECTORS, Selection, select
 from .sources import ModelSource, Source, check_prunable, plan_source
 from .validate import resolve_device
@@ -149,6 +149,7 @@ class CompressResult:
     timings: dict[str, float] = field(default_factory=dict)
     best_reward: float | None = None
     streaming: bool = False
+    recovery: dict | None = None  # --recover: the self-distillation's record (steps, losses, timings)
 
 
 def compress(
@@ -163,6 +164,8 @@ def compress(
     checkpoint tensor by tensor (:mod:`prunenet.streaming`) with the same result as the in-memory path.
     ``dist`` (from :func:`prunenet.distributed.init` under ``torchrun``) splits layers and shards across
     the ranks, with a single process's result; rank 0 writes the rest and renames the folder.
+    ``recover=True`` then self-distils the pruned model from ``model`` (:meth:`CompressConfig.recovery_config`,
+    no dataset) before it becomes ``out``, as ``prunenet finetune --teacher`` would on the pruned folder.
     """
     if out is None:
         raise TypeError("compress() needs out=, the folder to write the pruned model to")
@@ -171,36 +174,89 @@ def compress(
     dist = dist or Distributed()
     if dist.active and config.streaming is False:
         raise ValueError("a distributed run (torchrun) streams the checkpoint: drop --no-streaming")
+    if config.recover and dist.active:
+        raise ValueError("--recover runs in one process: compress under torchrun, then run `prunenet finetune "
+                         "--teacher` on the output")  # fmt: skip
+    if config.recover:
+        from .finetune import require_peft
+
+        require_peft()  # before any work
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     path = resolve_model(model)
     # Rank 0 writes the output and holds its lock; the other ranks only need its (checked) path.
     claim = claim_output(out, sources=[path], overwrite=config.overwrite) if dist.is_main else contextlib.nullcontext()
+    recovery = None
     with claim as target:
-        out = target.path if target is not None else check_output_path(out, [path])
-        plan = plan_source(path, config, dist)
-        policy = _prepare(config, plan.adapter, plan.config, config.device)
-        if target is not None and plan.output_bytes_at_least() is not None:
-            target.ensure_space(plan.output_bytes_at_least())
-        source = plan.open()
-        timings["load_s"] = time.perf_counter() - tick
-        log.info("selecting with --method %s at ratio %s (%s)", config.method, config.ratio,
-                 "streaming" if source.streaming else "in memory")  # fmt: skip
-        result, writer = _prune(source, config, policy, dist, progress, timings)
-        log.info("writing %s", out)
-        manifest = {
-            "prunenet_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source_model": str(model),
-            "source_path": str(path),
-            **result.manifest(),
-            "streaming": source.streaming,
-            "memory_plan": dataclasses.asdict(source.memory_plan) if source.memory_plan is not None else None,
-        }
-        _write(target, out, writer, result, manifest, dist, progress, timings)
+        if not config.recover:
+            out = target.path if target is not None else check_output_path(out, [path])
+            result, streaming = _compress_into(target, out, model, path, config, dist, progress, timings, tick)
+        else:  # prune into a staging folder beside --out, then recover from it into --out
+            with target.staging() as stage:
+                pruned = OutputFolder(stage / "pruned", overwrite=False)
+                result, streaming = _compress_into(pruned, pruned.path, model, path, config, dist, progress, timings,
+                                                tick)  # fmt: skip
+                recovery = _recover(target, pruned.path, model, path, config, progress, timings)
+            out = target.path
     best = result.training["best_reward"] if result.training else None
     return CompressResult(out, result.model_type, result.ffn_width, result.k, result.params_before,
-                          result.params_after, timings, best, source.streaming)  # fmt: skip
+                          result.params_after, timings, best, streaming, recovery)  # fmt: skip
+
+
+def _compress_into(
+    target: OutputFolder | None,
+    out: Path,
+    model,
+    path: Path,
+    config: CompressConfig,
+    dist: Distributed,
+    progress: bool,
+    timings: dict,
+    tick: float,
+) -> tuple[PruneResult, bool]:
+    """:func:`compress` once ``target`` (``None`` on ranks other than 0) is claimed: plan, select, write.
+
+    Returns what was kept and whether the source was streamed; the model itself is not kept alive.
+    """
+    plan = plan_source(path, config, dist)
+    policy = _prepare(config, plan.adapter, plan.config, config.device)
+    if target is not None and plan.output_bytes_at_least() is not None:
+        target.ensure_space(plan.output_bytes_at_least())
+    source = plan.open()
+    timings["load_s"] = time.perf_counter() - tick
+    log.info("selecting with --method %s at ratio %s (%s)", config.method, config.ratio,
+             "streaming" if source.streaming else "in memory")  # fmt: skip
+    result, writer = _prune(source, config, policy, dist, progress, timings)
+    log.info("writing %s", out)
+    manifest = {
+        "prunenet_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": str(model),
+        "source_path": str(path),
+        **result.manifest(),
+        "streaming": source.streaming,
+        "memory_plan": dataclasses.asdict(source.memory_plan) if source.memory_plan is not None else None,
+    }
+    _write(target, out, writer, result, manifest, dist, progress, timings)
+    return result, source.streaming
+
+
+def _recover(target: OutputFolder, pruned: Path, model, path: Path, config: CompressConfig, progress: bool,
+             timings: dict) -> dict:  # fmt: skip
+    """``--recover``: self-distil the pruned model in ``pruned`` from the source model at ``path`` into ``target``.
+
+    Returns the recovery's record (steps, losses, timings); its timings are in the manifest's ``finetune``.
+    """
+    from .finetune import finetune_into
+
+    tick = time.perf_counter()
+    log.info("recovering by self-distillation from %s (%d steps at most)", model, config.recover_steps)
+    dtype = config.dtype if config.dtype != "auto" else "fp32"
+    result = finetune_into(target, pruned, model="this compress run's pruned model", text_file=None,
+                           teacher=(str(model), path), cfg=config.recovery_config(), eval_tokens=0, eval_context=0,
+                           device=str(config.device), dtype=dtype, progress=progress, staged=True)  # fmt: skip
+    timings["recover_s"] = time.perf_counter() - tick
+    return {**result.info, "timings_s": result.timings}
 
 
 def _write(target, out: Path, writer, result: PruneResult, manifest: dict, dist: Distributed, progress: bool,

@@ -170,3 +170,102 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
         finetune(model=str(pruned), teacher=str(other), out=tmp_path / "o", eval_tokens=0, progress=False,
                  config=FinetuneConfig(**TINY))  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+RECOVER = ["--recover-steps", "40", "--recover-tokens", "2048"]  # past the warm-up; 16 sequences of 128 tokens
+
+
+def peaked_teacher(folder):
+    """A tiny random llama with its LM head scaled up: a peaked next-token distribution. A random tiny model's
+    is near uniform, so a student pruned from it would match it already and recovery would not move."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def compress_args(dense, out, *extra):
+    return ["compress", "--model", str(dense), "--out", str(out), "--ratio", "0.5", "--method", "random", "--quiet",
+            *extra]  # fmt: skip
+
+
+def test_compress_recover_equals_compress_then_finetune_with_the_teacher(tmp_path, capsys):
+    """``compress --recover`` is the two commands in one: the same tensors bit for bit, nothing left beside
+    ``--out`` (no staging folder), the source untouched, and a stock reload at the pruned width."""
+    dense = peaked_teacher(tmp_path / "dense")
+    before = snapshot(dense)
+    assert main(compress_args(dense, tmp_path / "recovered", "--recover", *RECOVER, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["recover_steps_run"] == 40 and summary["recover_best_step"] > 0
+    assert main(compress_args(dense, tmp_path / "pruned")) == 0
+    # The recipe --recover's help states: 4x128-token batches, LoRA rank 16, lr 1e-3, 1024 tokens held out.
+    recipe = ["--steps", "40", "--teacher-tokens", "2048", "--seq-len", "128", "--batch-size", "4", "--lr", "1e-3",
+              "--holdout-tokens", "1024", "--lora-r", "16", "--eval-every", "30",
+              "--eval-tokens", "0", "--quiet"]  # fmt: skip
+    assert main(["finetune", "--model", str(tmp_path / "pruned"), "--teacher", str(dense), "--out",
+                 str(tmp_path / "two-commands"), *recipe]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "pruned", "recovered", "two-commands"]
+    assert snapshot(dense) == before
+    a, b = all_tensors(tmp_path / "recovered"), all_tensors(tmp_path / "two-commands")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], t) for n, t in all_tensors(tmp_path / "pruned").items())  # recovery trained
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "recovered")
+    assert (
+        reloaded.config.intermediate_size
+        == transformers.AutoConfig.from_pretrained(tmp_path / "pruned").intermediate_size
+    )
+    manifest = read_manifest(tmp_path / "recovered")
+    assert manifest["kept_indices"] == read_manifest(tmp_path / "pruned")["kept_indices"]
+    recovery = manifest["finetune"]
+    assert recovery["source_path"] is None  # the staging folder it was read from is gone
+    assert recovery["text"]["teacher"] == str(dense)
+    assert (recovery["text"]["sequences"], recovery["text"]["length"]) == (16, 64)  # capped at the tiny context
+    assert recovery["steps_run"] == 40
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("recovery failed"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_failed_recovery_leaves_no_output_and_no_staging_folder(failure, tmp_path, monkeypatch):
+    dense = tmp_path / "dense"
+    save_tiny_model("llama", dense)
+
+    def fail(*args, **kwargs):
+        assert any(p.name.startswith(".out.stage-") for p in tmp_path.iterdir())  # the pruned model is staged
+        raise failure
+
+    monkeypatch.setattr("prunenet.finetune.distill_lora", fail)
+    with pytest.raises(type(failure)):
+        compress(model=str(dense), out=tmp_path / "out", ratio=0.5, method="random", recover=True, recover_steps=2,
+                 recover_tokens=512, progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_the_next_run_removes_a_killed_runs_staging_folder_but_nothing_unmarked(tmp_path):
+    from prunenet.checkpoint import PARTIAL_MARKER
+
+    dense = tmp_path / "dense"
+    save_tiny_model("llama", dense)
+    killed, foreign = tmp_path / ".out.stage-0badc0de", tmp_path / ".out.stage-users"
+    (killed / "pruned").mkdir(parents=True)
+    (killed / PARTIAL_MARKER).touch()
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not prunenet's")
+    assert main(compress_args(dense, tmp_path / "out", "--recover", *RECOVER)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.stage-users", "dense", "out"]
+    assert (foreign / "notes.txt").read_text() == "not prunenet's"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--recover-tokens", "255"], "--recover-tokens must be at least 256"),
+     (["--recover-steps", "0"], "--recover-steps must be at least 1")],
+    ids=["tokens", "steps"],
+)  # fmt: skip
+def test_bad_recovery_settings_are_one_line_errors_before_any_work(extra, message, tmp_path, capsys):
+    dense = tmp_path / "dense"
+    save_tiny_model("llama", dense)
+    assert main(compress_args(dense, tmp_path / "out", "--recover", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
