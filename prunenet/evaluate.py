@@ -63,6 +63,18 @@ def tokenize_prefix(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
         chars *= 2
 
 
+def document_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a document's text: the BOS of Gemma and Llama tokenizers, nothing for
+    SmolLM2's, GPT-2's or Qwen's. A model sees its training documents so; Gemma-3-270M without its BOS is 3x
+    more perplexed on the same text (measured: 97 vs 30 on the ``pre1900`` split)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start : start + len(plain)] == plain:
+            return list(special[:start])
+    return []
+
+
 def sliding_windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows ``(begin, end, first_scored)`` over ``num_tokens`` tokens; no token is scored twice.
 
@@ -106,14 +118,15 @@ def perplexity(
     """Perplexity over the first ``max_tokens`` tokens of ``text``, in ``context``-token windows.
 
     ``stride`` (default ``context``: non-overlapping windows) is the step between window starts;
-    see :func:`sliding_windows` for which tokens each window scores. The perplexity is ``exp`` of
-    the mean next-token negative log-likelihood over all scored tokens. Windows are batched
-    ``batch_size`` at a time (the last, shorter one padded and masked); the result does not depend
-    on ``batch_size`` beyond float rounding.
+    see :func:`sliding_windows` for which tokens each window scores. Each window is preceded by the
+    tokenizer's :func:`document_prefix` (e.g. Gemma's BOS), as context only: it is never scored. The
+    perplexity is ``exp`` of the mean next-token negative log-likelihood over all scored tokens. Windows
+    are batched ``batch_size`` at a time (the last, shorter one padded and masked); the result does not
+    depend on ``batch_size`` beyond float rounding.
 
     Returns:
-        ``{"perplexity", "nll", "tokens" (scored tokens), "windows", "context", "stride", "parameters",
-        "seconds"}``.
+        ``{"perplexity", "nll", "tokens" (scored tokens), "windows", "context", "stride", "prefix_tokens",
+        "parameters", "seconds"}``.
     """
     stride = context if stride is None else stride
     check_count("--max-tokens", max_tokens)
@@ -122,20 +135,23 @@ def perplexity(
     if ids.numel() < 2:
         raise ValueError("the text is too short to evaluate (fewer than 2 tokens)")
     windows = sliding_windows(ids.numel(), context, stride)
+    prefix = torch.tensor(document_prefix(tokenizer), dtype=torch.long)
+    p = prefix.numel()
     model.eval()
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         # Windows of one batch share a length except possibly the last one: pad and mask it.
-        length = max(end - begin for begin, end, _ in batch)
+        length = p + max(end - begin for begin, end, _ in batch)
         input_ids = torch.zeros(len(batch), length, dtype=torch.long)
         mask = torch.zeros(len(batch), length, dtype=torch.long)
         scored = torch.zeros(len(batch), length, dtype=torch.bool)  # which positions' tokens are predicted
         for row, (begin, end, first) in enumerate(batch):
-            input_ids[row, : end - begin] = ids[begin:end]
-            mask[row, : end - begin] = 1
-            scored[row, first - begin : end - begin] = True
+            input_ids[row, :p] = prefix
+            input_ids[row, p : p + end - begin] = ids[begin:end]
+            mask[row, : p + end - begin] = 1
+            scored[row, p + first - begin : p + end - begin] = True
         input_ids, mask = input_ids.to(device), mask.to(device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         nll = torch.nn.functional.cross_entropy(
@@ -152,6 +168,7 @@ def perplexity(
         "windows": len(windows),
         "context": context,
         "stride": stride,
+        "prefix_tokens": p,
         "parameters": count_parameters(model),
         "seconds": time.perf_counter() - start,
     }

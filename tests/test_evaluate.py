@@ -13,6 +13,7 @@ from tiny_models import save_tiny_model, tiny_model, tiny_text, tiny_tokenizer
 from prunenet.evaluate import (
     PAPER_TASKS,
     ZeroShotError,
+    document_prefix,
     inference_cost,
     inference_cost_subprocess,
     perplexity,
@@ -36,6 +37,37 @@ def test_perplexity_equals_transformers_loss_per_window(name):
             count += window.numel() - 1
     assert result["tokens"] == count == 250 - 4
     assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def bos_tokenizer():
+    """The tiny tokenizer, adding its BOS in front of every text as Gemma's and Llama's tokenizers do."""
+    from tokenizers import processors
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+def test_windows_start_with_the_tokenizers_document_prefix_as_unscored_context():
+    model, tokenizer, text = tiny_model("llama"), bos_tokenizer(), tiny_text(1000)
+    assert document_prefix(tokenizer) == [tokenizer.bos_token_id] and document_prefix(tiny_tokenizer()) == []
+    result = perplexity(model, tokenizer, text, max_tokens=250, context=64, batch_size=3, progress=False)
+    ids = tokenize_prefix(tokenizer, text, 250)
+    assert tokenizer.bos_token_id not in ids.tolist()[:5]  # the text's own tokens, no BOS among them
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in torch.split(ids, 64):
+            with_bos = torch.cat([torch.tensor([tokenizer.bos_token_id]), window]).double()
+            log_p = torch.log_softmax(model(with_bos.long()[None]).logits[0].double(), -1)
+            # predictions of window[1:] (the window's first token stays unscored, as without a prefix)
+            total -= float(log_p[1:-1].gather(1, window[1:, None]).sum())
+            count += window.numel() - 1
+    assert result["tokens"] == count == 250 - 4 and result["prefix_tokens"] == 1
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    plain = perplexity(model, tiny_tokenizer(), text, max_tokens=250, context=64, progress=False)
+    assert plain["prefix_tokens"] == 0 and plain["perplexity"] != pytest.approx(result["perplexity"], rel=1e-6)
 
 
 def test_batch_size_does_not_change_perplexity():
