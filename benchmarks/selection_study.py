@@ -36,7 +36,7 @@ from scipy.stats import spearmanr
 from prunenet import selfcal as S
 from prunenet.adapters import get_adapter
 from prunenet.config import kept_width
-from prunenet.evaluate import perplexity
+from prunenet.evaluate import document_prefix, perplexity, tokenize_prefix
 from prunenet.models import load_model
 from prunenet.selectors import magnitude_keeps, policy_keeps, random_keeps
 from prunenet.slicing import slice_model_
@@ -66,7 +66,14 @@ CANDIDATES = {
     "selfcal-wanda-rand": ("forward pass on 8x128 uniformly random tokens; Wanda score", "wanda"),
     "selfcal-wanda-gen+sw": ("selfcal-wanda-gen with outlier neurons always kept", "wanda"),
     "selfcal-wanda-gen-small": ("selfcal-wanda-gen with only 2x64 self-generated tokens", "wanda"),
+    "selfcal-wanda-gen-t07": ("selfcal-wanda-gen with the probes sampled at temperature 0.7", "wanda"),
+    "selfcal-wanda-gen-starts": ("selfcal-wanda-gen, each probe started from BOS + a random vocabulary token", "wanda"),
+    "selfcal-wanda-gen-32x128": ("selfcal-wanda-gen with 32x128 self-generated tokens", "wanda"),
+    "selfcal-wanda-seq": ("sequential: layer i scored on the model whose layers < i are already pruned", "wanda"),
+    "calib-pre1900": ("Wanda on 8x128 *real* tokens of `pre1900` (after the evaluated ones; seed = offset)", "wanda"),
+    "calib-post1900": ("Wanda on 8x128 *real* tokens of `post1900` (after the evaluated ones; seed = offset)", "wanda"),
 }
+CALIBRATION_START = 4096  # first token of the calibration windows: past every evaluated token (--max-tokens)
 OBJECTIVES = ("ks", "ks3", "w1", "energy", "wanda", "flap")
 
 
@@ -89,7 +96,8 @@ class Study:
         ]
         self.original = [p.detach().clone() for p in self.out_params]
         self._layer_data = None
-        self._stats: dict[tuple[str, int, int, int], S.ActivationStats] = {}
+        self._probes: dict[tuple, torch.Tensor] = {}
+        self._stats: dict[tuple, S.ActivationStats] = {}
         self._reference_scores: dict[str, torch.Tensor] = {}
         self._policies: dict[tuple[int, int], torch.nn.Module] = {}
 
@@ -139,13 +147,64 @@ class Study:
             ]
         return self._layer_data
 
-    def stats(self, probe: str, seed: int, sequences: int = 8, length: int = 128) -> S.ActivationStats:
-        key = (probe, seed, sequences, length)
-        if key not in self._stats:
+    def probes(self, probe: str, seed: int, sequences: int = 8, length: int = 128, temperature: float = 1.0,
+               starts: bool = False) -> torch.Tensor:  # fmt: skip
+        """Probe ids ``(sequences, length)`` of the dense model, cached: ``probe`` as :func:`S.self_probes`;
+        ``starts``: each sequence begins with BOS and one uniformly random vocabulary token."""
+        key = (probe, seed, sequences, length, temperature, starts)
+        if key not in self._probes:
             self.mask(None)
-            ids = S.self_probes(self.model, kind=probe, sequences=sequences, length=length, seed=seed)
+            if starts:
+                generator = torch.Generator().manual_seed(seed)
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                bos = torch.full((sequences, 1), S.start_token(self.model), dtype=torch.long)
+                prefix = torch.cat([bos, torch.randint(vocab, (sequences, 1), generator=generator)], 1)
+                length = S.probe_length(self.model.config, length)
+                self._probes[key] = S.sample(self.model, prefix, length, generator, temperature=temperature)
+            else:
+                self._probes[key] = S.self_probes(self.model, kind=probe, sequences=sequences, length=length,
+                                                  seed=seed, temperature=temperature)  # fmt: skip
+        return self._probes[key]
+
+    def stats(self, probe: str, seed: int, sequences: int = 8, length: int = 128, temperature: float = 1.0,
+              starts: bool = False) -> S.ActivationStats:  # fmt: skip
+        key = (probe, seed, sequences, length, temperature, starts)
+        if key not in self._stats:
+            ids = self.probes(probe, seed, sequences, length, temperature, starts)
+            self.mask(None)
             self._stats[key] = S.activation_stats(self.model, ids)
         return self._stats[key]
+
+    def calibration_ids(self, split: str, seed: int, sequences: int = 8, length: int = 128) -> torch.Tensor:
+        """``(sequences, length)``: real tokens of ``split`` from token ``CALIBRATION_START + seed * sequences *
+        body`` on (never among the evaluated first ``--max-tokens`` tokens), each sequence after the tokenizer's
+        document prefix (``body`` = ``length`` minus its length), as the evaluation's windows."""
+        prefix = torch.tensor(document_prefix(self.tokenizer), dtype=torch.long)  # e.g. Gemma's BOS
+        body = length - prefix.numel()
+        begin = CALIBRATION_START + seed * sequences * body
+        ids = tokenize_prefix(self.tokenizer, self.texts[split], begin + sequences * body)[begin:]
+        assert ids.numel() == sequences * body, f"{split} is too short for calibration seed {seed}"
+        return torch.cat([prefix.expand(sequences, -1), ids.view(sequences, body)], 1)
+
+    def real_stats(self, split: str, seed: int) -> S.ActivationStats:
+        """Statistics on real text (:meth:`calibration_ids`): what calibrated structured Wanda sees."""
+        key = ("real:" + split, seed)
+        if key not in self._stats:
+            self.mask(None)
+            self._stats[key] = S.activation_stats(self.model, self.calibration_ids(split, seed))
+        return self._stats[key]
+
+    def sequential_keeps(self, ids: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Wanda scores of layer ``i`` on the model whose layers ``< i`` are already pruned (masked): each
+        layer is chosen for the inputs it will see after pruning, as SparseGPT-style methods do."""
+        keeps: list[torch.Tensor] = []
+        everything = torch.arange(self.width)
+        for i in range(self.layers):
+            self.mask(keeps + [everything] * (self.layers - i))
+            stats = S.activation_stats(self.model, ids)  # every layer's; layer i's is the one used
+            keeps.append(S.top_k(S.neuron_scores(stats, "wanda")[i], k))
+        self.mask(None)
+        return keeps
 
     def super_neurons(self) -> list[torch.Tensor]:
         return [V.super_weight_neurons(list(ld.matrices)) for ld in self.layer_data()]
@@ -186,11 +245,18 @@ class Study:
             from prunenet.policy import select_rows
 
             return [select_rows(lg, k, "sample", generator) for lg in logits]
+        if method.startswith("calib-"):
+            scores = S.neuron_scores(self.real_stats(method.removeprefix("calib-"), seed), "wanda")
+            return [S.top_k(scores[i], k) for i in range(self.layers)]
+        if method == "selfcal-wanda-seq":
+            return self.sequential_keeps(self.probes("generate", seed), k)
         if method.startswith("selfcal-"):
             score = "flap" if "-flap-" in method else "wanda"
             probe = "random" if method.endswith("-rand") else "generate"
-            size = (2, 64) if method.endswith("-small") else (8, 128)
-            scores = S.neuron_scores(self.stats(probe, seed, *size), score)
+            size = {"-small": (2, 64), "-32x128": (32, 128)}.get(method[method.rfind("-") :], (8, 128))
+            temperature = 0.7 if method.endswith("-t07") else 1.0
+            stats = self.stats(probe, seed, *size, temperature=temperature, starts=method.endswith("-starts"))
+            scores = S.neuron_scores(stats, score)
             protect = self.super_neurons() if method.endswith("+sw") else [None] * self.layers
             return [S.top_k(scores[i], k, protect[i]) for i in range(self.layers)]
         raise ValueError(f"unknown candidate {method!r}")
@@ -233,18 +299,19 @@ class Study:
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     study = Study(args.model, args.max_tokens)
+    label = args.label or Path(args.model).name
     tags = run_tags()
     out = Path(args.out)
     if args.check_mask:
         masked, sliced = study.check_mask_equals_slice(kept_width(0.2, study.width))
         print(f"mask vs slice perplexity (random selection, ratio 0.2): masked {masked}, sliced {sliced}")
         append_csv(out / "selection_study.csv", [
-            {"stage": "mask-check", "method": f"random-{how}", "ratio": 0.2, "seed": 123, "text": t, "perplexity": p,
-             "tokens": args.max_tokens, "select_s": 0.0, **dict.fromkeys(OBJECTIVES, ""), **tags}
+            {"stage": "mask-check", "model": label, "method": f"random-{how}", "ratio": 0.2, "seed": 123, "text": t,
+             "perplexity": p, "tokens": args.max_tokens, "select_s": 0.0, **dict.fromkeys(OBJECTIVES, ""), **tags}
             for how, ppl in (("masked", masked), ("sliced", sliced)) for t, p in ppl.items()])  # fmt: skip
     dense = study.perplexities()
-    rows = [{"stage": args.stage, "method": "dense", "ratio": 0.0, "seed": "", "text": t, "perplexity": p,
-             "tokens": args.max_tokens, "select_s": 0.0, **dict.fromkeys(OBJECTIVES, ""), **tags}
+    rows = [{"stage": args.stage, "model": label, "method": "dense", "ratio": 0.0, "seed": "", "text": t,
+             "perplexity": p, "tokens": args.max_tokens, "select_s": 0.0, **dict.fromkeys(OBJECTIVES, ""), **tags}
             for t, p in dense.items()]  # fmt: skip
     append_csv(out / "selection_study.csv", rows)
     for ratio in args.ratios:
@@ -260,7 +327,7 @@ def run(args) -> None:
                 study.mask(keeps)
                 ppl = study.perplexities()
                 study.mask(None)
-                rows = [{"stage": args.stage, "method": method, "ratio": ratio, "seed": seed, "text": t,
+                rows = [{"stage": args.stage, "model": label, "method": method, "ratio": ratio, "seed": seed, "text": t,
                          "perplexity": p, "tokens": args.max_tokens, "select_s": round(select_s, 2),
                          **{o: f"{v:.6g}" if v == v else "" for o, v in objectives.items()}, **tags}
                         for t, p in ppl.items()]  # fmt: skip
@@ -278,8 +345,9 @@ def report(rows: list[dict]) -> str:
     parts = [
         "# Selection study",
         "",
-        "Perplexity of SmolLM2-135M (the embedded model) with a fraction (the ratio) of the FFN neurons of every "
-        "block removed, no fine-tuning, on two disjoint held-out texts (State of the Union `pre1900` / `post1900`, "
+        "Perplexity of real models (SmolLM2-135M, the embedded model; Gemma-3-270M, see `benchmarks/gemma3_270m.py`) "
+        "with a fraction (the ratio) of the FFN neurons of every block removed, no fine-tuning, on two disjoint "
+        "held-out texts (State of the Union `pre1900` / `post1900`, "
         "the first N tokens of each in 512-token windows). A cell is the median (min-max) over seeds; "
         "`vs random` is the method's median over the random median of the same stage, ratio and text "
         "(0.80 or less meets the issue's acceptance). `select s` is the median time to choose the neurons "
@@ -288,16 +356,18 @@ def report(rows: list[dict]) -> str:
         "shows only its scoring time). `rho` is Spearman's correlation of the method's internal objective (higher = "
         "better for the method) with perplexity over all selections evaluated at that ratio and text in the "
         "stage (every method and seed): a useful objective has a strongly *negative* rho. No method uses any "
-        "dataset; `selfcal-*` run the model forward on text the model generates itself (or random ids).",
+        "dataset but `calib-*`, the references: structured Wanda calibrated on real text of one of the two "
+        "domains; `selfcal-*` run the model forward on text the model generates itself (or random ids).",
         "",
         "| method | what it does | objective |",
         "|---|---|---|",
         *(f"| `{m}` | {d} | {o or '-'} |" for m, (d, o) in CANDIDATES.items()),
     ]
+    parts += calibration_summary(rows)
     by_stage = defaultdict(list)
     for r in rows:
-        by_stage[r["stage"]].append(r)
-    check = by_stage.pop("mask-check", [])
+        by_stage[r["model"], r["stage"]].append(r)
+    check = by_stage.pop(("smollm2-135m", "mask-check"), [])
     if check:
         parts += ["", "Masking (zeroing the out-projection columns of dropped neurons) equals slicing: one random "
                   "selection at ratio 0.2 (seed 123), perplexity masked / sliced: "
@@ -305,10 +375,13 @@ def report(rows: list[dict]) -> str:
                               for t in TEXTS
                               for a in check if a["text"] == t and a["method"] == "random-masked"
                               for b in check if b["text"] == t and b["method"] == "random-sliced") + "."]  # fmt: skip
-    for stage, srows in by_stage.items():
+    for (model, stage), srows in by_stage.items():
+        if stage == "mask-check":
+            continue
         tokens = sorted({r["tokens"] for r in srows})
         seeds = sorted({r["seed"] for r in srows if r["seed"] != ""})
-        parts += ["", f"## Stage `{stage}` ({', '.join(tokens)} tokens per text, seeds {', '.join(seeds)})", ""]
+        parts += ["", f"## `{model}`, stage `{stage}` ({', '.join(tokens)} tokens per text, seeds {', '.join(seeds)})",
+                  ""]  # fmt: skip
         dense = {r["text"]: float(r["perplexity"]) for r in srows if r["method"] == "dense"}
         parts.append("Dense: " + ", ".join(f"`{t}` {p:.2f}" for t, p in dense.items()) + ".")
         ratios = sorted({float(r["ratio"]) for r in srows if r["method"] != "dense"})
@@ -347,6 +420,43 @@ def report(rows: list[dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
+SHIPPED = "selfcal-wanda-gen"  # what `--method selfcal` does with its default settings
+
+
+def calibration_summary(rows: list[dict]) -> list[str]:
+    """The shipped self-calibration against Wanda calibrated on real text of the evaluated domain ("same") and
+    of the other one ("other"), per model, ratio and text, with the best self-calibrated variant."""
+    table = []
+    groups = sorted({(r["model"], r["stage"], float(r["ratio"])) for r in rows if r["method"].startswith("calib-")})
+    for model, stage, ratio in groups:
+        mine = [r for r in rows if (r["model"], r["stage"]) == (model, stage)]
+        at = [r for r in mine if float(r["ratio"]) == ratio]
+        for text in TEXTS:
+            dense = next(float(r["perplexity"]) for r in mine if r["method"] == "dense" and r["text"] == text)
+            other = next(t for t in TEXTS if t != text)
+
+            def median(method: str, at=at, text=text) -> float | None:
+                vals = [float(r["perplexity"]) for r in at if r["method"] == method and r["text"] == text]
+                return statistics.median(vals) if vals else None
+
+            shipped, same, cross = median(SHIPPED), median(f"calib-{text}"), median(f"calib-{other}")
+            variants = {m: median(m) for m in CANDIDATES if m.startswith("selfcal-") and median(m) is not None}
+            best = min(variants, key=variants.get)
+            table.append([f"`{model}`", ratio, f"`{text}`", f"{dense:.2f}",
+                          f"{shipped:.1f}", f"{cross:.1f}", f"{same:.1f}", f"{shipped / same:.2f}",
+                          "yes" if shipped < cross else "no", "yes" if shipped <= 1.3 * same else "no",
+                          f"`{best}` {variants[best]:.1f} ({variants[best] / same:.2f})"])  # fmt: skip
+    if not table:
+        return []
+    headers = ["model", "ratio", "text", "dense", f"`{SHIPPED}` (shipped)", "calibrated, other domain",
+               "calibrated, same domain", "shipped / same", "beats other", "within 30 % of same",
+               "best self-calibrated variant (/ same)"]  # fmt: skip
+    return ["", "## Self-calibration against calibration on real text", "",
+            "Medians over the seeds of each method (a calibration seed is another window of real text). The shipped "
+            "default must beat calibration on the other domain's text and come within 30 % of calibration on the "
+            "evaluated domain's own text.", "", markdown_table(headers, table)]  # fmt: skip
+
+
 def write_report(out: Path) -> None:
     with open(out / "selection_study.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -355,7 +465,8 @@ def write_report(out: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="the dense model: the embedded one, or a folder")
+    parser.add_argument("--label", default=None, help="the model's name in the CSV and report (default: --model's)")
     parser.add_argument("--stage", default="screen", help="label of this run in the CSV and the report")
     parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2])

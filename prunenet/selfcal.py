@@ -105,15 +105,29 @@ def self_probes(
     vocab = model.get_output_embeddings().weight.shape[0]
     if kind == "random":
         return torch.randint(vocab, (sequences, length), generator=generator).to(device)
+    prefix = torch.full((sequences, 1), start_token(model), dtype=torch.long, device=device)
+    return sample(model, prefix, length, generator, temperature=temperature, progress=progress)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prefix: torch.Tensor,
+    length: int,
+    generator: torch.Generator,
+    *,
+    temperature: float = 1.0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Continue ``prefix`` ``(B, t)`` by ancestral sampling (KV cache, ``generator`` on the CPU) to ``(B, length)``."""
     was_training = model.training
     model.eval()
-    ids = torch.full((sequences, 1), start_token(model), dtype=torch.long, device=device)
-    cache, step_ids = None, ids
-    for _ in tqdm(range(length - 1), desc="generating", unit="token", disable=not progress):
+    ids, cache, step_ids = prefix, None, prefix
+    for _ in tqdm(range(length - prefix.shape[1]), desc="generating", unit="token", disable=not progress):
         logits, cache = forward_with_cache(model, step_ids, cache)
         probs = torch.softmax(logits[:, -1].float().cpu() / temperature, dim=-1)
         check_finite(probs, "the model's next-token probabilities on its own text")
-        step_ids = torch.multinomial(probs, 1, generator=generator).to(device)
+        step_ids = torch.multinomial(probs, 1, generator=generator).to(prefix.device)
         ids = torch.cat([ids, step_ids], dim=1)
     model.train(was_training)
     return ids

@@ -1,5 +1,6 @@
 """Benchmark and research scripts on tiny inputs: bench_compress.py and summary.py (rows, tags, ratios,
-output) and selection_variants.py (the weight-only variants the selection study measures)."""
+output), selection_variants.py (the weight-only variants the selection study measures) and the selection
+study's self-calibration variants and report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_loader import load_benchmark
-from tiny_models import save_tiny_model
+from tiny_models import save_tiny_model, tiny_model, tiny_text, tiny_tokenizer
 
 
 def test_bench_compress_appends_tagged_rows(tmp_path, capsys):
@@ -81,3 +82,55 @@ def test_weight_only_objectives_prefer_keeping_everything_and_variants_are_seede
     a = variants.train_variant(data, 30, reward=reward, episodes=2, seed=1, baseline=True, inputs="concat")
     b = variants.train_variant(data, 30, reward=reward, episodes=2, seed=1, baseline=True, inputs="concat")
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].shape == (40,)
+
+
+def test_selection_study_variants_choose_k_neurons_and_leave_the_model_dense(tmp_path):
+    """The self-calibration variants and the real-text references of selection_study.py on a tiny model whose
+    first FFN dominates the residual stream, so pruning it moves what the second layer sees."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(50.0)
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    study_module = load_benchmark("selection_study")
+    study = study_module.Study(str(tmp_path / "tiny"), max_tokens=64)
+    study.texts = {"pre1900": tiny_text(8000, seed=1), "post1900": tiny_text(8000, seed=2)}  # in its vocabulary
+    k = study.width // 2
+    methods = ["selfcal-wanda-gen", "selfcal-wanda-gen-t07", "selfcal-wanda-gen-starts", "selfcal-wanda-seq",
+               "calib-pre1900", "calib-post1900"]  # fmt: skip
+    keeps = {m: study.select(m, k, seed=0) for m in methods}
+    for m, chosen in keeps.items():
+        assert len(chosen) == study.layers, m
+        assert all(c.shape == (k,) and torch.equal(c, c.unique()) and int(c.max()) < study.width for c in chosen), m
+    assert all(torch.equal(p, o) for p, o in zip(study.out_params, study.original, strict=True))  # dense again
+    # Layer 0 sees the same inputs whether or not later layers are pruned; later layers see pruned inputs.
+    assert torch.equal(keeps["selfcal-wanda-seq"][0], keeps["selfcal-wanda-gen"][0])
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(keeps[a], keeps[b], strict=True))
+
+    assert not same("selfcal-wanda-seq", "selfcal-wanda-gen") and not same("calib-pre1900", "calib-post1900")
+    assert study_module.CALIBRATION_START >= study.max_tokens  # calibration never sees an evaluated token
+    pre, post = study.calibration_ids("pre1900", 0), study.calibration_ids("post1900", 0)
+    assert pre.shape == post.shape == (8, 128) and not torch.equal(pre, post)
+    assert not torch.equal(study.calibration_ids("pre1900", 1), pre)  # a seed is another window
+    starts = study.probes("generate", 0, starts=True)
+    assert starts.shape == study.probes("generate", 0).shape and starts[:, 1].unique().numel() > 1
+
+
+def test_selection_study_calibration_summary_verdicts():
+    study_module = load_benchmark("selection_study")
+
+    def rows(method, text, *values):
+        return [{"model": "m", "stage": "s", "ratio": "0.2", "method": method, "text": text, "perplexity": str(v)}
+                for v in values]  # fmt: skip
+
+    data = []
+    for text, same, other, shipped in (("pre1900", 20, 40, 25), ("post1900", 20, 30, 31)):
+        other_text = "post1900" if text == "pre1900" else "pre1900"
+        data += rows("dense", text, 10) + rows(f"calib-{text}", text, same, same + 1, same - 1)
+        data += rows(f"calib-{other_text}", text, other) + rows("selfcal-wanda-gen", text, shipped)
+    table = "\n".join(study_module.calibration_summary(data))
+    pre, post = (line for line in table.splitlines() if line.startswith("| `m`"))
+    assert "| 25.0 | 40.0 | 20.0 | 1.25 | yes | yes |" in pre  # beats other, within 30 % of same
+    assert "| 31.0 | 30.0 | 20.0 | 1.55 | no | no |" in post
