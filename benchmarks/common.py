@@ -10,6 +10,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,3 +142,17 @@ def cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def pyplot(script: str):
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (with a note naming ``script``) when
+    matplotlib is not installed: the reports then skip their plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{script}: matplotlib is not installed (pip install 'prunenet[report]'): no plot", file=sys.stderr)
+        return None
+    return plt

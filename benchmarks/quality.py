@@ -62,7 +62,7 @@ from prunenet.text import SPLITS, load_text
 from prunenet.train import TrainConfig, train_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, RESULTS, cell, run_tags, update_doc_block, write_csv  # noqa: E402
+from common import DOCS, RESULTS, cell, pyplot, run_tags, update_doc_block, write_csv  # noqa: E402
 
 PAGE = DOCS / "results.md"
 """The documentation page holding the generated ``quality`` block."""
@@ -438,13 +438,8 @@ def _raw_rows(path: Path) -> list[dict]:
 
 def plot(rows: list[dict], path: Path, title: str = "") -> bool:
     """Perplexity vs ratio per method, one panel per text (median line, min-max band); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("quality: matplotlib is not installed (pip install 'prunenet[report]'): no plot", file=sys.stderr)
+    plt = pyplot("quality")
+    if plt is None:
         return False
     texts = list(dict.fromkeys(r["text"] for r in rows))
     ratios = sorted({float(r["ratio"]) for r in rows if r["method"] != "dense"})

@@ -45,7 +45,7 @@ from prunenet.tables import markdown_table
 from prunenet.text import load_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, run_tags, update_doc_block, write_csv  # noqa: E402
+from common import RESULTS, ROOT, pyplot, run_tags, update_doc_block, write_csv  # noqa: E402
 
 SELECTIONS = ("selfcal", "prunenet")
 RECOVERIES = ("none", "self-distillation", "real text", "self-distillation, full KL")
@@ -154,13 +154,8 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> bool:
     """Held-out perplexity vs ratio, one line per selection + recovery; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("recovery: matplotlib is not installed (pip install 'prunenet[report]'): no plot", file=sys.stderr)
+    plt = pyplot("recovery")
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for selection in SELECTIONS:
