@@ -89,14 +89,12 @@ def run(args) -> list[dict]:
     empty = torch.empty(*targets.ids.shape, 0)
     full = TeacherTargets(targets.ids, empty, empty.int(), empty.sum(-1), targets.seed, {})
     print(f"dense {dense_ppl:.2f}; teacher text {targets.seconds}", flush=True)
-    tags, rows, pruned = run_tags(), [], {}
+    tags, rows, pruned_as = run_tags(), [], None
     for selection, ratio, recovery in grid(args.ratios):
-        if (selection, ratio) not in pruned:
-            model = copy.deepcopy(dense)
-            tick = time.perf_counter()
+        if (selection, ratio) != pruned_as:  # the grid is ordered: one pruned model at a time
+            model, tick = copy.deepcopy(dense), time.perf_counter()
             prune_(model, ratio, method=selection, seed=0)
-            pruned = {(selection, ratio): (model, time.perf_counter() - tick)}  # one pruned model at a time
-        model, select_s = pruned[selection, ratio]
+            select_s, pruned_as = time.perf_counter() - tick, (selection, ratio)
         tick, info = time.perf_counter(), {}
         if recovery == "none":
             ppl = held_out(model)

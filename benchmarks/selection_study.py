@@ -367,17 +367,15 @@ def report(rows: list[dict]) -> str:
     by_stage = defaultdict(list)
     for r in rows:
         by_stage[r["model"], r["stage"]].append(r)
-    check = by_stage.pop(("smollm2-135m", "mask-check"), [])
-    if check:
-        parts += ["", "Masking (zeroing the out-projection columns of dropped neurons) equals slicing: one random "
-                  "selection at ratio 0.2 (seed 123), perplexity masked / sliced: "
+    checks = {key[0]: by_stage.pop(key) for key in [key for key in by_stage if key[1] == "mask-check"]}
+    for model, check in checks.items():
+        parts += ["", f"Masking (zeroing the out-projection columns of dropped neurons) equals slicing on `{model}`: "
+                  "one random selection at ratio 0.2 (seed 123), perplexity masked / sliced: "
                   + ", ".join(f"`{t}` {float(a['perplexity']):.4f} / {float(b['perplexity']):.4f}"
                               for t in TEXTS
                               for a in check if a["text"] == t and a["method"] == "random-masked"
                               for b in check if b["text"] == t and b["method"] == "random-sliced") + "."]  # fmt: skip
     for (model, stage), srows in by_stage.items():
-        if stage == "mask-check":
-            continue
         tokens = sorted({r["tokens"] for r in srows})
         seeds = sorted({r["seed"] for r in srows if r["seed"] != ""})
         parts += ["", f"## `{model}`, stage `{stage}` ({', '.join(tokens)} tokens per text, seeds {', '.join(seeds)})",

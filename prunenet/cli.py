@@ -276,6 +276,7 @@ def _run_finetune(args) -> dict:
         progress=not args.quiet,
     )
     info, t = result.info, result.timings
+    steps, loss, seconds = _training_rows(info, t["train_s"])
     ppl = (
         f"{result.perplexity_before:.2f} -> {result.perplexity_after:.2f}"
         if result.perplexity_before is not None
@@ -286,10 +287,11 @@ def _run_finetune(args) -> dict:
             None,
             [
                 ("output", str(result.out)),
-                *_training_rows(info, t["train_s"])[:2],
+                steps,
+                loss,
                 (f"held-out perplexity ({args.eval_tokens} tokens)", ppl),
                 ("trainable parameters", f"{info['trainable_parameters']:,}"),
-                *_training_rows(info, t["train_s"])[2:],
+                seconds,
             ]
         )
     )  # fmt: skip

@@ -205,8 +205,8 @@ class CompressConfig(PruneConfig):
         if self.max_memory is not None:
             parse_size(self.max_memory)
         check_count("--recover-steps", self.recover_steps)
-        # One sequence to train on and one held out for early stopping, at the recipe's 128 tokens each.
-        check_count("--recover-tokens", self.recover_tokens, minimum=2 * 128)
+        # One sequence to train on and one held out for early stopping, at the recipe's sequence length.
+        check_count("--recover-tokens", self.recover_tokens, minimum=2 * self.recovery_config().seq_len)
 
     def recovery_config(self) -> FinetuneConfig:
         """The self-distillation settings of ``--recover``: the recipe measured on the embedded model
