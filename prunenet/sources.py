@@ -86,7 +86,7 @@ class Source:
         raise NotImplementedError
 
     def numel(self) -> int:
-        """Parameters (stored elements: tied weights count once)."""
+        """Stored elements (parameters and persistent buffers; tied weights count once)."""
         raise NotImplementedError
 
     def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
@@ -116,7 +116,10 @@ class ModelSource(Source):
         return self._states
 
     def numel(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        # What a checkpoint stores, as CheckpointStream counts it: parameters and persistent buffers
+        # (Apertus's activation keeps two), tied tensors once.
+        stored = {t.data_ptr(): t.numel() for t in self.model.state_dict().values()}
+        return sum(stored.values())
 
     def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         return contextlib.nullcontext(self.model)

@@ -9,13 +9,16 @@ import transformers
 from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model
 
 from prunenet import ops
-from prunenet.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from prunenet.adapters import REFUSED, SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from prunenet.cli import main
 from prunenet.selectors import random_keeps
 from prunenet.slicing import slice_model_
 
 REQUIRED_TYPES = {
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
     "phi", "phi3", "opt", "falcon", "gpt2", "gpt_neox",
+    "olmo2", "olmo3", "granite", "cohere", "cohere2", "smollm3", "ministral", "ministral3", "glm", "glm4",
+    "starcoder2", "stablelm", "exaone4", "seed_oss", "ernie4_5", "apertus", "arcee", "hunyuan_v1_dense",
 }  # fmt: skip
 
 
@@ -54,6 +57,24 @@ def masked_dense_logits(model, keeps, inputs):
 def test_every_required_model_type_is_supported():
     assert REQUIRED_TYPES <= set(SUPPORTED_MODEL_TYPES)
     assert {CONFIGS[name]().model_type for name in CONFIGS} >= REQUIRED_TYPES
+
+
+def test_a_refused_family_is_refused_with_its_reason_in_one_line():
+    assert not set(REFUSED) & set(SUPPORTED_MODEL_TYPES)
+    for config in (transformers.Gemma3nTextConfig(), transformers.Gemma3nConfig()):
+        with pytest.raises(UnsupportedModelError) as err:
+            get_adapter(config)
+        assert config.model_type in str(err.value) and "Gaussian cutoff" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_the_cli_refuses_a_refused_family_with_exit_code_2(tmp_path, capsys):
+    folder = tmp_path / "gemma3n"
+    transformers.Gemma3nTextConfig(num_hidden_layers=2).save_pretrained(folder)
+    assert main(["compress", "--model", str(folder), "--ratio", "0.2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gemma3n_text" in err and "Gaussian cutoff" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_type_names_the_supported_ones():

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import logits, sample_inputs, save_tiny_model, spectral_ks, tiny_model
+from tiny_models import CONFIGS, logits, sample_inputs, save_tiny_model, spectral_ks, tiny_model
 
 from prunenet.adapters import get_adapter
 from prunenet.attention import (
@@ -28,9 +28,9 @@ from prunenet.pipeline import compress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Families with separate q/k/v/o projections; qwen2 has q/k/v biases, qwen3 per-head q/k norms,
-# gemma an explicit head_dim.
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
+# Every family whose adapter says attention can be sliced (qwen2 has q/k/v biases, qwen3 per-head q/k norms,
+# gemma an explicit head_dim, glm partial rotary embeddings, starcoder2 biases everywhere).
+FAMILIES = sorted(name for name, make in CONFIGS.items() if get_adapter(make()).attention is not None)
 
 
 def silenced(model, adapter, removed: list[list[int]]):

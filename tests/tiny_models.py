@@ -13,6 +13,9 @@ HIDDEN, WIDTH, LAYERS, HEADS, VOCAB = 32, 74, 2, 4, 128
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
 _LLAMA_LIKE = dict(_COMMON, intermediate_size=WIDTH, num_key_value_heads=2, max_position_embeddings=64)
+# Newer configs default to special-token ids of their real vocabularies (128000, 255001, ...): use ours.
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_LLAMA_LIKE_TOKENS = dict(_LLAMA_LIKE, **_TOKENS)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**_LLAMA_LIKE),
@@ -23,6 +26,28 @@ CONFIGS = {
     "gemma": lambda: transformers.GemmaConfig(**_LLAMA_LIKE, head_dim=8),
     "gemma2": lambda: transformers.Gemma2Config(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
+    "granite": lambda: transformers.GraniteConfig(
+        **_LLAMA_LIKE_TOKENS, residual_multiplier=0.5, embedding_multiplier=2.0
+    ),
+    "smollm3": lambda: transformers.SmolLM3Config(**_LLAMA_LIKE_TOKENS, no_rope_layer_interval=2),
+    "ministral": lambda: transformers.MinistralConfig(**_LLAMA_LIKE_TOKENS, head_dim=8),
+    "ministral3": lambda: transformers.Ministral3Config(**_LLAMA_LIKE_TOKENS, head_dim=8),
+    "seed_oss": lambda: transformers.SeedOssConfig(
+        **_LLAMA_LIKE_TOKENS, head_dim=8, attention_bias=True, mlp_bias=True
+    ),
+    "ernie4_5": lambda: transformers.Ernie4_5Config(**_LLAMA_LIKE_TOKENS, head_dim=8, use_bias=True),
+    "exaone4": lambda: transformers.Exaone4Config(**_LLAMA_LIKE_TOKENS, sliding_window=16),
+    "hunyuan_v1_dense": lambda: transformers.HunYuanDenseV1Config(**_LLAMA_LIKE_TOKENS, head_dim=8),
+    "olmo2": lambda: transformers.Olmo2Config(**_LLAMA_LIKE_TOKENS),
+    "olmo3": lambda: transformers.Olmo3Config(**_LLAMA_LIKE_TOKENS, sliding_window=16),
+    "cohere": lambda: transformers.CohereConfig(**_LLAMA_LIKE_TOKENS, use_qk_norm=True),
+    "cohere2": lambda: transformers.Cohere2Config(**_LLAMA_LIKE_TOKENS, sliding_window=16),
+    "stablelm": lambda: transformers.StableLmConfig(**_LLAMA_LIKE_TOKENS, qk_layernorm=True, use_qkv_bias=True),
+    "glm": lambda: transformers.GlmConfig(**_LLAMA_LIKE_TOKENS, head_dim=8),
+    "glm4": lambda: transformers.Glm4Config(**_LLAMA_LIKE_TOKENS, head_dim=8),
+    "apertus": lambda: transformers.ApertusConfig(**_LLAMA_LIKE_TOKENS),
+    "arcee": lambda: transformers.ArceeConfig(**_LLAMA_LIKE_TOKENS),
+    "starcoder2": lambda: transformers.Starcoder2Config(**_LLAMA_LIKE_TOKENS),
     "phi": lambda: transformers.PhiConfig(**_COMMON, intermediate_size=WIDTH, max_position_embeddings=64),
     "phi3": lambda: transformers.Phi3Config(
         **_COMMON, intermediate_size=WIDTH, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2

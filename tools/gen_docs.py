@@ -3,6 +3,7 @@
 Usage: python tools/gen_docs.py [--check]
 
 * ``methods`` in ``docs/methods.md``: the selector registry (:func:`prunenet.selectors.markdown_table`).
+* ``families`` in ``docs/usage.md``: the coverage table of the model families (:mod:`prunenet.adapters.coverage`).
 * ``keywords`` in ``docs/usage.md``: the keywords of ``prune_``/``compress``, from the fields of
   ``PruneConfig`` and ``CompressConfig`` and the options each selector declares.
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import replace_block  # noqa: E402
 
+from prunenet.adapters.coverage import markdown_table as coverage_table  # noqa: E402
 from prunenet.config import CompressConfig, PruneConfig, flag  # noqa: E402
 from prunenet.selectors import SELECTORS, markdown_table  # noqa: E402
 
@@ -44,6 +46,7 @@ def keyword_table() -> str:
 BLOCKS = {
     ("methods", ROOT / "docs" / "methods.md"): markdown_table,
     ("keywords", ROOT / "docs" / "usage.md"): keyword_table,
+    ("families", ROOT / "docs" / "usage.md"): coverage_table,
 }
 
 

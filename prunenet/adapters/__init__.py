@@ -1,17 +1,31 @@
-"""Model-family adapters, chosen by ``config.model_type`` (never by a model's name or path)."""
+"""Model-family adapters, chosen by ``config.model_type`` (never by a model's name or path).
+
+To add a new family: if its FFN has a known layout under a new ``model_type``, add the name to that
+adapter's ``model_types``; otherwise write ``adapters/<family>.py`` with a :class:`ModelAdapter`
+subclass (``base.py`` documents every attribute) and list it in ``_ADAPTERS``. A family whose FFN cannot
+be pruned to one stock-loadable width goes into ``refused.REFUSED`` with its reason. Then add a tiny
+config to ``tests/tiny_models.py``: the parametrized tests check the family like every other.
+"""
 
 from .base import ModelAdapter, NeuronTensor
 from .falcon import FalconAdapter
 from .gemma import GemmaAdapter
+from .glm import GlmAdapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
-from .llama import LlamaAdapter
+from .llama import GatedMLPAdapter, LlamaAdapter
 from .opt import OPTAdapter
 from .phi import PhiAdapter
 from .phi3 import Phi3Adapter
+from .refused import REFUSED
+from .ungated import StarCoder2Adapter, UpDownMLPAdapter
 
 _ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlamaAdapter,
+    GatedMLPAdapter,
+    GlmAdapter,
+    UpDownMLPAdapter,
+    StarCoder2Adapter,
     GemmaAdapter,
     PhiAdapter,
     Phi3Adapter,
@@ -34,9 +48,11 @@ def get_adapter(config) -> ModelAdapter:
     """The adapter for ``config.model_type``.
 
     Raises:
-        UnsupportedModelError: naming the model type and every supported one.
+        UnsupportedModelError: naming the model type and every supported one, or why a known type is refused.
     """
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model type {model_type!r} cannot be pruned: {REFUSED[model_type]}")
     try:
         return REGISTRY[model_type]()
     except KeyError:
@@ -49,6 +65,7 @@ __all__ = [
     "ATTENTION_MODEL_TYPES",
     "ModelAdapter",
     "NeuronTensor",
+    "REFUSED",
     "REGISTRY",
     "SUPPORTED_MODEL_TYPES",
     "UnsupportedModelError",

@@ -182,6 +182,14 @@ def gated_mlp_tensors(
     )
 
 
+def fused_gated_mlp_tensors(prefix: str = "mlp") -> tuple[NeuronTensor, ...]:
+    """Neuron tensors of a gated MLP with one ``gate_up_proj`` ``(2n, d)`` (gate rows first, then up rows)."""
+    return (
+        NeuronTensor(f"{prefix}.gate_up_proj.weight", axis=0, groups=2),
+        NeuronTensor(f"{prefix}.down_proj.weight", axis=1, role="out"),
+    )
+
+
 def two_layer_mlp_tensors(fc_in: str, fc_out: str, transposed: bool = False) -> tuple[NeuronTensor, ...]:
     """Neuron tensors of a plain two-layer MLP ``fc_out(act(fc_in(x)))``.
 

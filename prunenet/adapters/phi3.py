@@ -4,15 +4,12 @@
 the up projection, so neuron ``j`` owns rows ``j`` and ``n + j`` and both move together.
 """
 
-from .base import ModelAdapter, NeuronTensor
+from .base import ModelAdapter, fused_gated_mlp_tensors
 
 
 class Phi3Adapter(ModelAdapter):
     model_types = ("phi3",)
     layers_path = "model.layers"
     width_attr = "intermediate_size"
-    tensors = (
-        NeuronTensor("mlp.gate_up_proj.weight", axis=0, groups=2),
-        NeuronTensor("mlp.down_proj.weight", axis=1, role="out"),
-    )
+    tensors = fused_gated_mlp_tensors()
     attention_modules = ("self_attn.qkv_proj", "self_attn.o_proj")

@@ -1,0 +1,47 @@
+"""The coverage table of the docs (``docs/usage.md``'s generated ``families`` block), from the adapters."""
+
+from __future__ import annotations
+
+from .base import ModelAdapter, NeuronTensor
+
+
+def _axis_words(spec: NeuronTensor) -> str:
+    # An nn.Linear weight (out, in) has its neurons on rows for in-projections and columns for the
+    # out-projection; GPT-2's Conv1D stores the transpose, which the axis already says.
+    words = "rows" if spec.axis == 0 else "columns"
+    if spec.groups > 1:
+        words += f" `j`, `n + j`{', ...' if spec.groups > 2 else ''} together"
+    return words
+
+
+def describe_tensors(adapter: type[ModelAdapter]) -> str:
+    """``gate_proj``, ``up_proj`` rows; ``down_proj`` columns; biases where present — from the specs."""
+    weights = [s for s in adapter.tensors if s.name.endswith(".weight")]
+    parts = [f"`{s.name.removesuffix('.weight').rpartition('.')[2]}` {_axis_words(s)}" for s in weights]
+    if any(s.name.endswith(".bias") for s in adapter.tensors):
+        parts.append("in-projection biases where present")
+    return "; ".join(parts)
+
+
+def markdown_table() -> str:
+    """One row per adapter (its ``model_type`` values together), then one per refused type."""
+    from . import _ADAPTERS
+    from .refused import REFUSED
+
+    rows = [
+        "| `model_type` | FFN tensors pruned (neuron axis) | width in config | `--method` | streaming "
+        "| attention slicing |",
+        "|---|---|---|---|---|---|",
+    ]
+    for adapter in _ADAPTERS:
+        types = ", ".join(f"`{t}`" for t in adapter.model_types)
+        attention = "yes" if adapter.attention is not None else "no"
+        rows.append(
+            f"| {types} | {describe_tensors(adapter)} | `{adapter.width_attr}` | every one | yes | {attention} |"
+        )
+    reasons: dict[str, list[str]] = {}
+    for model_type, reason in REFUSED.items():
+        reasons.setdefault(reason, []).append(f"`{model_type}`")
+    for reason, types in reasons.items():
+        rows.append(f"| {', '.join(types)} | refused: {reason} | - | - | - | - |")
+    return "\n".join(rows)
