@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 from . import __version__
 from .config import DEFAULT_MODEL, CompressConfig, EvalConfig, FinetuneConfig, flag
@@ -344,9 +345,44 @@ class Terminated(BaseException):
     """
 
 
-def _terminate(signum, frame):
+def _in_finalizer(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` (the garbage collector may call one from any line)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop(signum, frame):
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM :class:`Terminated`, wherever the main thread is.
+
+    Except inside a finalizer: Python prints an exception raised there ("Exception ignored in ...
+    __del__") and drops it, and the run would go on to its end. There the signal is sent again a moment
+    later, after the finalizer has returned.
+    """
+    if _in_finalizer(frame):
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
     raise Terminated()
+
+
+def _handle_stop_signals() -> dict[int, object]:
+    """Install :func:`_stop` for SIGINT and SIGTERM; returns the handlers it replaced (none off the main thread)."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+            continue  # ignored (a job started with `&` or nohup) or handled by the caller: leave it so
+        try:
+            previous[signum] = signal.signal(signum, _stop)
+        except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
+            break
+    return previous
 
 
 def _print_json(summary: dict) -> None:
@@ -380,10 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune}[args.command]
     from .distributed import DistributedError  # imports torch: only once a command runs
 
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (main() called from a worker thread): leave SIGTERM alone
-        previous = None
+    previous = _handle_stop_signals()
     try:
         summary = run(args)
     except (KeyboardInterrupt, Terminated) as err:
@@ -401,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunenet {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if args.json:
         _print_json(summary)
     return 0

@@ -402,6 +402,33 @@ def test_signals_end_with_one_line_and_no_partial_output(inputs, tmp_path, sig, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(tmp_path, sig):
+    """Raised inside a ``__del__``, the exception would be printed and dropped and the run go on to its end."""
+    script = (
+        "import os, sys, time, prunenet.cli as cli\n"
+        "class Slow:\n"
+        "    def __del__(self):\n"
+        f"        os.kill(os.getpid(), {int(sig)})  # the handler runs in here\n"
+        "        start = time.monotonic()\n"
+        "        while time.monotonic() - start < 0.3:\n"
+        "            pass\n"
+        "def work(args):\n"
+        "    Slow()  # freed at once: its finalizer runs on this line\n"
+        "    time.sleep(20)\n"
+        "    print('ran to the end', file=sys.stderr)\n"
+        "cli._run_compress = work\n"
+        "sys.exit(cli.main(['compress', '--model', 'm', '--ratio', '0.5', '--out', 'out']))\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    word, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
+    assert proc.returncode == code, proc.stderr
+    assert error_line(proc.stderr) == f"prunenet compress: {word} (no partial output is left behind)"
+    assert time.monotonic() - started < 15
+
+
 # -- file systems (tmpfs mounts need root; skipped elsewhere) ------------------------------------------------
 
 
