@@ -4,6 +4,7 @@
     python benchmarks/bench_large.py --episodes 20 --device cuda
     python benchmarks/bench_large.py --shape tiny --episodes 2 # seconds: a smoke run
     python benchmarks/bench_large.py --method selfcal          # self-calibration, run block by block
+    python benchmarks/bench_large.py --shape qwen3-30b-a3b --layers 4  # a mixture of experts, 4 real-size blocks
 
 ``--method selfcal`` runs ``streaming`` (the model offloaded block by block under ``--max-memory``) and
 ``in-memory`` (where it fits), each with its phases (probe generation, statistics, writing), its forward
@@ -93,10 +94,11 @@ def run_child(kwargs: dict, limit_bytes: int | None = None) -> dict:
 def reload_check(folder: Path) -> dict:
     """Load ``folder`` with stock transformers in a child process; FFN width and load time."""
     code = (
-        "import json,sys,time,torch,transformers;t=time.perf_counter();"
-        "m=transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1],dtype='auto');"
-        "w={m.model.layers[0].mlp.gate_proj.weight.shape[0],m.model.layers[-1].mlp.down_proj.weight.shape[1]};"
-        "print(json.dumps({'config_width':m.config.intermediate_size,'tensor_widths':sorted(w),"
+        "import json,sys,time,torch,transformers;from prunenet.adapters import get_adapter;t=time.perf_counter();"
+        "m=transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1],dtype='auto');a=get_adapter(m.config);"
+        "last=a.num_layers(m.config)-1;"
+        "w={p.shape[s.stored_axis]//s.groups for i in (0,last) for s,p in a.neuron_parameters(m,i)};"
+        "print(json.dumps({'config_width':a.ffn_width(m.config),'tensor_widths':sorted(w),"
         "'dtype':str(m.dtype),'load_s':time.perf_counter()-t}))"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama2-7b", help="make_checkpoint.py shape")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--layers", type=int, default=None, help="only the shape's first N blocks (make_checkpoint.py)")
     parser.add_argument("--checkpoint", default=None, help="existing checkpoint (default: WORKDIR/SHAPE-DTYPE)")
     parser.add_argument("--workdir", default="/tmp/prunenet-bench-large", help="checkpoints and outputs go here")
     parser.add_argument("--ratio", type=float, default=0.3)
@@ -149,10 +152,11 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(args.checkpoint) if args.checkpoint else work / f"{args.shape}-{args.dtype}"
+    layers = f"-{args.layers}layers" if args.layers else ""
+    ckpt = Path(args.checkpoint) if args.checkpoint else work / f"{args.shape}{layers}-{args.dtype}"
     if not ckpt.exists():
         start = time.perf_counter()
-        make_checkpoint(args.shape, ckpt, args.dtype)
+        make_checkpoint(args.shape, ckpt, args.dtype, layers=args.layers)
         print(f"made {ckpt} in {time.perf_counter() - start:.0f} s", flush=True)
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     if args.method == "selfcal":
@@ -222,7 +226,7 @@ def row_head(args, size: int) -> dict:
     return {
         **run_tags(args.device),
         "device": device_label(args.device),
-        "shape": args.shape,
+        "shape": args.shape + (f" ({args.layers} layers)" if args.layers else ""),
         "dtype": args.dtype,
         "checkpoint_gib": round(size / GIB, 2),
         "ratio": args.ratio,

@@ -7,6 +7,8 @@
   of ``W[keep]`` on the device, then ``scipy.stats.ks_2samp`` on the CPU.
 * ``torch``: :func:`prunenet.reward.episode_rewards` with the pure-PyTorch backend (Gram matrices,
   ``W^T W - W[drop]^T W[drop]`` at this ratio, batched eigen-solve, ``searchsorted`` KS).
+* ``torch-dxd`` (only for states with ``n <= d``, e.g. ``qwen3-30b-a3b-experts``): the torch backend
+  forced onto the ``d x d`` Gram route it takes for ``n > d``, beside its ``n x n`` row-Gram route.
 * ``triton``: the same with the Triton kernels (CUDA; on CPU only in Triton's interpreter, when
   ``TRITON_INTERPRET=1`` is set: slow, for rehearsals; "n/a" elsewhere).
 
@@ -57,6 +59,7 @@ SHAPES = {  # layers, n (FFN width), d (hidden size)
     "smollm2-135m": (30, 1536, 576),
     "llama-2-7b": (32, 11008, 4096),
     "llama-2-13b": (40, 13824, 5120),
+    "qwen3-30b-a3b-experts": (128, 768, 2048),  # one block's 128 experts: fewer rows than columns
     "tiny": (2, 172, 64),  # seconds even in Triton's interpreter: for rehearsals (tools/gpu-check --dry-run)
 }
 QUICK = ["opt-125m", "smollm2-135m"]
@@ -135,6 +138,17 @@ def triton_runs_on(device: str) -> bool:
     return ops.triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def with_column_grams(fn, *args):
+    """``fn(*args)`` with the reward forced onto the ``d x d`` Gram route (``W^T W``)."""
+    saved = reward.gram_side, reward.keeps_full_grams
+    reward.gram_side = lambda n, d: "cols"
+    reward.keeps_full_grams = lambda n, d, k, backend="torch": k is not None and ops.use_complement(n, k, backend)
+    try:
+        return fn(*args)
+    finally:
+        reward.gram_side, reward.keeps_full_grams = saved
+
+
 def measure(name: str, device: str, dtype: torch.dtype, repeats: int, layers: int | None = None) -> list[dict]:
     shape_layers, n, d = SHAPES[name]
     layers = min(layers or shape_layers, shape_layers)
@@ -143,7 +157,8 @@ def measure(name: str, device: str, dtype: torch.dtype, repeats: int, layers: in
     states = [(torch.randn(n, d, generator=g) * 0.02).to(dtype).to(device) for _ in range(layers)]
     keeps = [torch.randperm(n, generator=g)[:k].sort().values.to(device) for _ in range(layers)]
 
-    methods = ["original", "torch"] + (["triton"] if triton_runs_on(device) else [])
+    methods = ["original", "torch"] + (["torch-dxd"] if ops.gram_side(n, d) == "rows" else [])
+    methods += ["triton"] if triton_runs_on(device) else []
     runs, results = {}, {}
     for method in methods:
         tick = time.perf_counter()
@@ -151,6 +166,9 @@ def measure(name: str, device: str, dtype: torch.dtype, repeats: int, layers: in
             if method == "original":
                 references = [torch.linalg.svdvals(w.float()).cpu().numpy() for w in states]
                 runs[method] = functools.partial(original_rewards, states, keeps, references)
+            elif method == "torch-dxd":
+                prepared = with_column_grams(reward.prepare_reward, states, k, "torch")
+                runs[method] = functools.partial(with_column_grams, reward.episode_rewards, states, keeps, prepared)
             else:
                 prepared = reward.prepare_reward(states, k, method)
                 runs[method] = functools.partial(reward.episode_rewards, states, keeps, prepared)
@@ -179,7 +197,9 @@ def measure(name: str, device: str, dtype: torch.dtype, repeats: int, layers: in
     base = results["original"]
     load = f"{os.getloadavg()[0]:.2f}" if device == "cpu" else "n/a"  # other jobs on a shared CPU skew timings
     rows = []
-    for method in ["original", "torch", "triton"]:
+    for method in ["original", "torch", "torch-dxd", "triton"]:
+        if method == "torch-dxd" and method not in results:
+            continue
         r = results.get(method)
         rows.append(
             {

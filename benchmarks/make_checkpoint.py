@@ -1,15 +1,17 @@
-"""Write a random-weight, correctly named and sharded safetensors checkpoint of a dense LLM shape.
+"""Write a random-weight, correctly named and sharded safetensors checkpoint of an LLM shape.
 
 No network: the tensor names and shapes come from instantiating the model class on the ``meta``
-device from a config, the weights are seeded Gaussians written one tensor at a time (peak memory:
-one tensor), and shards are cut at ``--shard-size`` like ``save_pretrained``'s, with an index.
+device from a config, named as ``save_pretrained`` stores them (a mixture of experts' fused experts one
+tensor per expert), the weights are seeded Gaussians written one tensor at a time (peak memory: one
+tensor), and shards are cut at ``--shard-size`` like ``save_pretrained``'s, with an index.
 
     python benchmarks/make_checkpoint.py --shape llama2-7b --dtype fp16 --out /tmp/llama2-7b
     python benchmarks/make_checkpoint.py --shape tiny --out /tmp/tiny   # seconds, for tests
     python benchmarks/make_checkpoint.py --shape llama2-7b --layers 4 --out /tmp/7b-4  # 2 GiB, 7B-shaped layers
 
 Shapes: LLaMA-2 7B / 13B / 70B (70B has grouped-query attention, 8 KV heads), SmolLM2-135M's (the
-embedded model's shape, untied head) and ``tiny``. ``--layers N`` keeps only the first N decoder
+embedded model's shape, untied head), ``tiny``, and the mixtures of experts Mixtral-8x7B (8 experts of
+width 14336) and Qwen3-30B-A3B (128 experts of width 768, 8 per token). ``--layers N`` keeps only the first N decoder
 blocks: every tensor keeps its shape, so a run on it costs what N layers of the full model cost.
 """
 
@@ -34,44 +36,56 @@ from prunenet.safetensors_io import StreamingWriter, TensorSpec  # noqa: E402
 from prunenet.streaming import INDEX_FILE  # noqa: E402
 from prunenet.validate import parse_size  # noqa: E402
 
-SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-    ),
-    "llama2-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
-    ),
-}
+LLAMA = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+SHAPES = {  # name: (config class, its keyword arguments)
+    "tiny": ("LlamaConfig", dict(LLAMA, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                 num_attention_heads=4, vocab_size=256)),
+    "llama2-7b": ("LlamaConfig", dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32)),
+    "llama2-13b": ("LlamaConfig", dict(LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                       num_attention_heads=40)),
+    "smollm2-135m": ("LlamaConfig", dict(LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)),
+    "llama2-70b": ("LlamaConfig", dict(LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                       num_attention_heads=64, num_key_value_heads=8)),
+    "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                           num_experts_per_tok=2, vocab_size=32000)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                                             num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                             head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                             vocab_size=151936)),
+}  # fmt: skip
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def llama_config(shape: str, dtype: torch.dtype, layers: int | None = None) -> transformers.LlamaConfig:
-    """The ``LlamaConfig`` of a shape (LLaMA-2 defaults: vocabulary 32000, RMSNorm eps 1e-5), with only
-    its first ``layers`` decoder blocks if given."""
-    kwargs = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, **SHAPES[shape]}
+def shape_config(shape: str, dtype: torch.dtype, layers: int | None = None) -> transformers.PretrainedConfig:
+    """The config of a shape (LLaMA-2's: vocabulary 32000, RMSNorm eps 1e-5), untied head, with only its first
+    ``layers`` decoder blocks if given."""
+    class_name, kwargs = SHAPES[shape]
+    kwargs = dict(kwargs)
     if layers is not None:
         if not 1 <= layers <= kwargs["num_hidden_layers"]:
             raise ValueError(f"layers must be in 1..{kwargs['num_hidden_layers']} for {shape}, not {layers}")
         kwargs["num_hidden_layers"] = layers
-    config = transformers.LlamaConfig(**kwargs, tie_word_embeddings=False)
+    config = getattr(transformers, class_name)(**kwargs, tie_word_embeddings=False)
     config.dtype = dtype
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [class_name.removesuffix("Config") + "ForCausalLM"]
     return config
 
 
 def tensor_specs(config, dtype: torch.dtype) -> list[TensorSpec]:
-    """Names and shapes of the model's state dict, in ``state_dict`` order, from a meta-device model."""
+    """Names and shapes of the model's state dict as ``save_pretrained`` stores it, from a meta-device model:
+    ``transformers``' own reverse conversion splits fused experts into one tensor per expert."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    return [TensorSpec(name, dtype, tuple(t.shape)) for name, t in model.state_dict().items()]
+    state = model.state_dict()
+    stored = revert_weight_conversion(model, state)
+    if stored.keys() == state.keys():  # nothing converted: keep the state dict's order
+        stored = state
+    return [TensorSpec(name, dtype, tuple(t.shape)) for name, t in stored.items()]
 
 
 def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
@@ -115,7 +129,7 @@ def make_checkpoint(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it first")
-    config = llama_config(shape, DTYPES[dtype], layers)
+    config = shape_config(shape, DTYPES[dtype], layers)
     specs = tensor_specs(config, DTYPES[dtype])
     groups = shard(specs, parse_size(shard_size))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -151,8 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--layers", type=int, help="only the first N decoder blocks (default: all of the shape's)")
     args = parser.parse_args(argv)
-    if args.layers is not None and not 1 <= args.layers <= SHAPES[args.shape]["num_hidden_layers"]:
-        parser.error(f"--layers must be in 1..{SHAPES[args.shape]['num_hidden_layers']} for {args.shape}")
+    most = SHAPES[args.shape][1]["num_hidden_layers"]
+    if args.layers is not None and not 1 <= args.layers <= most:
+        parser.error(f"--layers must be in 1..{most} for {args.shape}")
     start = time.perf_counter()
     out = make_checkpoint(args.shape, Path(args.out), args.dtype, args.shard_size, args.seed, args.layers)
     size = sum(p.stat().st_size for p in out.iterdir())

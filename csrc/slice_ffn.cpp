@@ -213,6 +213,81 @@ at::Tensor check_slice_ffn_args(at::TensorList rows, at::TensorList cols, const 
   return keep_cpu;
 }
 
+at::Tensor check_slice_experts_args(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
+                                    int64_t scratch_bytes) {
+  constexpr const char* kExp = "prunenet::slice_experts_: ";
+  TORCH_CHECK(width >= 1, kExp, "width (the expert width n) must be >= 1, got ", width);
+  TORCH_CHECK(scratch_bytes >= 0, kExp, "scratch_bytes must be >= 0, got ", scratch_bytes);
+  TORCH_CHECK(!rows.empty() || !cols.empty(), kExp, "no tensors to slice (rows and cols are both empty)");
+  TORCH_CHECK(keep.scalar_type() == at::kLong, kExp, "keep must be int64 (torch.long), got ", keep.scalar_type());
+  TORCH_CHECK(keep.dim() == 2, kExp, "keep must be 2-D (experts, kept), got shape ", keep.sizes());
+  const int64_t experts = keep.size(0), k = keep.size(1);
+  TORCH_CHECK(experts >= 1, kExp, "keep must have a row per expert, got shape ", keep.sizes());
+  TORCH_CHECK(k >= 1 && k <= width, kExp, "keep must hold between 1 and width = ", width, " neurons, got ", k);
+  const at::Tensor& first = rows.empty() ? cols[0] : rows[0];
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kExp,
+              "tensors must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(keep.device() == first.device(), kExp, "keep is on ", keep.device(), " but the tensors are on ",
+              first.device());
+  std::vector<const at::Tensor*> all;
+  const auto check_tensor = [&](const at::Tensor& t, int64_t dim, const char* list, size_t index) {
+    TORCH_CHECK(t.device() == first.device() && t.scalar_type() == dtype, kExp, list, "[", index, "] is ",
+                t.scalar_type(), " on ", t.device(), ", expected ", dtype, " on ", first.device());
+    TORCH_CHECK(dim == 1 ? (t.dim() == 2 || t.dim() == 3) : t.dim() == 3, kExp, list, "[", index,
+                "] must be (E, g*n, d) or (E, g*n) for rows, (E, d, g*n) for cols; got shape ", t.sizes());
+    TORCH_CHECK(t.size(0) == experts, kExp, list, "[", index, "] has ", t.size(0), " experts, keep has ", experts);
+    TORCH_CHECK(t.size(dim) >= width && t.size(dim) % width == 0, kExp, list, "[", index, "] has shape ",
+                t.sizes(), ": dim ", dim, " must be a positive multiple of width = ", width);
+    TORCH_CHECK(t.is_contiguous(), kExp, list, "[", index, "] must be contiguous");
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()), kExp, list, "[", index,
+                "] requires grad; this op has no autograd formula: call it under torch.no_grad()");
+    TORCH_CHECK(t.unsafeGetTensorImpl()->allow_tensor_metadata_change(), kExp, list, "[", index,
+                "] was created by .data or .detach(), whose shape cannot change in place; pass the tensor itself");
+    all.push_back(&t);
+  };
+  for (const auto i : c10::irange(rows.size())) check_tensor(rows[i], 1, "rows", i);
+  for (const auto i : c10::irange(cols.size())) check_tensor(cols[i], 2, "cols", i);
+  for (const auto i : c10::irange(all.size())) {
+    for (size_t j = i + 1; j < all.size(); ++j) {
+      const at::Tensor& a = *all[i];
+      const at::Tensor& b = *all[j];
+      if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) continue;
+      const int64_t a0 = a.storage_offset(), a1 = a0 + a.numel();
+      const int64_t b0 = b.storage_offset(), b1 = b0 + b.numel();
+      TORCH_CHECK(a1 <= b0 || b1 <= a0, kExp, "tensors ", i, " and ", j,
+                  " (rows first, then cols) share memory; each tensor must be passed once");
+    }
+  }
+  if (keep.is_meta()) {
+    return at::Tensor();
+  }
+  at::Tensor keep_cpu = keep.to(at::kCPU).contiguous();
+  const int64_t* kp = keep_cpu.const_data_ptr<int64_t>();
+  for (const auto e : c10::irange(experts)) {
+    const int64_t* row = kp + e * k;
+    for (const auto i : c10::irange(k)) {
+      TORCH_CHECK(row[i] >= 0 && row[i] < width, kExp, "keep[", e, ", ", i, "] = ", row[i],
+                  " is out of range [0, ", width, ")");
+      TORCH_CHECK(i == 0 || row[i] > row[i - 1], kExp, "keep[", e, "] must be sorted and unique, but keep[", e,
+                  ", ", i - 1, "] = ", row[i - 1], " and keep[", e, ", ", i, "] = ", row[i]);
+    }
+  }
+  return keep_cpu;
+}
+
+void set_sliced_expert_metadata(const at::Tensor& t, int64_t dim, int64_t new_neurons) {
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[dim] = new_neurons;
+  std::vector<int64_t> strides(sizes.size());
+  int64_t step = 1;
+  for (int64_t i = static_cast<int64_t>(sizes.size()) - 1; i >= 0; --i) {
+    strides[i] = step;
+    step *= std::max<int64_t>(sizes[i], 1);
+  }
+  t.as_strided_(sizes, strides);
+}
+
 void set_sliced_metadata(const at::Tensor& t, int64_t dim, const NeuronLayout& l) {
   std::vector<int64_t> sizes = t.sizes().vec();
   sizes[dim] = l.groups * l.kept;
@@ -359,6 +434,48 @@ void slice_ffn_cpu(at::TensorList rows, at::TensorList cols, const at::Tensor& k
   for (const at::Tensor& t : cols) slice(t, 1);
 }
 
+// Each expert sliced as one FFN (slice_tensor_cpu on its (g*n, ...) view, packed at the start of its own
+// block), then moved down to its place in the packed (E, g*k, ...) tensor. The move goes to a lower address
+// (e * new_size <= e * old_size), so memmove's forward copy is safe.
+void slice_experts_cpu(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
+                       int64_t scratch_bytes) {
+  const at::Tensor keep_cpu = check_slice_experts_args(rows, cols, keep, width, scratch_bytes);
+  const int64_t experts = keep_cpu.size(0), k = keep_cpu.size(1);
+  at::Tensor scratch;
+  const auto slice = [&](const at::Tensor& t, int64_t dim) {
+    const int64_t groups = t.size(dim) / width;
+    const int64_t old_expert = t.numel() / experts;
+    const int64_t new_expert = old_expert / (groups * width) * (groups * k);
+    const int64_t old_bytes = t.numel() * t.element_size();
+    auto* base = static_cast<char*>(t.data_ptr());
+    for (const auto e : c10::irange(experts)) {
+      const at::Tensor view = t.select(0, e);  // (g*n, d), (g*n,) or (d, g*n): contiguous
+      const at::Tensor keep_e = keep_cpu.select(0, e);
+      if (t.element_size() == 4) {
+        slice_tensor_cpu<uint32_t>(view, dim - 1, width, keep_e, scratch_bytes, scratch);
+      } else {
+        slice_tensor_cpu<uint16_t>(view, dim - 1, width, keep_e, scratch_bytes, scratch);
+      }
+      if (e > 0 && new_expert < old_expert) {
+        std::memmove(base + e * new_expert * t.element_size(), base + e * old_expert * t.element_size(),
+                     static_cast<size_t>(new_expert * t.element_size()));
+      }
+    }
+    set_sliced_expert_metadata(t, dim, groups * k);
+    release_tail(t, old_bytes, t.numel() * t.element_size());
+  };
+  for (const at::Tensor& t : rows) slice(t, 1);
+  for (const at::Tensor& t : cols) slice(t, 2);
+}
+
+void slice_experts_meta(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
+                        int64_t scratch_bytes) {
+  check_slice_experts_args(rows, cols, keep, width, scratch_bytes);
+  const int64_t k = keep.size(1);
+  for (const at::Tensor& t : rows) set_sliced_expert_metadata(t, 1, t.size(1) / width * k);
+  for (const at::Tensor& t : cols) set_sliced_expert_metadata(t, 2, t.size(2) / width * k);
+}
+
 // Shapes only, for FakeTensor / torch.compile: the same checks (minus index values) and new metadata.
 void slice_ffn_meta(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
                     int64_t scratch_bytes) {
@@ -373,12 +490,16 @@ void slice_ffn_meta(at::TensorList rows, at::TensorList cols, const at::Tensor& 
 
 TORCH_LIBRARY(prunenet, m) {
   m.def("slice_ffn_(Tensor(a!)[] rows, Tensor(b!)[] cols, Tensor keep, int width, int scratch_bytes=4194304) -> ()");
+  m.def(
+      "slice_experts_(Tensor(a!)[] rows, Tensor(b!)[] cols, Tensor keep, int width, int scratch_bytes=4194304) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(prunenet, CPU, m) {
   m.impl("slice_ffn_", &prunenet::slice_ffn_cpu);
+  m.impl("slice_experts_", &prunenet::slice_experts_cpu);
 }
 
 TORCH_LIBRARY_IMPL(prunenet, Meta, m) {
   m.impl("slice_ffn_", &prunenet::slice_ffn_meta);
+  m.impl("slice_experts_", &prunenet::slice_experts_meta);
 }

@@ -92,4 +92,23 @@ at::Tensor check_slice_ffn_args(at::TensorList rows, at::TensorList cols, const 
 // Gives `t` its sliced sizes and strides (same storage, same offset).
 void set_sliced_metadata(const at::Tensor& t, int64_t dim, const NeuronLayout& layout);
 
+// prunenet::slice_experts_ -- the same for the fused expert tensors of a mixture-of-experts block:
+//
+//   slice_experts_(Tensor(a!)[] rows, Tensor(b!)[] cols, Tensor keep, SymInt width, int scratch_bytes) -> ()
+//
+//   rows:  contiguous tensors whose dim 1 holds neurons: (E, g*n, d) in-projections, (E, g*n) biases
+//   cols:  contiguous tensors whose dim 2 holds neurons: (E, d, g*n) out-projections
+//   keep:  (E, k) int64: row e is expert e's kept neurons, sorted, unique, in [0, n)
+//
+// Expert e is sliced in place like one FFN (the walk above, inside its own block), then its packed block
+// moves down to e * (its new size): a move to a lower address, done as a forward copy in pieces no longer
+// than the distance moved, so no piece overwrites a source still to be read. Every expert keeps the same
+// k, so the result is an (E, g*k, ...) tensor in the same storage.
+// Checks shared by every backend; returns the validated keep on the CPU (undefined for meta inputs).
+at::Tensor check_slice_experts_args(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
+                                    int64_t scratch_bytes);
+
+// Gives a sliced expert tensor its final (E, ...) contiguous sizes and strides.
+void set_sliced_expert_metadata(const at::Tensor& t, int64_t dim, int64_t new_neurons);
+
 }  // namespace prunenet

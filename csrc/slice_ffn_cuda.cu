@@ -107,6 +107,44 @@ void move(int64_t bytes, Move how, const NeuronLayout& l, const int64_t* keep, v
   }
 }
 
+// Slices one tensor (validated) along `dim`: `keep_host` for the plan, `keep_dev` (the same k values on the
+// device) for the kernels; `scratch` is grown on demand and reused across calls.
+void slice_tensor_cuda(const at::Tensor& t, int64_t dim, int64_t width, const int64_t* keep_host,
+                       const int64_t* keep_dev, int64_t k, int64_t scratch_bytes, at::Tensor& scratch,
+                       cudaStream_t stream) {
+  const NeuronLayout layout = neuron_layout(t, dim, width, k);
+  if (t.numel() > 0) {
+    void* base = t.data_ptr();
+    const int64_t elem = t.element_size();
+    const int64_t bytes = word_bytes(layout, elem, base);
+    NeuronLayout l = layout;  // in words of `bytes`
+    if (bytes != elem) {
+      const int64_t f = bytes / elem;
+      l.inner /= f;
+      l.src_neuron /= f;
+      l.dst_neuron /= f;
+    }
+    const int64_t unit_bytes = l.unit_elems() * bytes;
+    const int64_t scratch_units = std::max<int64_t>(1, scratch_bytes / unit_bytes);
+    // On a GPU every run costs a launch: a direct run is only worth it when it moves at least what a
+    // staged run would.
+    const std::vector<Run> runs = plan_runs(l, keep_host, scratch_units, scratch_units, /*allow_local=*/false);
+    for (const Run& run : runs) {
+      const int64_t total = (run.end - run.begin) * l.unit_elems();
+      if (run.kind == RunKind::kStaged) {
+        if (!scratch.defined() || scratch.numel() < total * bytes) {
+          scratch = at::empty({total * bytes}, t.options().dtype(at::kByte));
+        }
+        move(bytes, Move::kToScratch, l, keep_dev, base, scratch.data_ptr(), run.begin, total, stream);
+        move(bytes, Move::kFromScratch, l, keep_dev, base, scratch.data_ptr(), run.begin, total, stream);
+      } else {
+        move(bytes, Move::kDirect, l, keep_dev, base, nullptr, run.begin, total, stream);
+      }
+    }
+  }
+  set_sliced_metadata(t, dim, layout);
+}
+
 void slice_ffn_cuda(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
                     int64_t scratch_bytes) {
   const at::Tensor keep_cpu = check_slice_ffn_args(rows, cols, keep, width, scratch_bytes);
@@ -114,45 +152,49 @@ void slice_ffn_cuda(at::TensorList rows, at::TensorList cols, const at::Tensor& 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor keep_dev = keep.contiguous();
   const int64_t k = keep_cpu.size(0);
+  const int64_t* host = keep_cpu.const_data_ptr<int64_t>();
+  const int64_t* dev = keep_dev.const_data_ptr<int64_t>();
   at::Tensor scratch;
+  for (const at::Tensor& t : rows) slice_tensor_cuda(t, 0, width, host, dev, k, scratch_bytes, scratch, stream);
+  for (const at::Tensor& t : cols) slice_tensor_cuda(t, 1, width, host, dev, k, scratch_bytes, scratch, stream);
+}
 
+// Moves `bytes` from `src` down to `dst` (dst < src, the ranges may overlap): device copies of at most
+// src - dst bytes each, in stream order, so no copy overwrites bytes a later one reads.
+void move_down(char* dst, const char* src, int64_t bytes, cudaStream_t stream) {
+  const int64_t piece = src - dst;
+  for (int64_t done = 0; done < bytes; done += piece) {
+    const int64_t n = std::min(piece, bytes - done);
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst + done, src + done, static_cast<size_t>(n), cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
+void slice_experts_cuda(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
+                        int64_t scratch_bytes) {
+  const at::Tensor keep_cpu = check_slice_experts_args(rows, cols, keep, width, scratch_bytes);
+  const c10::cuda::CUDAGuard guard(keep.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor keep_dev = keep.contiguous();
+  const int64_t experts = keep_cpu.size(0), k = keep_cpu.size(1);
+  at::Tensor scratch;
   const auto slice = [&](const at::Tensor& t, int64_t dim) {
-    const NeuronLayout layout = neuron_layout(t, dim, width, k);
-    if (t.numel() > 0) {
-      void* base = t.data_ptr();
-      const int64_t elem = t.element_size();
-      const int64_t bytes = word_bytes(layout, elem, base);
-      NeuronLayout l = layout;  // in words of `bytes`
-      if (bytes != elem) {
-        const int64_t f = bytes / elem;
-        l.inner /= f;
-        l.src_neuron /= f;
-        l.dst_neuron /= f;
-      }
-      const int64_t unit_bytes = l.unit_elems() * bytes;
-      const int64_t scratch_units = std::max<int64_t>(1, scratch_bytes / unit_bytes);
-      // On a GPU every run costs a launch: a direct run is only worth it when it moves at least what a
-      // staged run would.
-      const std::vector<Run> runs =
-          plan_runs(l, keep_cpu.const_data_ptr<int64_t>(), scratch_units, scratch_units, /*allow_local=*/false);
-      const int64_t* kp = keep_dev.const_data_ptr<int64_t>();
-      for (const Run& run : runs) {
-        const int64_t total = (run.end - run.begin) * l.unit_elems();
-        if (run.kind == RunKind::kStaged) {
-          if (!scratch.defined() || scratch.numel() < total * bytes) {
-            scratch = at::empty({total * bytes}, t.options().dtype(at::kByte));
-          }
-          move(bytes, Move::kToScratch, l, kp, base, scratch.data_ptr(), run.begin, total, stream);
-          move(bytes, Move::kFromScratch, l, kp, base, scratch.data_ptr(), run.begin, total, stream);
-        } else {
-          move(bytes, Move::kDirect, l, kp, base, nullptr, run.begin, total, stream);
-        }
+    const int64_t groups = t.size(dim) / width;
+    const int64_t elem = t.element_size();
+    const int64_t old_expert = t.numel() / experts * elem;
+    const int64_t new_expert = old_expert / (groups * width) * (groups * k);
+    auto* base = static_cast<char*>(t.data_ptr());
+    for (int64_t e = 0; e < experts; ++e) {
+      const at::Tensor view = t.select(0, e);
+      slice_tensor_cuda(view, dim - 1, width, keep_cpu.const_data_ptr<int64_t>() + e * k,
+                        keep_dev.const_data_ptr<int64_t>() + e * k, k, scratch_bytes, scratch, stream);
+      if (e > 0 && new_expert < old_expert) {
+        move_down(base + e * new_expert, base + e * old_expert, new_expert, stream);
       }
     }
-    set_sliced_metadata(t, dim, layout);
+    set_sliced_expert_metadata(t, dim, groups * k);
   };
-  for (const at::Tensor& t : rows) slice(t, 0);
-  for (const at::Tensor& t : cols) slice(t, 1);
+  for (const at::Tensor& t : rows) slice(t, 1);
+  for (const at::Tensor& t : cols) slice(t, 2);
 }
 
 }  // namespace
@@ -160,4 +202,5 @@ void slice_ffn_cuda(at::TensorList rows, at::TensorList cols, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(prunenet, CUDA, m) {
   m.impl("slice_ffn_", &prunenet::slice_ffn_cuda);
+  m.impl("slice_experts_", &prunenet::slice_experts_cuda);
 }

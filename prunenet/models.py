@@ -340,7 +340,10 @@ def load_model(
         ModelLoadError: the folder's config, tokenizer or weights cannot be loaded (unknown model type,
             truncated or corrupt safetensors, ...); the message names the folder and the reason.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .adapters import auto_class_name
 
     path = resolve_model(spec)
     try:
@@ -356,7 +359,7 @@ def load_model(
     except Exception as err:
         raise ModelLoadError(f"could not load the tokenizer from {path}: {err}") from err
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        model = getattr(transformers, auto_class_name(config)).from_pretrained(path, config=config, dtype=dtype)
     except Exception as err:
         raise ModelLoadError(f"could not load model weights from {path}: {err}{_weights_hint(err)}") from err
     model.to(device)

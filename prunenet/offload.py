@@ -32,10 +32,10 @@ def block_device_map(config, adapter: ModelAdapter, device: str, blocks: str) ->
     Built from the model's module tree on the meta device: the siblings of each module on the path to the
     block list go to ``device``.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = getattr(transformers, adapter.auto_class).from_config(config)
     device_map: dict[str, str] = {}
     module, prefix = skeleton, ""
     for part in adapter.layers_path.split("."):
@@ -63,11 +63,11 @@ class OffloadedModel(contextlib.AbstractContextManager):
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
         self._tmp = tempfile.TemporaryDirectory(prefix="prunenet-offload-")
         device_map = block_device_map(self.config, self.adapter, self.device, self.blocks)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = getattr(transformers, self.adapter.auto_class).from_pretrained(
             self.folder, config=self.config, dtype=self.dtype, device_map=device_map, offload_folder=self._tmp.name
         )
         return model.eval()

@@ -2,13 +2,17 @@
 
 * The spectral reward: ``torch`` (pure PyTorch, any device) or ``triton`` (the kernels of
   :mod:`prunenet.kernels`, CUDA): :func:`resolve_reward_backend`.
-* The complement route of the Gram matrices, ``W^T W - W[drop]^T W[drop]`` instead of
-  ``W[keep]^T W[keep]``: :func:`use_complement`, one cost model per backend, also used by the memory plan.
+* Which Gram matrix the reward uses (:func:`gram_side`: ``W^T W``, or ``W W^T`` for states with fewer
+  rows than columns) and, for ``W^T W``, the complement route ``W^T W - W[drop]^T W[drop]`` instead of
+  ``W[keep]^T W[keep]``: :func:`use_complement`, one cost model per backend; :func:`keeps_full_grams`
+  combines them for the reward and the memory plan.
 * The native extension ``prunenet._C``, built by CMake from ``csrc/`` at install time
   (``pip install --no-build-isolation .``; ``PRUNENET_SKIP_EXT=1`` installs without it): importing it
-  registers ``torch.ops.prunenet.slice_ffn_``, the in-place slicing op. :func:`native_slice_ok` says when
-  :func:`prunenet.slicing.slice_ffn_` may call it; otherwise its pure-PyTorch reference runs. At run
-  time ``PRUNENET_DISABLE_EXT=1`` makes the package ignore a built extension. Nothing fails at import:
+  registers ``torch.ops.prunenet.slice_ffn_``, the in-place slicing op, and ``slice_experts_``, the same
+  for fused mixture-of-experts tensors. :func:`native_slice_ok` / :func:`native_experts_ok` say when
+  :func:`prunenet.slicing.slice_ffn_` / :func:`~prunenet.slicing.slice_experts_` may call them; otherwise
+  their pure-PyTorch references run. At run time ``PRUNENET_DISABLE_EXT=1`` makes the package ignore a
+  built extension. Nothing fails at import:
   only :func:`require` raises, with how to rebuild.
 """
 
@@ -85,6 +89,31 @@ def use_complement(n: int, k: int, backend: str = "torch") -> bool:
     if backend == "triton":
         return n - k + 32 < k
     return 2 * k > n
+
+
+def gram_side(n: int, d: int) -> str:
+    """Which Gram matrix of a state ``W`` ``(n, d)`` the reward eigen-solves: the smaller one.
+
+    * ``"cols"`` (``n > d``, every dense FFN: ``n`` is a multiple of ``d``): ``W[keep]^T W[keep]``, ``d x d``.
+    * ``"rows"`` (``n <= d``, typical of experts: Qwen3-30B-A3B's are ``768 x 2048``): ``W[keep] W[keep]^T``,
+      ``k x k``, which is the ``(keep, keep)`` principal submatrix of the run's ``W W^T``: an episode
+      then gathers it instead of multiplying. Measured on that shape (32 experts, ratio 0.3, 2 CPU cores,
+      ``benchmarks/bench_reward.py --shapes qwen3-30b-a3b-experts --layers 32``, side by side): an episode
+      in 375 ms against 6583 ms on the ``d x d`` route (17.6x), the set-up in 1.1 s against 6.8 s, and
+      ``W W^T`` holds 2.4 MB per expert where ``W^T W`` held 16.8 MB; the rewards are identical.
+
+    Both have the same non-zero eigenvalues, the squared singular values.
+    """
+    return "rows" if n <= d else "cols"
+
+
+def keeps_full_grams(n: int, d: int, k: int | None, backend: str = "torch") -> bool:
+    """Whether a training run keeps every layer's full Gram matrix (``W W^T`` or ``W^T W``, see
+    :func:`gram_side`): always on the rows side (episodes gather from it), where the complement route
+    pays on the columns side (:func:`use_complement`); never when ``k`` is unknown."""
+    if k is None:
+        return False
+    return gram_side(n, d) == "rows" or use_complement(n, k, backend)
 
 
 def complement_rows(keeps: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,6 +200,20 @@ def _layout_ok(t: torch.Tensor, dim: int) -> bool:
             return t.stride(1) == 1 and t.stride(0) >= t.shape[1]
         return t.dim() in (1, 2) and t.stride(0) >= 1
     return t.dim() == 2 and t.stride(1) >= 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1] * t.stride(1))
+
+
+def native_experts_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
+    """Whether ``torch.ops.prunenet.slice_experts_`` can take these inputs (else the PyTorch path does)."""
+    tensors = [*rows, *cols]
+    if not (available() and hasattr(torch.ops.prunenet, "slice_experts_")):
+        return False
+    first = tensors[0]
+    return (
+        native_device(first.device)
+        and first.dtype in NATIVE_DTYPES
+        and all(t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors)
+        and keep.dtype == torch.int64
+    )
 
 
 def native_slice_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:

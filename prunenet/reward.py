@@ -5,7 +5,9 @@ For layer ``i`` with state matrix ``W_i`` ``(n, d)`` and kept rows ``keep_i`` ``
 values of ``W_i`` and of ``W_i[keep_i]``.
 
 Both backends compute the singular values as ``sqrt(eigvalsh(G))`` of the ``d x d`` Gram matrix
-``G = W[keep]^T W[keep]`` (clamped at 0), one batched reward per episode:
+``G = W[keep]^T W[keep]`` (clamped at 0), one batched reward per episode, or, for states with no more
+rows than columns (``n <= d``: experts), of the ``k x k`` ``W[keep] W[keep]^T``, gathered from the run's
+``W W^T`` (:func:`prunenet.ops.gram_side`; on either backend that route is pure PyTorch):
 
 * ``torch``: pure PyTorch on any device (the Gram matrices by matmul, the KS statistic by
   ``searchsorted``). On CPU the eigen-solve goes to LAPACK's ``ssyev`` through scipy.
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import complement_rows, resolve_reward_backend, use_complement
+from .ops import complement_rows, gram_side, keeps_full_grams, resolve_reward_backend, use_complement
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +92,16 @@ def reward_from_ks(ks: torch.Tensor) -> torch.Tensor:
     return torch.where(ks > 0, 1.0 / ks.clamp_min(1e-300), torch.full_like(ks, REWARD_AT_ZERO))
 
 
-def spectra_from_gram(grams: torch.Tensor, count: int) -> torch.Tensor:
+def spectra_from_gram(grams: torch.Tensor, count: int, solve_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The largest ``count`` singular values from Gram matrices: ``sqrt(eigvalsh(G))``, clamped at 0.
 
     Args:
         grams: ``(B, d, d)`` float32 symmetric (only the lower triangle is read).
         count: values to return, ``min(rows, d)`` (the other ``d - count`` eigenvalues are 0).
+        solve_dtype: the eigen-solve's precision. The row-Gram route (``k x k``, full rank) solves in
+            float64: in float32 its smallest eigenvalues were off by enough to reorder a kept singular
+            value and an original one that interlace closely (39 of 40 rows kept: KS 1/26 instead of
+            1/40), which the ``d x d`` route's did not; a ``k x k`` float64 solve still costs far less.
     Returns:
         ``(B, count)`` float32, ascending, on the grams' device.
 
@@ -107,13 +113,13 @@ def spectra_from_gram(grams: torch.Tensor, count: int) -> torch.Tensor:
     if grams.device.type == "cpu":
         import scipy.linalg
 
-        values = grams.new_empty(grams.shape[:-1])
-        for g, out in zip(grams.float().numpy(), values.numpy(), strict=True):
+        values = grams.new_empty(grams.shape[:-1], dtype=solve_dtype)
+        for g, out in zip(grams.to(solve_dtype).numpy(), values.numpy(), strict=True):
             out[:] = scipy.linalg.eigh(g, eigvals_only=True, driver="ev", check_finite=False)
     else:
-        values = torch.linalg.eigvalsh(grams.float())
+        values = torch.linalg.eigvalsh(grams.to(solve_dtype))
     # Rounding leaves the zero eigenvalues of a rank-deficient G slightly negative.
-    return values[..., values.shape[-1] - count :].clamp_min(0).sqrt()
+    return values[..., values.shape[-1] - count :].clamp_min(0).sqrt().float()
 
 
 @dataclass
@@ -124,8 +130,9 @@ class RewardReference:
         backend: the resolved backend, ``"torch"`` or ``"triton"``.
         spectra: ``(L, min(n, d))`` float32 ascending singular values of each full ``W_i``, on the
             states' device.
-        full_grams: ``(L, d, d)`` float32 ``W_i^T W_i`` on the states' device (a tensor, or a
-            :class:`SpilledGrams` file) when the complement route will be used for ``k`` (else ``None``).
+        full_grams: ``(L, d, d)`` float32 ``W_i^T W_i`` (``(L, n, n)`` ``W_i W_i^T`` where ``n <= d``) on the
+            states' device (a tensor, or a :class:`SpilledGrams` file) when the episodes use it for ``k``
+            (:func:`prunenet.ops.keeps_full_grams`; else ``None``).
         k: the kept rows per layer this was prepared for (``None``: unknown, no complement route).
     """
 
@@ -160,7 +167,7 @@ def state_shape(states: Sequence[torch.Tensor]) -> tuple[tuple[int, int], torch.
 
 
 class SpilledGrams:
-    """``(L, d, d)`` float32 Gram matrices kept in a file rather than in memory.
+    """``(L, d, d)`` float32 Gram matrices kept in a file rather than in memory (``d``: their size).
 
     Reading matrix ``i`` costs one ``d*d*4``-byte read (64 MiB for LLaMA-2-7B) from the page cache or
     disk; memory holds only what the caller keeps. Indexing mirrors a tensor's: ``[i]`` is ``(d, d)``,
@@ -212,15 +219,16 @@ def _check_states(states: Sequence[torch.Tensor]) -> None:
             )
 
 
-def _torch_gram(w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``(d, d)`` float32 ``W[rows]^T W[rows]`` (all rows for ``None``), one matmul.
+def _torch_gram(w: torch.Tensor, rows: torch.Tensor | None = None, side: str = "cols") -> torch.Tensor:
+    """``(d, d)`` float32 ``W[rows]^T W[rows]`` (all rows for ``None``), one matmul; with ``side="rows"``
+    the ``(k, k)`` ``W[rows] W[rows]^T``.
 
     Always on a contiguous float32 copy, so a layer's Gram matrix does not depend on how the
     weight is laid out or batched with others.
     """
     m = w if rows is None else w.index_select(0, rows)
     m = m.float().contiguous()
-    return m.mT @ m
+    return m @ m.mT if side == "rows" else m.mT @ m
 
 
 def prepare_reward(
@@ -232,7 +240,8 @@ def prepare_reward(
         states: ``L`` state matrices ``(n, d)``, one shape, dtype and device (a list, or a
             :class:`StateSequence` that loads each on access: they are read once, in order).
         k: kept rows per layer in the coming episodes; with it, the full Gram matrices are kept
-            when the complement route is cheaper (``(L, d, d)`` float32: 2.1 GB for LLaMA-2-7B).
+            when the episodes use them (the complement route, ``(L, d, d)`` float32: 2.1 GB for
+            LLaMA-2-7B; or, where ``n <= d``, ``W W^T`` ``(L, n, n)``).
         backend: ``auto``, ``torch`` or ``triton`` (see :func:`prunenet.ops.resolve_reward_backend`).
         spill_grams: keep those Gram matrices in a temporary file (:class:`SpilledGrams`) instead of
             memory; the rewards are bit-identical either way.
@@ -244,32 +253,35 @@ def prepare_reward(
     _check_states(states)
     (n, d), device = state_shape(states)
     backend = resolve_reward_backend(backend, device)
-    if backend == "triton":
+    side = gram_side(n, d)
+    if side == "rows":
+        full_gram = lambda w: _torch_gram(w, side="rows")  # noqa: E731
+    elif backend == "triton":
         from prunenet.kernels import gram as kgram
 
         full_gram = lambda w: kgram.full_gram([w])[0]  # noqa: E731
     else:
         full_gram = _torch_gram
-    complement = k is not None and use_complement(n, k, backend)
+    size = n if side == "rows" else d
     count = len(states)
-    if not complement:
+    if not keeps_full_grams(n, d, k, backend):
         full = None
     elif spill_grams:
-        full = SpilledGrams(count, d, device)
+        full = SpilledGrams(count, size, device)
     else:
-        full = torch.empty(count, d, d, dtype=torch.float32, device=device)
+        full = torch.empty(count, size, size, dtype=torch.float32, device=device)
     spectra = torch.empty(count, min(n, d), dtype=torch.float32, device=device)
     # Chunks of layers, each matrix on its own: the Gram matmuls of a chunk, then its eigen-solves.
     # Alternating one matmul and one scipy solve per layer ran 1.6-2x slower on CPU (measured):
     # torch's OpenMP threads keep spinning after each matmul while LAPACK wants the cores.
-    per_chunk = max(1, CHUNK_BYTES // (4 * d * d))
+    per_chunk = max(1, CHUNK_BYTES // (4 * size * size))
     for start in range(0, count, per_chunk):
         stop = min(start + per_chunk, count)
-        in_memory = isinstance(full, torch.Tensor)  # then the kept W^T W are computed in place
-        grams = full[start:stop] if in_memory else torch.empty(stop - start, d, d, device=device)
+        in_memory = isinstance(full, torch.Tensor)  # then the kept Gram matrices are computed in place
+        grams = full[start:stop] if in_memory else torch.empty(stop - start, size, size, device=device)
         for i in range(start, stop):
             grams[i - start] = full_gram(states[i])
-        spectra[start:stop] = spectra_from_gram(grams, min(n, d))
+        spectra[start:stop] = spectra_from_gram(grams, min(n, d), _solve_dtype(side))
         if isinstance(full, SpilledGrams):
             for i in range(start, stop):
                 full[i] = grams[i - start]
@@ -285,28 +297,43 @@ def reference_spectra(states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(prepare_reward(states, backend="torch").spectra.cpu())
 
 
+def _solve_dtype(side: str) -> torch.dtype:
+    """The eigen-solve's precision for a Gram side (see :func:`spectra_from_gram`)."""
+    return torch.float64 if side == "rows" else torch.float32
+
+
 def _torch_spectra(states, keeps: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
     """``(L, min(k, d))`` float32 singular values of every ``W_i[keep_i]``, pure PyTorch."""
     (n, d), device = state_shape(states)
     k = keeps.shape[1]
-    complement = full is not None and use_complement(n, k)
+    side = gram_side(n, d)
+    complement = side == "cols" and full is not None and use_complement(n, k)
     rows = complement_rows(keeps, n) if complement else keeps
-    per_chunk = max(1, CHUNK_BYTES // (4 * (rows.shape[1] * d + d * d)))
+
+    def gram(i: int) -> torch.Tensor:
+        index = rows[i].to(device)
+        if side == "rows":  # (k, k) W[keep] W[keep]^T: the (keep, keep) block of W W^T where that is kept
+            return full[i][index][:, index] if full is not None else _torch_gram(states[i], index, side="rows")
+        return full[i] - _torch_gram(states[i], index) if complement else _torch_gram(states[i], index)
+
+    size = k if side == "rows" else d
+    per_chunk = max(1, CHUNK_BYTES // (4 * (rows.shape[1] * d + size * size)))
     out = []
     for start in range(0, len(states), per_chunk):
-        grams = []
-        for i in range(start, min(start + per_chunk, len(states))):
-            g = _torch_gram(states[i], rows[i].to(device))
-            grams.append(full[i] - g if complement else g)
-        out.append(spectra_from_gram(torch.stack(grams), min(k, d)))
+        grams = torch.stack([gram(i) for i in range(start, min(start + per_chunk, len(states)))])
+        out.append(spectra_from_gram(grams, min(k, d), _solve_dtype(side)))
     return torch.cat(out)
 
 
 def _triton_spectra(states, keeps: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
-    """As :func:`_torch_spectra`, with the fused gather + Gram kernel (one launch per chunk of layers)."""
+    """As :func:`_torch_spectra`, with the fused gather + Gram kernel (one launch per chunk of layers); states
+    with ``n <= d`` take the PyTorch rows route (a gather from ``W W^T``, no kernel to fuse)."""
     from prunenet.kernels.gram import kept_gram
 
-    k, d = keeps.shape[1], state_shape(states)[0][1]
+    (n, d), _ = state_shape(states)
+    if gram_side(n, d) == "rows":
+        return _torch_spectra(states, keeps, full)
+    k = keeps.shape[1]
     per_chunk = max(1, _TRITON_CHUNK_BYTES // (4 * d * d))
     out = []
     for start in range(0, len(states), per_chunk):

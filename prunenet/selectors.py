@@ -5,7 +5,9 @@
 choices and help, the docs' method table and the manifest are derived from it, and whether a selector
 runs on a source is one rule (:func:`prunenet.sources.can_serve`).
 
-Every selector returns one sorted, unique ``(k,)`` int64 CPU vector per layer. With ``dist`` (a
+Every selector returns one sorted, unique ``(k,)`` int64 CPU vector per FFN unit: per layer, or per expert
+of every layer in a mixture-of-experts model (each expert's state matrix is its own; one policy serves
+them all, since they share ``(n, d)``). With ``dist`` (a
 ``torchrun`` job) each rank reads only its own layers, keeps the seeded draws of the others in step,
 and the ranks exchange their layers' indices: every rank gets all ``L`` vectors, equal to a single
 process's.
@@ -159,7 +161,7 @@ def policy_keeps(
 
 
 def _choose_random(source: Source, k: int, config: PruneConfig, **_) -> Selection:
-    return Selection(random_keeps(source.num_layers, source.width, k, config.seed))
+    return Selection(random_keeps(source.num_units, source.width, k, config.seed))
 
 
 def _choose_magnitude(source: Source, k: int, config: PruneConfig, *, dist=None, **_) -> Selection:
@@ -226,7 +228,7 @@ def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, dist=None, *
             keeps = selfcal_keeps(model, k, seed=config.seed, sequences=config.probe_sequences,
                                   length=config.probe_length, timings=timings)  # fmt: skip
     if dist.active:
-        table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_layers, k, dtype=torch.int64)
+        table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_units, k, dtype=torch.int64)
         keeps = list(dist.broadcast(table, 0))
     return Selection(keeps, timings=timings)
 
@@ -266,12 +268,10 @@ def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progr
     """Run ``config.method`` on ``source`` at ``config.ratio``; a ratio that keeps every neuron selects nothing."""
     import torch
 
-    from .config import kept_width
-
-    k = kept_width(config.ratio, source.width)
+    k = source.adapter.kept_width(config.ratio, source.width)
     if k == source.width:
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
-        return Selection([torch.arange(source.width)] * source.num_layers, policy=policy)
+        return Selection([torch.arange(source.width)] * source.num_units, policy=policy)
     return SELECTORS[config.method].choose(source, k, config, policy=policy, dist=dist, progress=progress)
 
 

@@ -7,9 +7,11 @@ arXiv 2306.11695: ``|W| * ||x||``) and of FLAP's fluctuation metric (An et al. 2
 random token ids (``probe="random"``) and the FLAP score are the variants the selection study measured
 (``benchmarks/selection_study.py``); the shipped method uses generated probes and the Wanda score.
 
-The answer per block is a sorted, unique ``(k,)`` int64 CPU vector of the neurons to keep.
+The answer per FFN unit (a block, or one expert of a mixture-of-experts block, scored on the tokens routed
+to it) is a sorted, unique ``(k,)`` int64 CPU vector of the neurons to keep.
 
-Shapes: ``n`` FFN width, ``d`` hidden size, ``k`` kept neurons per layer, ``L`` layers, ``B x T`` probe tokens.
+Shapes: ``n`` FFN width, ``d`` hidden size, ``k`` kept neurons per unit, ``L`` layers, ``U`` units (``L``, or
+``L * E`` with ``E`` experts per block), ``B x T`` probe tokens.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ def _out_module(model: torch.nn.Module, adapter: ModelAdapter, layer: int) -> to
 
 
 def start_token(model: torch.nn.Module) -> int:
-    """The token generation starts from: the config's BOS, else EOS (a document boundary), else 0."""
+    """The token generation starts from: the (language model's) config's BOS, else EOS (a document
+    boundary), else 0."""
+    config = get_adapter(model.config).text_config(model.config)
     for attr in ("bos_token_id", "eos_token_id"):
-        value = getattr(model.config, attr, None)
+        value = getattr(config, attr, None)
         if isinstance(value, list | tuple):
             value = value[0] if value else None
         if value is not None:
@@ -101,7 +105,7 @@ def self_probes(
         raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(PROBES)}")
     device = model.get_input_embeddings().weight.device  # where the ids go (offloaded blocks are elsewhere)
     generator = torch.Generator().manual_seed(seed)
-    length = probe_length(model.config, length)
+    length = probe_length(get_adapter(model.config).text_config(model.config), length)
     vocab = model.get_output_embeddings().weight.shape[0]
     if kind == "random":
         return torch.randint(vocab, (sequences, length), generator=generator).to(device)
@@ -135,39 +139,69 @@ def sample(
 
 @dataclass
 class ActivationStats:
-    """Per-layer statistics of the FFN activations ``h`` (the out-projection's input) over probe tokens.
+    """Per-unit statistics of the FFN activations ``h`` (the out-projection's input) over probe tokens.
+
+    A unit is a block's FFN, or one expert of a mixture-of-experts block (``U = L * E`` units), whose
+    activations are its routed tokens' scaled by their routing weights: what it adds to the block's output.
 
     Attributes:
-        sum_sq: ``(L, n)`` float64 ``sum_t h_tj^2``.
-        total: ``(L, n)`` float64 ``sum_t h_tj``.
-        tokens: number of tokens ``t`` summed over.
-        out_norms: ``(L, n)`` float64 ``||W_out[:, j]||_2``, the norm of the out-projection column each
+        sum_sq: ``(U, n)`` float64 ``sum_t h_tj^2``.
+        total: ``(U, n)`` float64 ``sum_t h_tj``.
+        tokens: ``(U, 1)`` float64: the tokens ``t`` each unit's sums run over (every probe token for a dense
+            FFN; the tokens routed to an expert).
+        out_norms: ``(U, n)`` float64 ``||W_out[:, j]||_2``, the norm of the out-projection column each
             neuron feeds, read while the block's weights were resident (an offloaded block's are only then).
     """
 
     sum_sq: torch.Tensor
     total: torch.Tensor
-    tokens: int
+    tokens: torch.Tensor
     out_norms: torch.Tensor
 
     def mean_square(self) -> torch.Tensor:
-        """``(L, n)``: ``E[h^2]``."""
-        return self.sum_sq / self.tokens
+        """``(U, n)``: ``E[h^2]`` (0 for an expert no probe token was routed to)."""
+        return self.sum_sq / self.tokens.clamp_min(1)
 
     def variance(self) -> torch.Tensor:
-        """``(L, n)``: ``Var(h)`` over tokens (population variance)."""
-        mean = self.total / self.tokens
+        """``(U, n)``: ``Var(h)`` over tokens (population variance)."""
+        mean = self.total / self.tokens.clamp_min(1)
         return (self.mean_square() - mean**2).clamp_min(0)
 
 
-def resident_weight(module: torch.nn.Module) -> torch.Tensor:
-    """``module.weight``, also when accelerate has offloaded it: its hook loads the weight only inside the
+def resident_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>``, also when accelerate has offloaded it: its hook loads the weight only inside the
     module's own forward, after the pre-hooks have run, so read it from the hook's weights map then."""
-    weight = module.weight.detach()
+    weight = getattr(module, name).detach()
     hook = getattr(module, "_hf_hook", None)
     if weight.is_meta and getattr(hook, "weights_map", None) is not None:
-        weight = hook.weights_map["weight"]
+        weight = hook.weights_map[name]
     return weight
+
+
+def _expert_stats_hook(stats: ActivationStats, first_unit: int):
+    """A forward pre-hook on a fused experts module, ``forward(hidden (T, d), top_k_index (T, K), top_k_weights
+    (T, K))``: for each expert, its activations ``act(gate x) * (up x)`` on its routed tokens, scaled by their
+    routing weights, summed into units ``first_unit + e``. Recomputes what the experts compute (one more
+    pass over the block's expert FFNs): the fused forward exposes no intermediate."""
+
+    def hook(module, args):
+        hidden, index, weights = (a.detach() for a in args[:3])
+        gate_up = resident_weight(module, "gate_up_proj")  # (E, 2n, d)
+        down = resident_weight(module, "down_proj")  # (E, d, n)
+        for e in range(gate_up.shape[0]):
+            unit = first_unit + e
+            if not stats.out_norms[unit].any():
+                stats.out_norms[unit] = down[e].double().norm(dim=0).cpu()
+            token, slot = torch.where(index == e)
+            if token.numel() == 0:
+                continue
+            gate, up = torch.nn.functional.linear(hidden[token], gate_up[e]).chunk(2, dim=-1)
+            h = (module.act_fn(gate) * up * weights[token, slot, None]).double().cpu()
+            stats.sum_sq[unit] += (h * h).sum(0)
+            stats.total[unit] += h.sum(0)
+            stats.tokens[unit] += token.numel()
+
+    return hook
 
 
 @torch.no_grad()
@@ -175,31 +209,42 @@ def activation_stats(model: torch.nn.Module, ids: torch.Tensor, batch_size: int 
     """Run ``model`` on probe ids ``(B, T)`` and collect :class:`ActivationStats` of every FFN.
 
     A forward pre-hook on each out-projection reads its input ``(batch, T, n)``; nothing is stored but two
-    ``(n,)`` float64 sums per layer, so memory does not grow with the probe budget. Only the base model
+    ``(n,)`` float64 sums per unit, so memory does not grow with the probe budget. Only the base model
     runs (no LM head): the statistics are the FFNs', and ``B x T x vocab`` logits would be most of the
     memory. ``model`` may have its blocks offloaded (:func:`prunenet.offload.offloaded_model`).
     """
     adapter = get_adapter(model.config)
     layers, width = adapter.num_layers(model.config), adapter.ffn_width(model.config)
-    sum_sq = torch.zeros(layers, width, dtype=torch.float64)
-    total = torch.zeros(layers, width, dtype=torch.float64)
-    out_norms = torch.zeros(layers, width, dtype=torch.float64)
+    units, experts = adapter.num_units(model.config), adapter.num_experts(model.config)
+    stats = ActivationStats(
+        sum_sq=torch.zeros(units, width, dtype=torch.float64),
+        total=torch.zeros(units, width, dtype=torch.float64),
+        tokens=torch.zeros(units, 1, dtype=torch.float64),
+        out_norms=torch.zeros(units, width, dtype=torch.float64),
+    )
     seen = [False] * layers
     spec = adapter.out_projection
 
     def hook_for(layer: int):
         def hook(module, args):
             h = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
-            sum_sq[layer] += (h * h).sum(0)
-            total[layer] += h.sum(0)
+            stats.sum_sq[layer] += (h * h).sum(0)
+            stats.total[layer] += h.sum(0)
+            stats.tokens[layer] += h.shape[0]
             if not seen[layer]:
                 weight = resident_weight(module)
-                out_norms[layer] = (weight if spec.axis == 0 else weight.t()).double().norm(dim=1).cpu()
+                stats.out_norms[layer] = (weight if spec.axis == 0 else weight.t()).double().norm(dim=1).cpu()
                 seen[layer] = True
 
         return hook
 
-    handles = [_out_module(model, adapter, i).register_forward_pre_hook(hook_for(i)) for i in range(layers)]
+    if adapter.experts_attr is None:
+        handles = [_out_module(model, adapter, i).register_forward_pre_hook(hook_for(i)) for i in range(layers)]
+    else:
+        handles = [
+            _out_module(model, adapter, i).register_forward_pre_hook(_expert_stats_hook(stats, i * experts))
+            for i in range(layers)
+        ]
     was_training = model.training
     model.eval()
     try:
@@ -209,13 +254,13 @@ def activation_stats(model: torch.nn.Module, ids: torch.Tensor, batch_size: int 
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    check_finite(sum_sq, "the FFN activations on the probes")
-    check_finite(out_norms, "the FFN out-projections")
-    return ActivationStats(sum_sq=sum_sq, total=total, tokens=ids.numel(), out_norms=out_norms)
+    check_finite(stats.sum_sq, "the FFN activations on the probes")
+    check_finite(stats.out_norms, "the FFN out-projections")
+    return stats
 
 
 def neuron_scores(stats: ActivationStats, score: str = "wanda") -> torch.Tensor:
-    """``(L, n)`` float64 importance of every FFN neuron; higher is kept first.
+    """``(U, n)`` float64 importance of every FFN neuron of every unit; higher is kept first.
 
     * ``"wanda"``: ``sqrt(E[h_j^2]) * ||W_out[:, j]||_2`` -- the RMS size of neuron ``j``'s contribution to
       the FFN output (Wanda's ``|W| * ||x||``, summed over the column it feeds: structured Wanda).
@@ -226,9 +271,10 @@ def neuron_scores(stats: ActivationStats, score: str = "wanda") -> torch.Tensor:
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     norms = stats.out_norms
-    if score == "wanda":
-        return stats.mean_square().sqrt() * norms
-    return stats.variance() * norms**2
+    scores = stats.mean_square().sqrt() * norms if score == "wanda" else stats.variance() * norms**2
+    # An expert no probe token was routed to has no activations to go by: rank its neurons by the output
+    # column they feed.
+    return torch.where(stats.tokens > 0, scores, norms)
 
 
 def top_k(scores: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,7 +300,7 @@ def selfcal_keeps(
     length: int = 128,
     timings: dict[str, float] | None = None,
 ) -> list[torch.Tensor]:
-    """The ``selfcal`` method: kept neurons per layer (sorted ``(k,)`` int64 CPU) from self-generated probes.
+    """The ``selfcal`` method: kept neurons per FFN unit (sorted ``(k,)`` int64 CPU) from self-generated probes.
 
     ``seed`` fixes the probe sequences, hence the result. ``model`` may have its blocks offloaded
     (:mod:`prunenet.offload`). ``timings``, when given, receives the seconds of the two phases:

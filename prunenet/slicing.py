@@ -19,7 +19,16 @@ from . import ops
 from .adapters import ModelAdapter
 from .adapters.base import neuron_entries
 
-__all__ = ["BACKENDS", "slice_ffn_", "slice_ffn_ref", "slice_linear_", "slice_model_", "validate_keeps"]
+__all__ = [
+    "BACKENDS",
+    "slice_experts_",
+    "slice_experts_ref",
+    "slice_ffn_",
+    "slice_ffn_ref",
+    "slice_linear_",
+    "slice_model_",
+    "validate_keeps",
+]
 
 BACKENDS = ("auto", "native", "torch")
 # Scratch of the native op: bounds its extra memory (plus, on CPU, page rounding). 4 MiB is < 2% of
@@ -104,10 +113,86 @@ def slice_ffn_(
     return rows, cols
 
 
+def _expert_index(keep: torch.Tensor, width: int, groups: int) -> torch.Tensor:
+    """``(E, g*k)``: for each expert's kept neurons ``keep`` ``(E, k)``, the entries of its ``g`` neuron groups."""
+    return torch.cat([keep + g * width for g in range(groups)], dim=1)
+
+
+def _gather_experts(t: torch.Tensor, dim: int, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """``t``'s kept entries along ``dim`` (1 or 2), expert by expert: a new contiguous tensor."""
+    index = _expert_index(keep.to(t.device), width, t.shape[dim] // width)  # (E, g*k)
+    if t.dim() == 3:
+        index = index.unsqueeze(-1) if dim == 1 else index.unsqueeze(1)
+    return torch.take_along_dim(t, index, dim=dim).contiguous()
+
+
+def slice_experts_ref(
+    rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor, width: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Reference of :func:`slice_experts_`, out of place: new contiguous tensors, inputs untouched.
+
+    Args:
+        rows: ``(E, g*n, d)`` in-projections or ``(E, g*n)`` biases (neurons on dim 1).
+        cols: ``(E, d, g*n)`` out-projections (neurons on dim 2).
+        keep: ``(E, k)``: row ``e`` is expert ``e``'s kept neurons, sorted, unique, in ``[0, n)``.
+
+    Returns:
+        ``(rows', cols')``: ``(E, g*k, d)`` / ``(E, g*k)`` and ``(E, d, g*k)``.
+    """
+
+    return [_gather_experts(t, 1, keep, width) for t in rows], [_gather_experts(t, 2, keep, width) for t in cols]
+
+
+@torch.no_grad()
+def slice_experts_(
+    rows: Sequence[torch.Tensor],
+    cols: Sequence[torch.Tensor],
+    keep: torch.Tensor,
+    width: int,
+    *,
+    backend: str = "auto",
+    scratch_bytes: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keep only neurons ``keep[e]`` of every expert ``e`` of fused expert tensors, in place.
+
+    Args:
+        rows, cols, keep: as :func:`slice_experts_ref`.
+        backend: ``"native"``: ``torch.ops.prunenet.slice_experts_`` (each expert compacted like one FFN,
+            then moved down into the packed tensor; bounded extra memory); ``"torch"``: each tensor
+            replaced in turn by its gathered copy; ``"auto"``: native when the extension is built and takes
+            these inputs (contiguous, one float dtype).
+        scratch_bytes: the native op's scratch size (default 4 MiB).
+
+    Returns:
+        ``(rows, cols)``, the same tensors, now ``(E, g*k, ...)`` / ``(E, d, g*k)``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    rows, cols = list(rows), list(cols)
+    if backend == "native" or (backend == "auto" and ops.native_experts_ok(rows, cols, keep)):
+        ops.require()
+        scratch = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+        torch.ops.prunenet.slice_experts_(rows, cols, keep, width, scratch)
+        return rows, cols
+    if keep.dim() != 2:
+        raise ValueError(f"keep must be (experts, k), got shape {tuple(keep.shape)}")
+    validate_keeps(list(keep), keep.shape[0], width)
+    tensors = [(t, 1) for t in rows] + [(t, 2) for t in cols]
+    for t, dim in tensors:
+        if t.dim() not in ((2, 3) if dim == 1 else (3,)) or t.shape[0] != keep.shape[0] or t.shape[dim] % width:
+            raise ValueError(
+                f"shape {tuple(t.shape)}: expected {keep.shape[0]} experts and a multiple of width {width} on dim {dim}"
+            )
+    for t, dim in tensors:
+        t.set_(_gather_experts(t, dim, keep, width))  # one at a time: the old storage goes before the next copy
+    return rows, cols
+
+
 def validate_keeps(keeps: Sequence[torch.Tensor], num_layers: int, width: int) -> int:
-    """Check kept-neuron vectors (one per layer, equal length, sorted, unique, in range); return ``k``."""
+    """Check kept-neuron vectors (one per FFN unit, equal length, sorted, unique, in range); return ``k``."""
     if len(keeps) != num_layers:
-        raise ValueError(f"got kept neurons for {len(keeps)} layers, the model has {num_layers}")
+        raise ValueError(f"got kept neurons for {len(keeps)} FFN units (layers, or every layer's experts), "
+                         f"the model has {num_layers}")  # fmt: skip
     k = keeps[0].numel()
     for layer, keep in enumerate(keeps):
         if keep.dtype != torch.int64 or keep.dim() != 1 or keep.numel() != k:
@@ -131,26 +216,36 @@ def slice_model_(
 
     Args:
         model: a ``*ForCausalLM`` model served by ``adapter``.
-        keeps: one sorted ``(k,)`` int64 vector per layer (same ``k`` everywhere).
+        keeps: one sorted ``(k,)`` int64 vector per FFN unit (same ``k`` everywhere): per layer, or per
+            expert of every layer (``adapter.num_units``, expert ``e`` of layer ``l`` at ``l * E + e``).
         backend: see :func:`slice_ffn_`.
     """
     config = model.config
     width = adapter.ffn_width(config)
-    k = validate_keeps(keeps, adapter.num_layers(config), width)
-    for layer, keep in enumerate(tqdm(keeps, desc="slicing layers", unit="layer", disable=not progress)):
+    k = validate_keeps(keeps, adapter.num_units(config), width)
+    experts = adapter.num_experts(config)
+    layers = range(adapter.num_layers(config))
+    for layer in tqdm(layers, desc="slicing layers", unit="layer", disable=not progress):
         found = adapter.neuron_parameters(model, layer)
         for spec, param in found:
-            if param.shape[spec.axis] != spec.groups * width:
+            axis = spec.stored_axis
+            if param.shape[axis] != spec.groups * width:
                 raise ValueError(
-                    f"layer {layer} {spec.name}: expected {spec.groups * width} entries on axis {spec.axis} "
+                    f"layer {layer} {spec.name}: expected {spec.groups * width} entries on axis {axis} "
                     f"(FFN width {width}), got shape {tuple(param.shape)}"
                 )
         rows = [param for spec, param in found if spec.axis == 0]
         cols = [param for spec, param in found if spec.axis == 1]
-        slice_ffn_(rows, cols, keep.to(rows[0].device if rows else cols[0].device), width, backend=backend)
+        device = (rows or cols)[0].device
+        if adapter.experts_attr is None:
+            slice_ffn_(rows, cols, keeps[layer].to(device), width, backend=backend)
+        else:  # (E, k): the kept neurons of each of the block's experts
+            keep = torch.stack(list(keeps[layer * experts : (layer + 1) * experts])).to(device)
+            slice_experts_(rows, cols, keep, width, backend=backend)
         for spec, param in found:
             _sync_module_shape(model, adapter.block_prefix(layer) + spec.name, param)
     adapter.set_ffn_width(config, k)
+    _sync_expert_width(model, adapter, k)
 
 
 @torch.no_grad()
@@ -169,6 +264,17 @@ def slice_linear_(linear: torch.nn.Linear, index: torch.Tensor, dim: int, backen
     else:
         slice_ffn_([], [weight], index, weight.shape[1], backend=backend)
     linear.out_features, linear.in_features = weight.shape
+
+
+def _sync_expert_width(model: torch.nn.Module, adapter: ModelAdapter, k: int) -> None:
+    """Fused expert modules record their width (``intermediate_dim``): keep it truthful."""
+    if adapter.experts_attr is None:
+        return
+    prefix = adapter.tensors[0].name.rpartition(".")[0]
+    for layer in range(adapter.num_layers(model.config)):
+        module = model.get_submodule(adapter.block_prefix(layer) + prefix)
+        if hasattr(module, "intermediate_dim"):
+            module.intermediate_dim = k
 
 
 def _sync_module_shape(model: torch.nn.Module, param_name: str, param: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelAdapter, get_adapter
-from .config import CompressConfig, PruneConfig, kept_width
+from .config import CompressConfig, PruneConfig
 from .distributed import Distributed
 from .models import TORCH_DTYPES
 from .selectors import SELECTORS
@@ -34,6 +34,7 @@ from .streaming import (
     CheckpointStates,
     ForwardPlan,
     MemoryPlan,
+    bound_heap_growth,
     free_memory,
     plan_forward,
     plan_memory,
@@ -77,12 +78,17 @@ class Source:
         return self.adapter.num_layers(self.config)
 
     @property
+    def num_units(self) -> int:
+        """FFNs that each keep their own neurons: one per layer, or one per expert of every layer."""
+        return self.adapter.num_units(self.config)
+
+    @property
     def width(self) -> int:
         """FFN width ``n``."""
         return self.adapter.ffn_width(self.config)
 
     def states(self) -> Sequence[torch.Tensor]:
-        """The ``L`` state matrices ``(n, d)`` (the first in-projection of every block), read-only."""
+        """The state matrices ``(n, d)`` (the first in-projection of every FFN unit), read-only."""
         raise NotImplementedError
 
     def numel(self) -> int:
@@ -109,9 +115,10 @@ class ModelSource(Source):
 
     def states(self) -> list[torch.Tensor]:
         if self._states is None:
-            states = [self.adapter.layer_state(self.model, i) for i in range(self.num_layers)]
+            states = [self.adapter.layer_state(self.model, i) for i in range(self.num_units)]
+            experts = self.adapter.num_experts(self.config)
             for i, state in enumerate(states):
-                check_finite(state, self.adapter.block_prefix(i) + self.adapter.tensors[0].name)
+                check_finite(state, self.adapter.block_prefix(i // experts) + self.adapter.tensors[0].name)
             self._states = states
         return self._states
 
@@ -160,7 +167,7 @@ class CheckpointStream(Source):
         from .offload import OffloadedModel
 
         blocks = getattr(self.memory_plan, "blocks", "disk")
-        dtype = self.checkpoint.state_dtype(self.adapter)
+        dtype = self.checkpoint.state_dtype(self.adapter, self.config)
         return OffloadedModel(self.checkpoint.folder, self.config, self.adapter, self.device, dtype, blocks)
 
     def close(self) -> None:
@@ -178,7 +185,7 @@ def weight_bytes(checkpoint: CheckpointSource, dtype: str = "auto") -> int:
 def _stored_dtype(checkpoint: CheckpointSource | None, adapter, config) -> torch.dtype:
     """``--dtype auto``: the FFN weights' stored dtype (safetensors), else the config's, else float32."""
     if checkpoint is not None:
-        stored = checkpoint.state_dtype(adapter)
+        stored = checkpoint.state_dtype(adapter, config)
         if stored.is_floating_point:
             return stored
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -256,7 +263,7 @@ def check_prunable(settings: PruneConfig, adapter: ModelAdapter, config) -> int:
 
     check_modules(settings.modules, adapter, config)
     width = adapter.ffn_width(config)
-    k = kept_width(settings.ratio, width)
+    k = adapter.kept_width(settings.ratio, width)
     if k < 1:
         raise ValueError(f"--ratio {settings.ratio} leaves no FFN neurons (FFN width {width})")
     return k
@@ -285,11 +292,12 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
     except CheckpointError as err:
         raise ModelLoadError(f"the weights in {path} are truncated or corrupt: {err}") from None
     budget = parse_size(settings.max_memory) if settings.max_memory is not None else free_memory(settings.device)
-    layers = dist.owned_layers(adapter.num_layers(config))
+    layers = dist.owned_layers(adapter.num_units(config))
     if not _streams(settings, checkpoint, path, budget, dist):
         return SourcePlan(path, config, adapter, checkpoint, settings, None, layers)
     checkpoint.ffn_tensors(adapter, config)  # every FFN tensor present, with the config's width
-    stored = checkpoint.state_dtype(adapter)
+    bound_heap_growth()  # the budget is a promise: freed blocks go back to the system
+    stored = checkpoint.state_dtype(adapter, config)
     if settings.dtype != "auto" and TORCH_DTYPES[settings.dtype] != stored:
         raise ValueError(
             f"streaming copies tensors as stored ({stored}); --dtype {settings.dtype} would need a conversion: "

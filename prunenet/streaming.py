@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter
-from .ops import use_complement
+from .adapters import ModelAdapter, NeuronTensor
+from .ops import gram_side, keeps_full_grams
 from .reward import CHUNK_BYTES, StateSequence
 from .safetensors_io import (
     SafetensorsFormatError,
@@ -48,7 +48,7 @@ from .safetensors_io import (
     read_tensor,
 )
 from .selfcal import probe_length
-from .slicing import slice_ffn_, validate_keeps
+from .slicing import slice_experts_, slice_ffn_, validate_keeps
 from .tables import format_bytes
 from .validate import check_finite
 
@@ -88,6 +88,25 @@ def free_memory(device: str | torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def bound_heap_growth() -> None:
+    """Make glibc's allocator hand blocks of 1 MiB and more back to the system as soon as they are freed.
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB); blocks
+    below it then come from the heap, and a freed one stays in the process. A streamed run allocates and
+    frees many such blocks (states, Gram matrices): on Qwen3-30B-A3B's shape (2 blocks, 256 experts,
+    ``--max-memory 3GiB``, a 1.71 GB plan) the peak resident memory grew to 3.15 GB; with the threshold
+    fixed at 1 MiB (which also stops the adjustment) it was 1.75 GB. Nothing happens without glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # malloc.h
+    mallopt(m_mmap_threshold, 1 << 20)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -174,8 +193,9 @@ class CheckpointSource:
         """Elements of all tensors (the parameter count, as stored: tied weights count once)."""
         return sum(e.numel for e in self.entries.values())
 
-    def ffn_tensors(self, adapter: ModelAdapter, config) -> dict[str, tuple[int, int, int]]:
-        """``{name: (layer, axis, groups)}`` of every neuron-indexed FFN tensor in the checkpoint.
+    def ffn_tensors(self, adapter: ModelAdapter, config) -> dict[str, tuple[int | None, int, NeuronTensor]]:
+        """``{name: (unit, layer, spec)}`` of every neuron-indexed FFN tensor in the checkpoint, as stored
+        (``unit`` is ``None`` for a fused tensor of all a block's experts).
 
         Raises:
             CheckpointError: a required tensor is missing, or its neuron axis is not
@@ -184,8 +204,7 @@ class CheckpointSource:
         width = adapter.ffn_width(config)
         found = {}
         for layer in range(adapter.num_layers(config)):
-            for spec in adapter.tensors:
-                name = adapter.block_prefix(layer) + spec.name
+            for name, spec, unit in adapter.stored_tensors(layer, config):
                 if name not in self.entries:
                     if spec.optional:
                         continue
@@ -193,18 +212,18 @@ class CheckpointSource:
                         f"the checkpoint in {self.folder} has no tensor {name!r} (expected by the "
                         f"{type(adapter).__name__} for model_type {config.model_type!r})"
                     )
-                shape = self.entries[name].shape
-                if spec.axis >= len(shape) or shape[spec.axis] != spec.groups * width:
+                shape, axis = self.entries[name].shape, spec.stored_axis
+                if axis >= len(shape) or shape[axis] != spec.groups * width:
                     raise CheckpointError(
-                        f"{name} has shape {shape}: expected {spec.groups * width} entries on axis {spec.axis} "
+                        f"{name} has shape {shape}: expected {spec.groups * width} entries on axis {axis} "
                         f"(FFN width {width} in config.json)"
                     )
-                found[name] = (layer, spec.axis, spec.groups)
+                found[name] = (unit, layer, spec)
         return found
 
-    def state_dtype(self, adapter: ModelAdapter) -> torch.dtype:
+    def state_dtype(self, adapter: ModelAdapter, config) -> torch.dtype:
         """Stored dtype of the first in-projection (what the state matrices are made of)."""
-        return self.entry(adapter.block_prefix(0) + adapter.tensors[0].name).dtype
+        return self.entry(adapter.stored_tensors(0, config)[0][0]).dtype
 
 
 class CheckpointStates(StateSequence):
@@ -235,9 +254,19 @@ class CheckpointStates(StateSequence):
             raise ValueError(f"residency must be device, host or disk, got {residency!r}")
         self.source, self.adapter = source, adapter
         self.width = adapter.ffn_width(config)
-        self.names = [adapter.block_prefix(i) + adapter.tensors[0].name for i in range(adapter.num_layers(config))]
+        # Unit i's first in-projection: its own tensor, or expert `index` of a fused one.
+        experts = adapter.num_experts(config)
+        self.units: list[tuple[str, NeuronTensor, int | None]] = []
+        for layer in range(adapter.num_layers(config)):
+            name, spec, unit = adapter.stored_tensors(layer, config)[0]
+            if unit is None:
+                self.units += [(name, spec, e) for e in range(experts)]
+            else:  # one tensor per unit: the layer's first `experts` entries are the first in-projections
+                self.units += [(n, sp, None) for n, sp, _ in adapter.stored_tensors(layer, config)[:experts]]
+        self.names = [name for name, _, _ in self.units]
         first = source.entry(self.names[0])
-        self.shape = tuple(adapter.state_matrix(torch.empty(first.shape, device="meta"), self.width).shape)
+        shape = first.shape[1:] if self.units[0][2] is not None else first.shape
+        self.shape = tuple(adapter.state_matrix(torch.empty(shape, device="meta"), self.width, self.units[0][1]).shape)
         self.dtype = first.dtype
         self.device = torch.device(device)
         self.residency = residency
@@ -251,8 +280,12 @@ class CheckpointStates(StateSequence):
         return len(self.names)
 
     def _read(self, i: int) -> torch.Tensor:
-        """Layer ``i``'s state matrix on the host (a view of its first in-projection, as stored)."""
-        state = self.adapter.state_matrix(self.source.read(self.names[i]), self.width)
+        """Unit ``i``'s state matrix on the host (a view of its first in-projection, as stored)."""
+        name, spec, expert = self.units[i]
+        tensor = self.source.read(name)
+        if expert is not None:  # a fused tensor of every expert: keep this one's (a copy frees the rest)
+            tensor = tensor[expert].clone()
+        state = self.adapter.state_matrix(tensor, self.width, spec)
         check_finite(state, self.names[i])
         if self.residency == "host" and self.device.type == "cuda":
             state = state.pin_memory()
@@ -297,7 +330,8 @@ class MemoryPlan:
         grams: ``"device"`` (in memory), ``"disk"`` (a temporary file; see
             :class:`prunenet.reward.SpilledGrams`) or ``"none"`` (this ``k`` does not use them).
         fixed_bytes: policy, optimiser, one layer's working set (and, on CPU, the runtime).
-        state_bytes: all state matrices as stored; ``gram_bytes``: all ``W^T W`` in float32.
+        state_bytes: all state matrices as stored; ``gram_bytes``: all their full Gram matrices in float32
+            (``W^T W``, or ``W W^T`` for states with ``n <= d``).
         estimate: the plan's estimated peak on the device.
     """
 
@@ -315,7 +349,7 @@ class MemoryPlan:
         gram = {"device": f"in {self.device} memory", "disk": "in a temporary file", "none": "not needed at this ratio"}
         text = (
             f"memory plan (budget {format_bytes(self.budget)} on {self.device}): state matrices "
-            f"({format_bytes(self.state_bytes)}) {where[self.states]}; W^T W matrices "
+            f"({format_bytes(self.state_bytes)}) {where[self.states]}; Gram matrices "
             f"({format_bytes(self.gram_bytes)}) {gram[self.grams]}; policy, optimiser and one layer's work "
             f"{format_bytes(self.fixed_bytes)}; estimated peak {format_bytes(self.estimate)}"
         )
@@ -334,26 +368,28 @@ def plan_memory(
     device: str | torch.device = "cpu",
     backend: str = "torch",
 ) -> MemoryPlan:
-    """Choose where the state matrices and ``W^T W`` matrices live during training.
+    """Choose where the state matrices and their full Gram matrices live during training.
 
     The estimate counts the policy (``P = (n d + 2 n)`` float32) five times (parameters, gradients, two
     AdamW moments, the best policy so far), one layer's working set (the state as stored and read
-    ahead, its float32 copy kept for the backward pass, the gathered rows, three ``d x d`` matrices, and
-    the set-up's chunk of Gram matrices),
+    ahead, its float32 copy kept for the backward pass, the gathered rows, three Gram matrices, and
+    the set-up's chunk of them),
     and on CPU the runtime itself. States go on the device when they fit, then in host memory (CUDA
-    only), else they are read from disk; ``W^T W`` stays in memory when it still fits, else it is
+    only), else they are read from disk; the Gram matrices stay in memory when they still fit, else they are
     spilled to a file. Every choice gives bit-identical results. ``backend`` (the resolved reward
-    backend) decides whether ``W^T W`` is needed at all (:func:`prunenet.ops.use_complement`).
+    backend) decides whether the full Gram matrices are needed at all (:func:`prunenet.ops.keeps_full_grams`).
     """
     device = torch.device(device)
     policy = (n * d + 2 * n) * 4
     rows = max(k, n - k) * d * 4
-    fixed = 5 * policy + 2 * n * d * itemsize + n * d * 4 + rows + 3 * d * d * 4
-    fixed += min(num_layers, max(1, CHUNK_BYTES // (4 * d * d))) * d * d * 4  # a chunk of Gram matrices (set-up)
+    size = n if gram_side(n, d) == "rows" else d  # the Gram matrices are size x size
+    gram = size * size * 4
+    fixed = 5 * policy + 2 * n * d * itemsize + n * d * 4 + rows + 3 * gram
+    fixed += min(num_layers, max(1, CHUNK_BYTES // gram)) * gram  # a chunk of Gram matrices (set-up)
     if device.type == "cpu":
         fixed += RUNTIME_BYTES
     state_bytes = num_layers * n * d * itemsize
-    gram_bytes = num_layers * d * d * 4 if use_complement(n, k, backend) else 0
+    gram_bytes = num_layers * gram if keeps_full_grams(n, d, k, backend) else 0
     left = budget - fixed
     if state_bytes <= left:
         states, left = "device", left - state_bytes
@@ -425,7 +461,7 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
     """
     device = torch.device(device)
     layers = adapter.num_layers(config)
-    prefixes = [adapter.block_prefix(i) for i in range(layers)]
+    prefixes = [adapter.checkpoint_prefix(i) for i in range(layers)]
     block_bytes, largest = [0] * layers, 0
     resident = 0
     for name, entry in source.entries.items():
@@ -435,13 +471,14 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
         else:
             block_bytes[owner] += entry.nbytes
             largest = max(largest, entry.nbytes)
-    itemsize = source.state_dtype(adapter).itemsize
+    itemsize = source.state_dtype(adapter, config).itemsize
     d, n = adapter.hidden_size(config), adapter.ffn_width(config)
-    heads = int(getattr(config, "num_attention_heads", 1))
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or d // heads)
-    vocab = int(getattr(config, "vocab_size", 0))
-    length = probe_length(config, length)
+    text = adapter.text_config(config)
+    heads = int(getattr(text, "num_attention_heads", 1))
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or d // heads)
+    vocab = int(getattr(text, "vocab_size", 0))
+    length = probe_length(text, length)
     kv = layers * 2 * sequences * kv_heads * length * head_dim * itemsize
     tokens = sequences * length
     activations = (
@@ -477,15 +514,23 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
 Slices = dict[str, tuple[int, torch.Tensor, int]]
 """``{tensor name: (axis, keep, width)}``: along ``axis``, every ``width``-long group of entries keeps the
 entries ``keep`` (sorted). An FFN tensor keeps its kept neurons (``width`` = FFN width; a fused projection
-has several groups); an attention projection keeps the rows of its kept KV groups (one group)."""
+has several groups); an attention projection keeps the rows of its kept KV groups (one group). A fused
+tensor of ``E`` experts has a 2-D ``keep`` ``(E, k)``: expert ``e`` keeps ``keep[e]``."""
 
 
 def ffn_slices(source: CheckpointSource, adapter: ModelAdapter, config, keeps: Sequence[torch.Tensor]) -> Slices:
-    """What every neuron-indexed FFN tensor of the checkpoint keeps, for ``keeps`` (one ``(k,)`` per layer)."""
+    """What every neuron-indexed FFN tensor of the checkpoint keeps, for ``keeps`` (one ``(k,)`` per FFN unit).
+
+    A fused tensor of a block's ``E`` experts keeps the ``(E, k)`` stack of their vectors along its stored axis.
+    """
     width = adapter.ffn_width(config)
-    validate_keeps(keeps, adapter.num_layers(config), width)
-    ffn = source.ffn_tensors(adapter, config)
-    return {name: (axis, keeps[layer], width) for name, (layer, axis, _) in ffn.items()}
+    validate_keeps(keeps, adapter.num_units(config), width)
+    experts = adapter.num_experts(config)
+    slices: Slices = {}
+    for name, (unit, layer, spec) in source.ffn_tensors(adapter, config).items():
+        keep = keeps[unit] if unit is not None else torch.stack(list(keeps[layer * experts : (layer + 1) * experts]))
+        slices[name] = (spec.stored_axis, keep, width)
+    return slices
 
 
 def attention_slices(source: CheckpointSource, adapter: ModelAdapter, config, kept_groups) -> Slices:
@@ -498,7 +543,7 @@ def attention_slices(source: CheckpointSource, adapter: ModelAdapter, config, ke
     slices: Slices = {}
     for layer, groups in enumerate(kept_groups):
         q_rows, kv_rows = group_entries(groups, shape)
-        prefix = adapter.block_prefix(layer)
+        prefix = adapter.checkpoint_prefix(layer)
         projections = ((spec.q, 0, q_rows, q_width), (spec.k, 0, kv_rows, kv_width), (spec.v, 0, kv_rows, kv_width))
         for module, axis, rows, width in projections:
             for param in ("weight", "bias"):
@@ -533,7 +578,7 @@ def _output_specs(source: CheckpointSource, shard: str, slices: Slices) -> list[
         shape = list(entry.shape)
         if name in slices:
             axis, keep, width = slices[name]
-            shape[axis] = shape[axis] // width * keep.numel()
+            shape[axis] = shape[axis] // width * keep.shape[-1]
         specs.append(TensorSpec(name, entry.dtype, tuple(shape)))
     return specs
 
@@ -569,8 +614,12 @@ def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slic
             if spec.name in slices:
                 axis, keep, width = slices[spec.name]
                 tensor = read_tensor(entry, src)
-                rows, cols = ([tensor], []) if axis == 0 else ([], [tensor])
-                slice_ffn_(rows, cols, keep, width)
+                if keep.dim() == 2:  # fused experts: (E, g*n, d) / (E, g*n) rows or (E, d, g*n) columns
+                    rows, cols = ([tensor], []) if axis == 1 else ([], [tensor])
+                    slice_experts_(rows, cols, keep, width)
+                else:
+                    rows, cols = ([tensor], []) if axis == 0 else ([], [tensor])
+                    slice_ffn_(rows, cols, keep, width)
                 writer.write(spec.name, tensor)
                 del tensor
             else:

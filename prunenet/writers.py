@@ -78,7 +78,7 @@ class ShardWriter:
         if config.modules != "ffn+attn":
             return None
         shape = attention_shape(model_config)
-        o_weights = (checkpoint.read(adapter.block_prefix(i) + adapter.attention.o + ".weight")
+        o_weights = (checkpoint.read(adapter.checkpoint_prefix(i) + adapter.attention.o + ".weight")
                      for i in range(adapter.num_layers(model_config)))  # fmt: skip
         kept, info = choose_attention(o_weights, shape, config.ratio)
         self.slices.update(attention_slices(checkpoint, adapter, model_config, kept))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny_models import CONFIGS, WIDTH, sample_inputs, tiny_model
+from tiny_models import CONFIGS, WIDTH, auto_class, sample_inputs, tiny_model
 
 from prunenet import ops
 from prunenet.adapters import REFUSED, SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
@@ -23,9 +23,10 @@ REQUIRED_TYPES = {
 
 
 def random_keeps_of(model, fraction=0.6, seed=0):
+    """Random kept neurons of every FFN unit (every layer, or every expert of every layer)."""
     adapter = get_adapter(model.config)
     n = adapter.ffn_width(model.config)
-    return random_keeps(adapter.num_layers(model.config), n, int(fraction * n), seed)
+    return random_keeps(adapter.num_units(model.config), n, adapter.kept_width(1 - fraction, n), seed)
 
 
 def masked_dense_logits(model, keeps, inputs):
@@ -35,19 +36,19 @@ def masked_dense_logits(model, keeps, inputs):
     pruned model must give the same logits (up to float32 summation order).
     """
     adapter = get_adapter(model.config)
-    n = adapter.ffn_width(model.config)
+    n, experts = adapter.ffn_width(model.config), adapter.num_experts(model.config)
+    # The out-projection is the weight whose neuron axis differs from the first in-projection's.
+    out_spec = next(s for s in adapter.tensors if not s.name.endswith(".bias") and s.axis != adapter.tensors[0].axis)
     saved = {}
     with torch.no_grad():
-        for layer, keep in enumerate(keeps):
+        for unit, keep in enumerate(keeps):
+            layer, expert = divmod(unit, experts)
             drop = torch.ones(n, dtype=torch.bool)
             drop[keep] = False
-            # The out-projection is the weight whose neuron axis differs from the first in-projection's.
-            out_spec = next(
-                s for s in adapter.tensors if s.name.endswith(".weight") and s.axis != adapter.tensors[0].axis
-            )
             param = model.get_parameter(adapter.block_prefix(layer) + out_spec.name)
-            saved[param] = param.detach().clone()
-            param.index_fill_(out_spec.axis, drop.nonzero().squeeze(1), 0.0)
+            saved.setdefault(param, param.detach().clone())
+            target = param[expert] if out_spec.experts else param  # one expert of a fused (E, d, n) tensor
+            target.index_fill_(out_spec.axis, drop.nonzero().squeeze(1), 0.0)
         logits = model(inputs).logits
         for param, value in saved.items():
             param.copy_(value)
@@ -90,11 +91,14 @@ def test_state_matrix_is_first_in_projection(name):
     model = tiny_model(name)
     adapter = get_adapter(model.config)
     n, d = adapter.ffn_width(model.config), adapter.hidden_size(model.config)
-    state = adapter.layer_state(model, 1)
+    unit = adapter.num_units(model.config) - 1  # the last expert (or the FFN) of block 1
+    state = adapter.layer_state(model, unit)
     assert state.shape == (n, d)
     # The state rows are what the first in-projection multiplies the hidden state with.
     x = torch.randn(3, d)
     first = model.get_parameter(adapter.block_prefix(1) + adapter.tensors[0].name)
+    if adapter.tensors[0].experts:
+        first = first[-1]
     full = x @ first if adapter.tensors[0].axis == 1 else x @ first.t()
     torch.testing.assert_close(x @ state.t(), full[:, :n])
 
@@ -107,7 +111,7 @@ def test_keeping_every_neuron_is_the_identity(name):
         before = model(inputs).logits
     adapter = get_adapter(model.config)
     n = adapter.ffn_width(model.config)
-    slice_model_(model, adapter, [torch.arange(n)] * adapter.num_layers(model.config), progress=False)
+    slice_model_(model, adapter, [torch.arange(n)] * adapter.num_units(model.config), progress=False)
     with torch.no_grad():
         after = model(inputs).logits
     assert torch.equal(before, after)
@@ -129,7 +133,7 @@ def test_pruned_model_matches_masked_dense_and_reloads_with_stock_transformers(n
     torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
 
     model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reloaded = auto_class(model.config).from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(reloaded) is type(model)
     assert get_adapter(reloaded.config).ffn_width(reloaded.config) == k
     with torch.no_grad():

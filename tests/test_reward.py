@@ -141,3 +141,40 @@ def test_spilled_gram_matrices_give_identical_rewards():
     assert not isinstance(spilled.full_grams, torch.Tensor) and spilled.full_grams.shape == (4, 16, 16)
     assert torch.equal(spilled.full_grams[0:4], in_memory.full_grams)
     assert torch.equal(episode_rewards(states, keeps, spilled), episode_rewards(states, keeps, in_memory))
+
+
+@pytest.mark.parametrize("k", [5, 21, 39], ids=["few", "half", "all-but-one"])
+def test_states_with_fewer_rows_than_columns_use_the_row_gram_and_match_float64_svd(k):
+    """n = 40 < d = 96 (an expert's shape): W W^T (n x n) is kept, each episode gathers its (keep, keep)
+    block; the plain-reference path multiplies W[keep] W[keep]^T. Both equal the float64 SVD + scipy rewards."""
+    g = torch.Generator().manual_seed(1)
+    states = [torch.randn(40, 96, generator=g) * torch.linspace(0.3, 3, 40)[:, None] for _ in range(5)]
+    keeps = [torch.randperm(40, generator=g)[:k].sort().values for _ in states]
+    prepared = prepare_reward(states, k, backend="torch")
+    assert prepared.full_grams.shape == (5, 40, 40) and prepared.spectra.shape == (5, 40)
+    gathered = episode_rewards(states, keeps, prepared)
+    direct = episode_rewards(states, keeps, reference_spectra(states), backend="torch")
+    for i, (w, keep) in enumerate(zip(states, keeps, strict=True)):
+        assert gathered[i].item() == pytest.approx(1.0 / spectral_ks(w, w[keep]), rel=1e-12)
+        assert direct[i].item() == pytest.approx(1.0 / spectral_ks(w, w[keep]), rel=1e-12)
+    spilled = prepare_reward(states, k, "torch", spill_grams=True)
+    assert torch.equal(spilled.full_grams[0:5], prepared.full_grams)
+    assert torch.equal(episode_rewards(states, keeps, spilled), gathered)
+
+
+def test_the_triton_backend_takes_the_row_gram_route_too(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(2)
+    states = [torch.randn(24, 64, generator=g) for _ in range(3)]
+    keeps = [torch.randperm(24, generator=g)[:17].sort().values for _ in states]
+    torch_path = episode_rewards(states, keeps, prepare_reward(states, 17, "torch"))
+    assert torch.equal(episode_rewards(states, keeps, prepare_reward(states, 17, "triton")), torch_path)
+
+
+def test_the_memory_plan_counts_the_row_gram_for_states_with_fewer_rows_than_columns():
+    from prunenet.streaming import plan_memory
+
+    plan = plan_memory(512, 768, 2048, 2, 536, 2**40)  # Qwen3-30B-A3B's experts, 4 blocks
+    assert plan.gram_bytes == 512 * 768 * 768 * 4
+    assert plan_memory(32, 11008, 4096, 2, 7705, 2**40).gram_bytes == 32 * 4096 * 4096 * 4  # LLaMA-2-7B

@@ -106,7 +106,7 @@ def test_activation_stats_and_wanda_score_match_a_direct_computation(family):
         model(input_ids=ids, use_cache=False)
     handle.remove()
     h = captured[0].reshape(-1, adapter.ffn_width(model.config)).double()
-    assert stats.tokens == ids.numel()
+    assert (stats.tokens == ids.numel()).all()
     torch.testing.assert_close(stats.sum_sq[1], (h * h).sum(0), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(stats.variance()[1], h.var(0, unbiased=False), rtol=1e-4, atol=1e-8)
     out_cols = S.neuron_matrices(model, adapter, 1)[-1].double()  # (n, d): the out-projection's columns

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import CONFIGS, WIDTH, all_tensors, sample_inputs, save_sharded, tiny_tokenizer
+from tiny_models import CONFIGS, WIDTH, all_tensors, auto_class, sample_inputs, save_sharded, tiny_tokenizer
 
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
@@ -60,10 +60,10 @@ def test_streaming_equals_in_memory_for_every_family(family, tmp_path):
             assert torch.equal(tensor, mem[name]), name
 
     # Stock transformers reloads it at the pruned width and computes the same logits as in-memory.
-    k = kept_width(0.25, adapter.ffn_width(config))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    k = adapter.kept_width(0.25, adapter.ffn_width(config))
+    reloaded = auto_class(config).from_pretrained(tmp_path / "stream").eval()
     assert adapter.ffn_width(reloaded.config) == k
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    reference = auto_class(config).from_pretrained(tmp_path / "mem").eval()
     with torch.no_grad():
         x = sample_inputs()
         assert torch.equal(reloaded(x).logits, reference(x).logits)

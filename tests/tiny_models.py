@@ -16,6 +16,10 @@ _LLAMA_LIKE = dict(_COMMON, intermediate_size=WIDTH, num_key_value_heads=2, max_
 # Newer configs default to special-token ids of their real vocabularies (128000, 255001, ...): use ours.
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _LLAMA_LIKE_TOKENS = dict(_LLAMA_LIKE, **_TOKENS)
+MOE_WIDTH = 72
+_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)  # fmt: skip
+_MOE = dict(_COMMON, **_TOKENS, num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**_LLAMA_LIKE),
@@ -48,6 +52,21 @@ CONFIGS = {
     "apertus": lambda: transformers.ApertusConfig(**_LLAMA_LIKE_TOKENS),
     "arcee": lambda: transformers.ArceeConfig(**_LLAMA_LIKE_TOKENS),
     "starcoder2": lambda: transformers.Starcoder2Config(**_LLAMA_LIKE_TOKENS),
+    # Mixtures of experts: 4 experts, 2 per token. The expert width is a multiple of 8 (what the fused experts'
+    # grouped matmul needs in bfloat16); an odd one would not run even before pruning.
+    "mixtral": lambda: transformers.MixtralConfig(**_MOE, num_local_experts=4, intermediate_size=MOE_WIDTH),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_MOE, num_experts=4, moe_intermediate_size=MOE_WIDTH, head_dim=8
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(**_MOE, num_experts=4, intermediate_size=MOE_WIDTH),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(**_MOE, num_local_experts=4, intermediate_size=MOE_WIDTH),
+    # Multimodal wrappers: a 1-layer vision tower beside the language model (only the latter is pruned).
+    "gemma3": lambda: transformers.Gemma3Config(
+        text_config=dict(_LLAMA_LIKE, head_dim=8, sliding_window=16), vision_config=_VISION, mm_tokens_per_image=4
+    ),
+    "mistral3": lambda: transformers.Mistral3Config(
+        text_config=dict(_LLAMA_LIKE, head_dim=8, model_type="mistral"), vision_config=dict(_VISION, head_dim=8)
+    ),
     "phi": lambda: transformers.PhiConfig(**_COMMON, intermediate_size=WIDTH, max_position_embeddings=64),
     "phi3": lambda: transformers.Phi3Config(
         **_COMMON, intermediate_size=WIDTH, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2
@@ -81,10 +100,18 @@ CONFIGS = {
 }
 
 
+def auto_class(config):
+    """The Auto class of ``config``'s family (a wrapper's is ``AutoModelForImageTextToText``)."""
+    from prunenet.adapters import auto_class_name
+
+    return getattr(transformers, auto_class_name(config))
+
+
 def tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A tiny ``*ForCausalLM`` in eval mode, float32, with random weights (biases randomised too)."""
+    """A tiny model of family ``name`` in eval mode, float32, with random weights (biases randomised too)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32)
+    config = CONFIGS[name]()
+    model = auto_class(config).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Default inits zero the biases; random ones catch a bias that is not sliced.

@@ -14,11 +14,13 @@ from .glm import GlmAdapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import GatedMLPAdapter, LlamaAdapter
+from .moe import GraniteMoeAdapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter
 from .opt import OPTAdapter
 from .phi import PhiAdapter
 from .phi3 import Phi3Adapter
 from .refused import REFUSED
 from .ungated import StarCoder2Adapter, UpDownMLPAdapter
+from .wrappers import Gemma3Adapter, Mistral3Adapter
 
 _ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlamaAdapter,
@@ -33,6 +35,12 @@ _ADAPTERS: tuple[type[ModelAdapter], ...] = (
     FalconAdapter,
     GPT2Adapter,
     GPTNeoXAdapter,
+    MixtralAdapter,
+    Qwen3MoeAdapter,
+    OlmoeAdapter,
+    GraniteMoeAdapter,
+    Gemma3Adapter,
+    Mistral3Adapter,
 )
 REGISTRY: dict[str, type[ModelAdapter]] = {t: cls for cls in _ADAPTERS for t in cls.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(REGISTRY))
@@ -42,6 +50,13 @@ ATTENTION_MODEL_TYPES: tuple[str, ...] = tuple(t for t in SUPPORTED_MODEL_TYPES 
 
 class UnsupportedModelError(ValueError):
     """The model's ``config.model_type`` has no adapter."""
+
+
+def auto_class_name(config) -> str:
+    """The ``transformers`` Auto class that builds a model of ``config``'s family (the causal-LM one for a
+    family without an adapter, so that loading it gets as far as the unsupported-family error)."""
+    adapter = REGISTRY.get(getattr(config, "model_type", None))
+    return adapter.auto_class if adapter is not None else "AutoModelForCausalLM"
 
 
 def get_adapter(config) -> ModelAdapter:
@@ -54,11 +69,16 @@ def get_adapter(config) -> ModelAdapter:
     if model_type in REFUSED:
         raise UnsupportedModelError(f"model type {model_type!r} cannot be pruned: {REFUSED[model_type]}")
     try:
-        return REGISTRY[model_type]()
+        adapter = REGISTRY[model_type]()
     except KeyError:
         raise UnsupportedModelError(
             f"unsupported model type {model_type!r}; PruneNet supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
         ) from None
+    try:
+        adapter.check_config(config)
+    except ValueError as err:
+        raise UnsupportedModelError(str(err)) from None
+    return adapter
 
 
 __all__ = [
@@ -69,5 +89,6 @@ __all__ = [
     "REGISTRY",
     "SUPPORTED_MODEL_TYPES",
     "UnsupportedModelError",
+    "auto_class_name",
     "get_adapter",
 ]

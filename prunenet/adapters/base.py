@@ -3,11 +3,14 @@
 PruneNet touches nothing but the FFN of each transformer block. An adapter describes that FFN
 declaratively, by parameter names relative to a block, so the same description serves an
 instantiated ``nn.Module`` (``model.get_parameter(name)``) and, later, a safetensors checkpoint
-read tensor by tensor (the names are the state-dict keys).
+read tensor by tensor (the names are the state-dict keys, unless ``checkpoint_tensors`` or
+``checkpoint_layers_path`` say how a checkpoint stores them: fused experts one tensor per expert, a
+wrapper's language model under another prefix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,9 @@ class NeuronTensor:
         optional: the parameter exists only in some configurations (biases).
         role: ``"in"`` for in-projections (and their biases), ``"out"`` for the out-projection, whose
             input is the FFN's activations.
+        experts: the parameter holds every routed expert of a mixture-of-experts block along a leading
+            axis (``(E, g*n, d)``, ``(E, d, n)``, ``(E, g*n)``); ``axis`` still counts within one expert, so
+            the stored neuron axis is ``axis + 1``.
     """
 
     name: str
@@ -34,6 +40,16 @@ class NeuronTensor:
     groups: int = 1
     optional: bool = False
     role: str = "in"
+    experts: bool = False
+
+    @property
+    def stored_axis(self) -> int:
+        """The neuron axis of the stored parameter (after the expert axis, if any)."""
+        return self.axis + 1 if self.experts else self.axis
+
+    def expert(self, index: int) -> NeuronTensor:
+        """This spec for expert ``index`` of a checkpoint storing one tensor per expert (``{expert}`` in the name)."""
+        return dataclasses.replace(self, name=self.name.format(expert=index), experts=False)
 
     def indices(self, keep: torch.Tensor, width: int) -> torch.Tensor:
         """Entries along ``axis`` to keep, for kept neurons ``keep`` (``(k,)``, sorted) of ``width``.
@@ -90,6 +106,25 @@ class ModelAdapter:
             ``None`` where attention slicing is not supported (fused qkv projections, no GQA config).
         conv1d: the projections are GPT-2-style ``Conv1D`` modules storing ``weight`` as ``(in, out)``
             (LoRA then needs ``fan_in_fan_out``).
+        experts_attr: mixture-of-experts families: the config attribute holding the number of routed
+            experts ``E``. Every block's FFN is then ``E`` experts of width ``n``, fused in memory
+            (``tensors`` with ``experts=True``); each expert is one *unit* that keeps its own ``k``
+            neurons. ``None`` for a dense FFN (one unit per block).
+        checkpoint_tensors: the same FFN as a checkpoint stores it, where that differs from the module's
+            parameters: ``transformers`` saves most fused experts one tensor per expert, with ``{expert}``
+            in the name (``"mlp.experts.{expert}.gate_proj.weight"``). ``None``: the state-dict keys are
+            the parameter names.
+        text_config_attr: multimodal wrappers (``*ForConditionalGeneration``): the config attribute holding
+            the language model's config (``"text_config"``), where its layer count, widths, special tokens
+            and attention shape are; ``None`` where the model's config is the language model's.
+        checkpoint_layers_path: the block list's path in the checkpoint's tensor names, where it differs from
+            the module path (a wrapper's ``model.language_model.layers`` is stored as
+            ``language_model.model.layers``).
+        auto_class: the ``transformers`` Auto class that builds the model (a wrapper's is
+            ``AutoModelForImageTextToText``).
+        width_multiple: the kept width is rounded down to a multiple of this. Fused experts run through
+            ``torch._grouped_mm``, which needs every row stride to be a multiple of 16 bytes: 8
+            bfloat16 entries.
     """
 
     model_types: tuple[str, ...] = ()
@@ -99,11 +134,17 @@ class ModelAdapter:
     attention_modules: tuple[str, ...] = ()
     attention: AttentionSpec | None = None
     conv1d: bool = False
+    experts_attr: str | None = None
+    checkpoint_tensors: tuple[NeuronTensor, ...] | None = None
+    width_multiple: int = 1
+    text_config_attr: str | None = None
+    checkpoint_layers_path: str | None = None
+    auto_class: str = "AutoModelForCausalLM"
 
     @property
     def out_projection(self) -> NeuronTensor:
         """The out-projection's weight (``down_proj``, ``fc2``, GPT-2's ``c_proj``): its input is the activations."""
-        return next(t for t in self.tensors if t.role == "out" and t.name.endswith("weight"))
+        return next(t for t in self.tensors if t.role == "out" and not t.name.endswith("bias"))
 
     def lora_targets(self) -> list[str]:
         """Module paths, relative to a block, of every FFN and attention projection: LoRA's ``target_modules``.
@@ -111,39 +152,86 @@ class ModelAdapter:
         ``peft`` matches a listed name against the end of each module's full name, so ``"mlp.c_proj"``
         (GPT-2's FFN out-projection) is told apart from ``"attn.c_proj"``.
         """
-        ffn = dict.fromkeys(spec.name.rpartition(".")[0] for spec in self.tensors)  # drop ".weight"/".bias"
+        # Drop ".weight"/".bias"; fused experts are 3-D parameters, not nn.Linear modules LoRA could wrap.
+        ffn = dict.fromkeys(spec.name.rpartition(".")[0] for spec in self.tensors if not spec.experts)
         return [*ffn, *self.attention_modules]
 
     # -- config ---------------------------------------------------------------------------
+    def text_config(self, config):
+        """The language model's config: ``config`` itself, or a wrapper's ``text_config``."""
+        return getattr(config, self.text_config_attr) if self.text_config_attr else config
+
     def num_layers(self, config) -> int:
         """Number of transformer blocks."""
-        return int(config.num_hidden_layers)
+        return int(self.text_config(config).num_hidden_layers)
 
     def hidden_size(self, config) -> int:
         """Model width ``d`` (columns of the state matrix)."""
-        return int(config.hidden_size)
+        return int(self.text_config(config).hidden_size)
 
     def ffn_width(self, config) -> int:
         """FFN width ``n`` (rows of the state matrix)."""
-        return int(getattr(config, self.width_attr))
+        return int(getattr(self.text_config(config), self.width_attr))
 
     def set_ffn_width(self, config, width: int) -> None:
         """Record the pruned FFN width ``k`` in ``config`` so a stock reload builds ``k``-wide FFNs."""
-        setattr(config, self.width_attr, int(width))
+        setattr(self.text_config(config), self.width_attr, int(width))
+
+    def num_experts(self, config) -> int:
+        """Routed experts per block ``E`` (1 for a dense FFN)."""
+        return int(getattr(self.text_config(config), self.experts_attr)) if self.experts_attr else 1
+
+    def num_units(self, config) -> int:
+        """FFNs that each keep their own neurons: one per block, or one per expert of every block (``L * E``).
+
+        Unit ``u`` is expert ``u % E`` of block ``u // E``; selectors return one ``(k,)`` vector per unit.
+        """
+        return self.num_layers(config) * self.num_experts(config)
+
+    def kept_width(self, ratio: float, width: int) -> int:
+        """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to ``width_multiple`` (never below it)."""
+        from ..config import kept_width
+
+        k = kept_width(ratio, width)
+        if self.width_multiple > 1 and k < width:
+            k = max(k // self.width_multiple * self.width_multiple, min(self.width_multiple, width))
+        return k
+
+    def check_config(self, config) -> None:
+        """Raise ``ValueError`` (one line) for a configuration of this family that cannot be pruned."""
+
+    def stored_tensors(self, layer: int, config) -> list[tuple[str, NeuronTensor, int | None]]:
+        """``(checkpoint name, spec, unit)`` of every neuron-indexed tensor of block ``layer`` as a checkpoint
+        stores it (see ``checkpoint_tensors``). ``unit`` is the FFN unit the tensor belongs to, or ``None`` for
+        a fused tensor of all the block's experts (``spec.experts``)."""
+        experts = self.num_experts(config)
+        prefix = self.checkpoint_prefix(layer)
+        out = []
+        for spec in self.checkpoint_tensors or self.tensors:
+            if "{expert}" in spec.name:
+                out += [(prefix + spec.expert(e).name, spec.expert(e), layer * experts + e) for e in range(experts)]
+            else:
+                out.append((prefix + spec.name, spec, None if spec.experts else layer))
+        return out
 
     # -- tensors --------------------------------------------------------------------------
     def block_prefix(self, layer: int) -> str:
         """Parameter-name prefix of block ``layer``, e.g. ``"model.layers.3."``."""
         return f"{self.layers_path}.{layer}."
 
-    def state_matrix(self, first_in_proj: torch.Tensor, width: int) -> torch.Tensor:
-        """The policy's state matrix ``(n, d)`` from the stored first in-projection (a view, no copy).
+    def checkpoint_prefix(self, layer: int) -> str:
+        """Tensor-name prefix of block ``layer`` in a checkpoint (the parameter prefix unless stored otherwise)."""
+        return f"{self.checkpoint_layers_path or self.layers_path}.{layer}."
+
+    def state_matrix(self, first_in_proj: torch.Tensor, width: int, spec: NeuronTensor | None = None) -> torch.Tensor:
+        """The policy's state matrix ``(n, d)`` from one FFN's first in-projection (a view, no copy).
 
         Args:
-            first_in_proj: the stored tensor named ``tensors[0].name``.
+            first_in_proj: the tensor ``spec`` names, for one expert where it holds several.
             width: FFN width ``n``.
+            spec: how it is stored (default ``tensors[0]``).
         """
-        spec = self.tensors[0]
+        spec = spec or self.tensors[0]
         w = first_in_proj if spec.axis == 0 else first_in_proj.t()
         return w[:width] if spec.groups > 1 else w
 
@@ -163,10 +251,15 @@ class ModelAdapter:
                     raise KeyError(f"{type(self).__name__}: the model has no parameter {name!r}") from None
         return found
 
-    def layer_state(self, model: torch.nn.Module, layer: int) -> torch.Tensor:
-        """State matrix ``(n, d)`` of block ``layer`` of an instantiated model (a view of its weight)."""
-        first = model.get_parameter(self.block_prefix(layer) + self.tensors[0].name)
-        return self.state_matrix(first.detach(), self.ffn_width(model.config))
+    def layer_state(self, model: torch.nn.Module, unit: int) -> torch.Tensor:
+        """State matrix ``(n, d)`` of FFN ``unit`` (a block, or one expert of one) of an instantiated model:
+        a view of its weight."""
+        experts = self.num_experts(model.config)
+        layer, expert = divmod(unit, experts)
+        first = model.get_parameter(self.block_prefix(layer) + self.tensors[0].name).detach()
+        if self.tensors[0].experts:
+            first = first[expert]
+        return self.state_matrix(first, self.ffn_width(model.config))
 
 
 def gated_mlp_tensors(

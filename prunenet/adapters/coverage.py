@@ -16,11 +16,21 @@ def _axis_words(spec: NeuronTensor) -> str:
 
 def describe_tensors(adapter: type[ModelAdapter]) -> str:
     """``gate_proj``, ``up_proj`` rows; ``down_proj`` columns; biases where present — from the specs."""
-    weights = [s for s in adapter.tensors if s.name.endswith(".weight")]
+    weights = [s for s in adapter.tensors if not s.name.endswith(".bias")]
     parts = [f"`{s.name.removesuffix('.weight').rpartition('.')[2]}` {_axis_words(s)}" for s in weights]
     if any(s.name.endswith(".bias") for s in adapter.tensors):
         parts.append("in-projection biases where present")
-    return "; ".join(parts)
+    text = "; ".join(parts)
+    if adapter.experts_attr is not None:
+        stored = adapter.checkpoint_tensors or adapter.tensors
+        per_expert = any("{expert}" in s.name for s in stored)
+        text = (
+            f"every routed expert (`{adapter.experts_attr}`) keeps its own neurons: fused {text}; "
+            f"checkpoints store {'one tensor per expert' if per_expert else 'the fused tensors'}; the router is kept"
+        )
+    if adapter.text_config_attr is not None:
+        text = f"the language model's only (the vision tower is kept): {text}"
+    return text
 
 
 def markdown_table() -> str:
@@ -36,9 +46,10 @@ def markdown_table() -> str:
     for adapter in _ADAPTERS:
         types = ", ".join(f"`{t}`" for t in adapter.model_types)
         attention = "yes" if adapter.attention is not None else "no"
-        rows.append(
-            f"| {types} | {describe_tensors(adapter)} | `{adapter.width_attr}` | every one | yes | {attention} |"
-        )
+        width = f"`{adapter.text_config_attr + '.' if adapter.text_config_attr else ''}{adapter.width_attr}`"
+        if adapter.width_multiple > 1:
+            width += f" (kept width a multiple of {adapter.width_multiple})"
+        rows.append(f"| {types} | {describe_tensors(adapter)} | {width} | every one | yes | {attention} |")
     reasons: dict[str, list[str]] = {}
     for model_type, reason in REFUSED.items():
         reasons.setdefault(reason, []).append(f"`{model_type}`")
