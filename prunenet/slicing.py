@@ -63,6 +63,19 @@ def slice_ffn_ref(
     return [gather(t, 0) for t in rows], [gather(t, 1) for t in cols]
 
 
+def _ran_native(op: str, takes, rows, cols, keep, width: int, backend: str, scratch_bytes: int | None) -> bool:
+    """Runs ``torch.ops.prunenet.<op>`` when ``backend`` is ``"native"``, or ``"auto"`` and ``takes(rows, cols,
+    keep)``; returns whether it ran (``False``: the caller takes the torch path)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not takes(rows, cols, keep)):
+        return False
+    ops.require()
+    scratch = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    getattr(torch.ops.prunenet, op)(rows, cols, keep, width, scratch)
+    return True
+
+
 @torch.no_grad()
 def slice_ffn_(
     rows: Sequence[torch.Tensor],
@@ -98,13 +111,8 @@ def slice_ffn_(
     Raises:
         ValueError: bad ``backend``; RuntimeError: bad ``keep`` or shapes (nothing is modified).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     rows, cols = list(rows), list(cols)
-    if backend == "native" or (backend == "auto" and ops.native_slice_ok(rows, cols, keep)):
-        ops.require()
-        scratch = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-        torch.ops.prunenet.slice_ffn_(rows, cols, keep, width, scratch)
+    if _ran_native("slice_ffn_", ops.native_slice_ok, rows, cols, keep, width, backend, scratch_bytes):
         return rows, cols
     validate_keeps([keep], 1, width)
     for t, dim in [(t, 0) for t in rows] + [(t, 1) for t in cols]:
@@ -166,13 +174,8 @@ def slice_experts_(
     Returns:
         ``(rows, cols)``, the same tensors, now ``(E, g*k, ...)`` / ``(E, d, g*k)``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     rows, cols = list(rows), list(cols)
-    if backend == "native" or (backend == "auto" and ops.native_experts_ok(rows, cols, keep)):
-        ops.require()
-        scratch = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-        torch.ops.prunenet.slice_experts_(rows, cols, keep, width, scratch)
+    if _ran_native("slice_experts_", ops.native_experts_ok, rows, cols, keep, width, backend, scratch_bytes):
         return rows, cols
     if keep.dim() != 2:
         raise ValueError(f"keep must be (experts, k), got shape {tuple(keep.shape)}")
