@@ -202,24 +202,9 @@ def _layout_ok(t: torch.Tensor, dim: int) -> bool:
     return t.dim() == 2 and t.stride(1) >= 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1] * t.stride(1))
 
 
-def native_experts_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
-    """Whether ``torch.ops.prunenet.slice_experts_`` can take these inputs (else the PyTorch path does)."""
-    tensors = [*rows, *cols]
-    if not (available() and hasattr(torch.ops.prunenet, "slice_experts_")):
-        return False
-    first = tensors[0]
-    return (
-        native_device(first.device)
-        and first.dtype in NATIVE_DTYPES
-        and all(t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors)
-        and keep.dtype == torch.int64
-    )
-
-
-def native_slice_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
-    """Whether ``torch.ops.prunenet.slice_ffn_`` can take these inputs (else the PyTorch path does)."""
-    tensors = [*rows, *cols]
-    if not (available() and hasattr(torch.ops.prunenet, "slice_ffn_")):
+def _native_op_takes(op: str, tensors: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
+    """What both slicing ops ask of their inputs: the op built, a native device, one float dtype, int64 keep."""
+    if not (available() and hasattr(torch.ops.prunenet, op)):
         return False
     first = tensors[0]
     return (
@@ -227,6 +212,19 @@ def native_slice_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], 
         and first.dtype in NATIVE_DTYPES
         and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
         and keep.dtype == torch.int64
+    )
+
+
+def native_experts_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
+    """Whether ``torch.ops.prunenet.slice_experts_`` can take these inputs (else the PyTorch path does)."""
+    tensors = [*rows, *cols]
+    return _native_op_takes("slice_experts_", tensors, keep) and all(t.is_contiguous() for t in tensors)
+
+
+def native_slice_ok(rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor], keep: torch.Tensor) -> bool:
+    """Whether ``torch.ops.prunenet.slice_ffn_`` can take these inputs (else the PyTorch path does)."""
+    return (
+        _native_op_takes("slice_ffn_", [*rows, *cols], keep)
         and all(_layout_ok(t, 0) for t in rows)
         and all(_layout_ok(t, 1) for t in cols)
     )
