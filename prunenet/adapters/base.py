@@ -209,7 +209,9 @@ class ModelAdapter:
         out = []
         for spec in self.checkpoint_tensors or self.tensors:
             if "{expert}" in spec.name:
-                out += [(prefix + spec.expert(e).name, spec.expert(e), layer * experts + e) for e in range(experts)]
+                for e in range(experts):
+                    one = spec.expert(e)
+                    out.append((prefix + one.name, one, layer * experts + e))
             else:
                 out.append((prefix + spec.name, spec, None if spec.experts else layer))
         return out

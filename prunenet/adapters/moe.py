@@ -62,14 +62,14 @@ class Qwen3MoeAdapter(MoEAdapter):
             )
 
 
-class OlmoeAdapter(Qwen3MoeAdapter):
+class OlmoeAdapter(MoEAdapter):
     model_types = ("olmoe",)
     width_attr = "intermediate_size"
+    experts_attr = "num_experts"
+    tensors = fused_experts("mlp.experts")
+    checkpoint_tensors = per_expert("mlp.experts", "gate_proj", "up_proj", "down_proj")
     # OLMoE's q_norm/k_norm normalise over all heads together: removing heads would change them.
     attention = None
-
-    def check_config(self, config) -> None:
-        pass
 
 
 class GraniteMoeAdapter(MoEAdapter):
