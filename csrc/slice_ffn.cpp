@@ -145,6 +145,45 @@ std::vector<Run> plan_runs(const NeuronLayout& l, const int64_t* keep, int64_t s
   return runs;
 }
 
+namespace {
+
+// What both ops ask of their tensors' dtype and of keep's device (the first tensor sets the dtype).
+void check_dtype_and_device(const at::Tensor& first, const at::Tensor& keep, const char* op) {
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              "tensors must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(keep.device() == first.device(), op, "keep is on ", keep.device(), " but the tensors are on ",
+              first.device());
+}
+
+// A tensor whose shape the op may change in place: no autograd history to break, metadata not frozen.
+void check_resizable(const at::Tensor& t, const char* op, const char* list, size_t index) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()), op, list, "[", index,
+              "] requires grad; this op has no autograd formula: call it under torch.no_grad()");
+  // Tensors whose metadata is frozen (.data / .detach() on some torch versions) would fail in
+  // as_strided_ after their data moved: refuse them up front.
+  TORCH_CHECK(t.unsafeGetTensorImpl()->allow_tensor_metadata_change(), op, list, "[", index,
+              "] was created by .data or .detach(), whose shape cannot change in place; pass the tensor "
+              "itself (e.g. the nn.Parameter)");
+}
+
+// Two arguments sharing memory would be compacted twice.
+void check_no_shared_memory(const std::vector<const at::Tensor*>& all, const char* op) {
+  for (const auto i : c10::irange(all.size())) {
+    for (size_t j = i + 1; j < all.size(); ++j) {
+      const at::Tensor& a = *all[i];
+      const at::Tensor& b = *all[j];
+      if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) continue;
+      const int64_t a0 = a.storage_offset(), a1 = a0 + extent_elems(a);
+      const int64_t b0 = b.storage_offset(), b1 = b0 + extent_elems(b);
+      TORCH_CHECK(a1 <= b0 || b1 <= a0, op, "tensors ", i, " and ", j,
+                  " (rows first, then cols) share memory; each tensor must be passed once");
+    }
+  }
+}
+
+}  // namespace
+
 at::Tensor check_slice_ffn_args(at::TensorList rows, at::TensorList cols, const at::Tensor& keep, int64_t width,
                                 int64_t scratch_bytes) {
   TORCH_CHECK(width >= 1, kOp, "width (the FFN width n) must be >= 1, got ", width);
@@ -156,11 +195,8 @@ at::Tensor check_slice_ffn_args(at::TensorList rows, at::TensorList cols, const 
   TORCH_CHECK(k >= 1 && k <= width, kOp, "keep must hold between 1 and width = ", width, " neurons, got ", k);
 
   const at::Tensor& first = rows.empty() ? cols[0] : rows[0];
+  check_dtype_and_device(first, keep, kOp);
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp,
-              "tensors must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(keep.device() == first.device(), kOp, "keep is on ", keep.device(), " but the tensors are on ",
-              first.device());
   std::vector<const at::Tensor*> all;
   const auto check_tensor = [&](const at::Tensor& t, int64_t dim, const char* list, size_t index) {
     TORCH_CHECK(t.device() == first.device() && t.scalar_type() == dtype, kOp, list, "[", index, "] is ",
@@ -173,31 +209,14 @@ at::Tensor check_slice_ffn_args(at::TensorList rows, at::TensorList cols, const 
     }
     TORCH_CHECK(t.size(dim) >= width && t.size(dim) % width == 0, kOp, list, "[", index, "] has shape ", t.sizes(),
                 ": dim ", dim, " must be a positive multiple of width = ", width);
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()), kOp, list, "[", index,
-                "] requires grad; this op has no autograd formula: call it under torch.no_grad()");
-    // Tensors whose metadata is frozen (.data / .detach() on some torch versions) would fail in
-    // as_strided_ after their data moved: refuse them up front.
-    TORCH_CHECK(t.unsafeGetTensorImpl()->allow_tensor_metadata_change(), kOp, list, "[", index,
-                "] was created by .data or .detach(), whose shape cannot change in place; pass the tensor "
-                "itself (e.g. the nn.Parameter)");
+    check_resizable(t, kOp, list, index);
     check_layout(t, dim, list, index);
     all.push_back(&t);
   };
   for (const auto i : c10::irange(rows.size())) check_tensor(rows[i], 0, "rows", i);
   for (const auto i : c10::irange(cols.size())) check_tensor(cols[i], 1, "cols", i);
 
-  // Two arguments sharing memory would be compacted twice.
-  for (const auto i : c10::irange(all.size())) {
-    for (size_t j = i + 1; j < all.size(); ++j) {
-      const at::Tensor& a = *all[i];
-      const at::Tensor& b = *all[j];
-      if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) continue;
-      const int64_t a0 = a.storage_offset(), a1 = a0 + extent_elems(a);
-      const int64_t b0 = b.storage_offset(), b1 = b0 + extent_elems(b);
-      TORCH_CHECK(a1 <= b0 || b1 <= a0, kOp, "tensors ", i, " and ", j,
-                  " (rows first, then cols) share memory; each tensor must be passed once");
-    }
-  }
+  check_no_shared_memory(all, kOp);
 
   if (keep.is_meta()) {
     return at::Tensor();
@@ -225,11 +244,8 @@ at::Tensor check_slice_experts_args(at::TensorList rows, at::TensorList cols, co
   TORCH_CHECK(experts >= 1, kExp, "keep must have a row per expert, got shape ", keep.sizes());
   TORCH_CHECK(k >= 1 && k <= width, kExp, "keep must hold between 1 and width = ", width, " neurons, got ", k);
   const at::Tensor& first = rows.empty() ? cols[0] : rows[0];
+  check_dtype_and_device(first, keep, kExp);
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kExp,
-              "tensors must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(keep.device() == first.device(), kExp, "keep is on ", keep.device(), " but the tensors are on ",
-              first.device());
   std::vector<const at::Tensor*> all;
   const auto check_tensor = [&](const at::Tensor& t, int64_t dim, const char* list, size_t index) {
     TORCH_CHECK(t.device() == first.device() && t.scalar_type() == dtype, kExp, list, "[", index, "] is ",
@@ -240,25 +256,12 @@ at::Tensor check_slice_experts_args(at::TensorList rows, at::TensorList cols, co
     TORCH_CHECK(t.size(dim) >= width && t.size(dim) % width == 0, kExp, list, "[", index, "] has shape ",
                 t.sizes(), ": dim ", dim, " must be a positive multiple of width = ", width);
     TORCH_CHECK(t.is_contiguous(), kExp, list, "[", index, "] must be contiguous");
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()), kExp, list, "[", index,
-                "] requires grad; this op has no autograd formula: call it under torch.no_grad()");
-    TORCH_CHECK(t.unsafeGetTensorImpl()->allow_tensor_metadata_change(), kExp, list, "[", index,
-                "] was created by .data or .detach(), whose shape cannot change in place; pass the tensor itself");
+    check_resizable(t, kExp, list, index);
     all.push_back(&t);
   };
   for (const auto i : c10::irange(rows.size())) check_tensor(rows[i], 1, "rows", i);
   for (const auto i : c10::irange(cols.size())) check_tensor(cols[i], 2, "cols", i);
-  for (const auto i : c10::irange(all.size())) {
-    for (size_t j = i + 1; j < all.size(); ++j) {
-      const at::Tensor& a = *all[i];
-      const at::Tensor& b = *all[j];
-      if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) continue;
-      const int64_t a0 = a.storage_offset(), a1 = a0 + a.numel();
-      const int64_t b0 = b.storage_offset(), b1 = b0 + b.numel();
-      TORCH_CHECK(a1 <= b0 || b1 <= a0, kExp, "tensors ", i, " and ", j,
-                  " (rows first, then cols) share memory; each tensor must be passed once");
-    }
-  }
+  check_no_shared_memory(all, kExp);
   if (keep.is_meta()) {
     return at::Tensor();
   }
