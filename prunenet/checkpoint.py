@@ -53,6 +53,9 @@ def load_policy(path: str | os.PathLike) -> SparsityPredictor:
         raise ValueError(f"could not read the policy {path}: {err}") from None
     if set(state) != {"proj.weight", "proj.bias", "row_weights"}:
         raise ValueError(f"{path} is not a PruneNet policy (tensors: {sorted(state)})")
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if not t.is_floating_point()})
+    if dtypes:
+        raise ValueError(f"the policy {path} is damaged: its tensors are {', '.join(dtypes)}, not floating point")
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     if len(shapes["proj.weight"]) != 2:
         raise ValueError(f"the policy {path} is damaged: proj.weight has shape {shapes['proj.weight']}, not (n, d)")
@@ -101,9 +104,17 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
-    """Read ``prunenet.json`` from a folder written by ``compress``."""
+    """Read ``prunenet.json`` from a folder written by ``compress``.
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is not JSON, or is nested deeper than Python's parser goes (not one prunenet wrote).
+    """
     with open(Path(folder) / MANIFEST_FILE) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except RecursionError:
+            raise ValueError(f"{Path(folder) / MANIFEST_FILE} is nested too deeply to be a prunenet manifest") from None
 
 
 def kept_indices_to_json(keeps: list[torch.Tensor]) -> list[list[int]]:

@@ -400,12 +400,33 @@ def main(argv: list[str] | None = None) -> int:
 
     The one error boundary: anticipated failures (bad input, unusable models, OS errors on the output,
     numeric trouble) print one line and return 2; Ctrl-C returns 130; ``--debug`` shows the traceback.
-    SIGTERM ends the run the way Ctrl-C does (temporary output removed), with status 143.
+    SIGTERM ends the run the way Ctrl-C does (temporary output removed), with status 143. The signal
+    handlers come first: a Ctrl-C while torch is imported (about a second) ends in one line too.
     """
+    previous = _handle_stop_signals()
+    command, debug = "prunenet", False
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:  # --help, --version (0), or a usage error (2, already printed in one line)
-        return done.code or 0
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version (0), or a usage error (2, already printed in one line)
+            return done.code or 0
+        command, debug = f"prunenet {args.command}", args.debug
+        summary = _run(args)
+    except BaseException as err:
+        code = _exit_status(command, err, debug)
+        if code is None:
+            raise
+        return code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+def _run(args) -> dict:
+    """Run the parsed command: logging and progress bars set up for it, then the command itself."""
     logging.basicConfig(level=logging.INFO, format="prunenet: %(message)s")
     # Progress bars only for a person watching: not with --quiet, not into a log file or a pipe.
     args.quiet = args.quiet or not sys.stderr.isatty()
@@ -413,32 +434,28 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:  # loaded already (main() called from Python): tell it directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()
-    run = {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune}[args.command]
+    return {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune}[args.command](args)
+
+
+def _exit_status(command: str, err: BaseException, debug: bool) -> int | None:
+    """The exit status of a run that ``err`` ended, its one line printed; ``None``: a bug, shown as a traceback."""
+    if isinstance(err, (KeyboardInterrupt, Terminated)):
+        if debug:
+            return None
+        what, code = ("terminated", 128 + signal.SIGTERM) if isinstance(err, Terminated) else ("interrupted", 130)
+        print(f"{command}: {what} (no partial output is left behind)", file=sys.stderr)
+        return code
+    if not isinstance(err, Exception):  # SystemExit, GeneratorExit: not ours to report
+        return None
     from .distributed import DistributedError  # imports torch: only once a command runs
 
-    previous = _handle_stop_signals()
-    try:
-        summary = run(args)
-    except (KeyboardInterrupt, Terminated) as err:
-        if args.debug:
-            raise
-        what, code = ("terminated", 128 + signal.SIGTERM) if isinstance(err, Terminated) else ("interrupted", 130)
-        print(f"prunenet {args.command}: {what} (no partial output is left behind)", file=sys.stderr)
-        return code
-    except DistributedError as err:  # another rank of a torchrun job failed and said why in its own log
-        print(f"prunenet {args.command}: error: {err}", file=sys.stderr)
+    if isinstance(err, DistributedError):  # another rank of a torchrun job failed and said why in its own log
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 1
-    except _anticipated() as err:
-        if args.debug:
-            raise
-        print(f"prunenet {args.command}: error: {_one_line(err)}", file=sys.stderr)
+    if isinstance(err, _anticipated()) and not debug:
+        print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if args.json:
-        _print_json(summary)
-    return 0
+    return None
 
 
 def entry() -> None:

@@ -180,7 +180,8 @@ class CompressConfig(PruneConfig):
         "replace an existing --out, but only a folder prunenet wrote: one whose prunenet.json lists every file in "
         "it. It never deletes anything else: a folder holding other files is refused, and so is an --out that is, "
         "contains or lies inside the source model or a cache, or is the current folder, a parent of it, or your "
-        "home. The old output is removed only once the new one is complete",
+        "home. The old output is removed only once the new one is complete. prunenet.json is the record of what "
+        "prunenet wrote: a file you add to its list by hand is replaced too",
     )
     recover: bool = option(
         False,

@@ -413,8 +413,7 @@ def finetune(
     require_peft()
     source = resolve_model(model)
     teacher_path = resolve_model(teacher) if teacher is not None else None
-    sources = [source] if teacher_path is None else [source, teacher_path]
-    with claim_output(out, sources=sources, overwrite=overwrite) as target:
+    with claim_output(out, sources=[source], teacher=teacher_path, overwrite=overwrite) as target:
         return finetune_into(target, source, model=model, text_file=text_file, teacher=(teacher, teacher_path),
                              cfg=cfg, eval_tokens=eval_tokens, eval_context=eval_context, device=device, dtype=dtype,
                              progress=progress)  # fmt: skip

@@ -8,6 +8,7 @@ of that folder take a second or two and need nothing but stock transformers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,6 +24,7 @@ import torch
 
 from .config import DEFAULT_MODEL
 from .output import match_umask
+from .validate import check_finite_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,9 @@ class ModelLoadError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where converted models are kept: ``$PRUNENET_CACHE``, default ``~/.cache/prunenet``."""
-    return Path(os.environ.get("PRUNENET_CACHE", "~/.cache/prunenet")).expanduser()
+    """Where converted models are kept: ``$PRUNENET_CACHE``, default ``~/.cache/prunenet`` (also when it is set
+    but empty, as a shell's ``PRUNENET_CACHE=`` leaves it: an empty path would mean the current folder)."""
+    return Path(os.environ.get("PRUNENET_CACHE") or "~/.cache/prunenet").expanduser()
 
 
 def default_model_dir() -> Path:
@@ -326,6 +329,42 @@ def _weights_hint(err: BaseException) -> str:
     return "; the file may be truncated or corrupt" if corrupt else ""
 
 
+@contextlib.contextmanager
+def _load_report_held():
+    """Yield a list that collects transformers' "LOAD REPORT" (its table of weights it could not load) instead
+    of printing it: a load that then fails says what went wrong in one line (:func:`_first_size_mismatch`);
+    one that goes on logs the report as transformers would have."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    reporter = logging.getLogger("transformers.modeling_utils")  # the logger transformers 5 reports through
+    reporter.addFilter(hold)
+    try:
+        yield held
+    finally:
+        reporter.removeFilter(hold)
+    for record in held:  # reached only when the load succeeded
+        reporter.handle(record)
+
+
+def _first_size_mismatch(report: list[logging.LogRecord]) -> str | None:
+    """The first tensor of a held load report whose checkpoint shape is not the config's, in words."""
+    row = re.compile(
+        r"^(\S[^|]*?)\s*\|\s*MISMATCH\s*\|.*ckpt: torch\.Size\(\[([^]]*)\]\) vs model: ?torch\.Size\(\[([^]]*)\]\)"
+    )
+    for record in report:
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
+            m = row.match(line)
+            if m:
+                return f"{m.group(1)} is ({m.group(2)}) in the checkpoint, but its config.json makes it ({m.group(3)})"
+    return None
+
+
 def load_model(
     spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, object, Path]:
@@ -339,6 +378,8 @@ def load_model(
         ModelNotFoundError: see :func:`resolve_model`.
         ModelLoadError: the folder's config, tokenizer or weights cannot be loaded (unknown model type,
             truncated or corrupt safetensors, ...); the message names the folder and the reason.
+        ValueError: a weight holds NaN or infinity (naming it): every measurement or result made from such a
+            model would be meaningless, or copied into an output.
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -359,9 +400,17 @@ def load_model(
     except Exception as err:
         raise ModelLoadError(f"could not load the tokenizer from {path}: {err}") from err
     try:
-        model = getattr(transformers, auto_class_name(config)).from_pretrained(path, config=config, dtype=dtype)
+        with _load_report_held() as report:
+            model = getattr(transformers, auto_class_name(config)).from_pretrained(path, config=config, dtype=dtype)
     except Exception as err:
+        mismatch = _first_size_mismatch(report)
+        if mismatch is not None:  # the error itself only says "look at the above report!"
+            raise ModelLoadError(
+                f"could not load model weights from {path}: {mismatch} (a config.json field edited by hand, or "
+                "another model's weights)"
+            ) from err
         raise ModelLoadError(f"could not load model weights from {path}: {err}{_weights_hint(err)}") from err
+    check_finite_weights(model, where=str(path))
     model.to(device)
     model.eval()
     return model, tokenizer, path

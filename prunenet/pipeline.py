@@ -220,8 +220,9 @@ def _compress_into(
     """
     plan = plan_source(path, config, dist)
     policy = _prepare(config, plan.adapter, plan.config, config.device)
-    if target is not None and plan.output_bytes_at_least() is not None:
-        target.ensure_space(plan.output_bytes_at_least())
+    needed = plan.output_bytes_at_least() if target is not None else None
+    if needed is not None:
+        target.ensure_space(needed)
     source = plan.open()
     timings["load_s"] = time.perf_counter() - tick
     log.info("selecting with --method %s at ratio %s (%s)", config.method, config.ratio,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,26 +125,51 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     return {name: entry for name, entry, _ in entries}, dict(metadata)
 
 
+def _read_exactly(f, view: memoryview, entry: TensorEntry) -> None:
+    """Fill ``view`` from ``f``'s position on."""
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise SafetensorsFormatError(f"{entry.path}: unexpected end of file reading {entry.nbytes} bytes")
+        done += got
+
+
 def read_tensor(entry: TensorEntry, file=None) -> torch.Tensor:
     """The tensor at ``entry``, read into a new CPU tensor (``file``: an open binary file to reuse)."""
     out = torch.empty(entry.shape, dtype=entry.dtype)
     if entry.nbytes == 0:
         return out
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
     own = file is None
     f = open(entry.path, "rb", buffering=0) if own else file
     try:
         f.seek(entry.start)
-        done = 0
-        while done < entry.nbytes:
-            got = f.readinto(view[done:])
-            if not got:
-                raise SafetensorsFormatError(f"{entry.path}: unexpected end of file reading {entry.nbytes} bytes")
-            done += got
+        _read_exactly(f, memoryview(out.view(-1).view(torch.uint8).numpy()), entry)
     finally:
         if own:
             f.close()
     return out
+
+
+def read_chunks(entry: TensorEntry, file=None, chunk_bytes: int = COPY_CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """The tensor at ``entry`` as consecutive flat pieces of its dtype, at most ``chunk_bytes`` each, read into
+    one reused buffer: each piece is valid only until the next one is read. Reading a tensor this way (to
+    check it) holds ``chunk_bytes``, not the tensor (an embedding can be ten times an FFN tensor)."""
+    if entry.nbytes == 0:
+        return
+    step = max(1, chunk_bytes // entry.dtype.itemsize) * entry.dtype.itemsize
+    buffer = torch.empty(min(step, entry.nbytes), dtype=torch.uint8)
+    own = file is None
+    f = open(entry.path, "rb", buffering=0) if own else file
+    try:
+        f.seek(entry.start)
+        for begin in range(0, entry.nbytes, step):
+            piece = buffer[: min(step, entry.nbytes - begin)]
+            _read_exactly(f, memoryview(piece.numpy()), entry)
+            yield piece.view(entry.dtype)
+    finally:
+        if own:
+            f.close()
 
 
 def copy_bytes(src, src_offset: int, dst, nbytes: int) -> None:

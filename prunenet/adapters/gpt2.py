@@ -16,10 +16,10 @@ class GPT2Adapter(ModelAdapter):
     conv1d = True
 
     def num_layers(self, config) -> int:
-        return int(config.n_layer)
+        return self.config_size(config, "n_layer")
 
     def hidden_size(self, config) -> int:
-        return int(config.n_embd)
+        return self.config_size(config, "n_embd")
 
     def ffn_width(self, config) -> int:
-        return int(config.n_inner) if config.n_inner is not None else 4 * int(config.n_embd)
+        return self.config_size(config, "n_inner") if config.n_inner is not None else 4 * self.hidden_size(config)
