@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from common import OtherLoad, append_csv, device_label, run_tags  # noqa: E402
 

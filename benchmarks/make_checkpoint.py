@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -31,10 +30,9 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prunenet.safetensors_io import StreamingWriter, TensorSpec  # noqa: E402
-from prunenet.streaming import INDEX_FILE  # noqa: E402
-from prunenet.validate import parse_size  # noqa: E402
+from prunenet.safetensors_io import StreamingWriter, TensorSpec
+from prunenet.streaming import INDEX_FILE
+from prunenet.validate import parse_size
 
 LLAMA = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 SHAPES = {  # name: (config class, its keyword arguments)

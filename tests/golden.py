@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import safe_open
 from tiny_models import save_sharded
 
@@ -217,10 +218,24 @@ def run_embedded(root: Path, cases=None) -> dict:
     return {"machine": machine(), "sources": {"smollm2": folder_digest(ensure_default_model())}, "cases": records}
 
 
+def as_installed_transformers_writes_it(config: dict) -> dict:
+    """``config`` (a saved ``config.json``) loaded and written again by the installed transformers.
+
+    A newer transformers fills in or renames fields of its own (5.25 writes Falcon's ``num_key_value_heads``);
+    that is no change in what prunenet wrote, and both sides of a comparison go through this.
+    """
+    fields = dict(config)
+    written = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields).to_dict()
+    written.pop("transformers_version", None)
+    return written
+
+
 def comparable(case: str, record: dict, same: bool) -> dict:
     """The part of ``record`` to compare: all of it on the recording kind of machine (``same``, see
     :func:`same_machine`), elsewhere what does not depend on float rounding: for ``EXACT_ANYWHERE`` methods
-    the whole manifest (kept neurons included), for the others the counts; the config always."""
+    the whole manifest (kept neurons included), for the others the counts; the config always (as the
+    installed transformers writes it)."""
+    record = {**record, "config": as_installed_transformers_writes_it(record["config"])}
     if same:
         return record
     if case.split("/")[1] in EXACT_ANYWHERE:
