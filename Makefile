@@ -13,14 +13,16 @@ DEMO_OUT   ?= demo-out
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: install demo test test-fast lint format bench clean cuda-check
+.PHONY: install demo test test-fast lint format bench clean cuda-check dist test-install
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q "setuptools>=77" wheel "pybind11>=2.10"
+	@# The only build requirement beyond torch (pybind11's headers come with torch); torch pulls it in
+	@# anyway, named here so the build does not depend on that.
+	$(BIN)/pip install -q "setuptools>=77"
 	@# --no-build-isolation: build the extension against the torch installed above instead of
 	@# downloading another torch into an isolated build environment.
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
@@ -45,6 +47,26 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# `make dist`: the sdist and the wheel, in dist/. python -m build makes the sdist, then the wheel from
+# the unpacked sdist (so a file the sdist lacks breaks the wheel build); --no-isolation: built against
+# .venv's torch (see setup.py). The old prunenet.egg-info goes first: setuptools adds every file its
+# SOURCES.txt lists to a new sdist, which would hide a file MANIFEST.in no longer includes. twine
+# check: the metadata a package index shows renders.
+dist: install
+	$(BIN)/python -c "import build, twine" 2>/dev/null || $(BIN)/pip install -q "build>=1.2" "twine>=6.1"
+	rm -rf dist prunenet.egg-info
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# `make test-install`: the install paths of a user (tests/test_install.py): a fresh venv with only
+# $(TORCH) installs make dist's sdist, a copy of the checkout and make dist's wheel with the README's
+# commands; after each the package must import, load the native op, run a tiny `prunenet compress` and
+# report its version. An isolated `pip install`, a missing compiler and an old cmake must each stop the
+# build at once with one line. About 3 minutes on 2 cores (make dist's build, two in the fresh venv).
+test-install: dist
+	PRUNENET_TEST_INSTALL=1 PRUNENET_TEST_DIST=$(abspath dist) PRUNENET_TEST_TORCH="$(TORCH)" \
+	  $(BIN)/python -m pytest -q tests/test_install.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -54,22 +76,33 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # `make cuda-check`: compile the CUDA kernels (csrc/*.cu, sm_80 + sm_90) with warnings as errors and
-# check the cubins, with no GPU needed. It has its own venv because it needs the CUDA build of torch
-# (~5.5 GB with its nvidia-* wheels), which must not replace .venv's CPU torch. CMake is driven
-# directly (as setup.py does) into $(CUDA_BUILD); nothing is installed from the checkout.
+# check the cubins, with no GPU needed; then the CPU-only variant against the same CUDA torch (what a
+# CUDA-torch user without a toolkit, or with PRUNENET_SKIP_CUDA=1, gets: torch's libraries by path,
+# no find_package(Torch)); both modules must load. It has its own venv because it needs the CUDA build
+# of torch (~5.5 GB with its nvidia-* wheels), which must not replace .venv's CPU torch. CMake is driven
+# directly (as setup.py does) into $(CUDA_BUILD) and $(CUDA_BUILD)-cpu; nothing is installed.
 CUDA_VENV  := .venv-cuda
 CUDA_PY    := $(CUDA_VENV)/bin/python
-CUDA_REQS  := "torch==2.14.1" "setuptools>=77" wheel "pybind11>=2.10"
+CUDA_REQS  := "torch==2.14.1" "setuptools>=77"
 CUDA_STAMP := $(CUDA_VENV)/.installed
 CUDA_BUILD := build/cuda-check
 CUDA_ARCHS := sm_80 sm_90
+# The same list in TORCH_CUDA_ARCH_LIST notation, given explicitly so a TORCH_CUDA_ARCH_LIST in the
+# environment cannot change what is checked.
+CUDA_ARCH_LIST := 8.0;9.0+PTX
 MAX_JOBS   ?= 2
 # The toolkit root (bin/nvcc, include/): $CUDA_HOME, else /usr/local/cuda, else from the nvcc on PATH.
 CUDA_HOME  ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,$(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc 2>/dev/null))))
 # cmake arguments that depend on the venv's torch, computed in one interpreter start.
-CUDA_TORCH_ARGS := $(CUDA_PY) -W ignore -c 'import torch, pybind11; print(\
-  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path} -Dpybind11_DIR={pybind11.get_cmake_dir()} "\
+CUDA_TORCH_ARGS := $(CUDA_PY) -W ignore -c 'import os, torch; print(\
+  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path} -DPRUNENET_TORCH_DIR={os.path.dirname(torch.__file__)} "\
   f"-DPRUNENET_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)} -DPRUNENET_TORCH_VERSION={torch.__version__}")'
+# Load a built module (one per process: both register the torch.ops.prunenet namespace) and check
+# cuda_built() is the second argument (1 or 0).
+CUDA_LOAD := $(CUDA_PY) -W ignore -c 'import sys, torch, importlib.util as u; \
+  s = u.spec_from_file_location("_C", sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); \
+  print(f"cuda-check: {sys.argv[1]} loads, cuda_built() = {m.cuda_built()}"); \
+  sys.exit(m.cuda_built() != (sys.argv[2] == "1"))'
 
 # The stamp holds the requirements it was made with: pip runs again only if they change or the
 # venv is missing, so a re-run costs the configure + an up-to-date build.
@@ -86,9 +119,16 @@ cuda-check: $(CUDA_STAMP)
 	torch_args="$$($(CUDA_TORCH_ARGS))" && \
 	cmake -S . -B $(CUDA_BUILD) -DCMAKE_BUILD_TYPE=Release -DPRUNENET_WITH_CUDA=ON -DPRUNENET_WERROR=ON \
 	  $$torch_args -DPython_EXECUTABLE=$(abspath $(CUDA_PY)) \
-	  -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)
+	  -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+	  -DPRUNENET_CUDA_ARCHS='$(CUDA_ARCH_LIST)'
 	cmake --build $(CUDA_BUILD) --target _C --parallel $(MAX_JOBS)
 	$(CUDA_PY) tools/fatbin_archs.py $(CUDA_BUILD)/_C*.so --require $(CUDA_ARCHS)
+	torch_args="$$($(CUDA_TORCH_ARGS))" && \
+	cmake -S . -B $(CUDA_BUILD)-cpu -DCMAKE_BUILD_TYPE=Release -DPRUNENET_WITH_CUDA=OFF -DPRUNENET_FIND_TORCH=OFF \
+	  -DPRUNENET_WERROR=ON $$torch_args -DPython_EXECUTABLE=$(abspath $(CUDA_PY))
+	cmake --build $(CUDA_BUILD)-cpu --target _C --parallel $(MAX_JOBS)
+	$(CUDA_LOAD) $(CUDA_BUILD)/_C*.so 1
+	$(CUDA_LOAD) $(CUDA_BUILD)-cpu/_C*.so 0
 
 # `make gpu-check`: the GPU half (tools/gpu-check), run once on a machine with a CUDA device: builds the
 # CUDA extension in place, runs the gpu tests and times the CUDA op, the Triton reward and compress.

@@ -1,27 +1,31 @@
 """Build script: packages, plus the native extension ``prunenet._C`` built by CMake (CMakeLists.txt).
 
-Install with ``pip install --no-build-isolation .`` (or ``-e .``). ``--no-build-isolation`` is needed
-because the extension is compiled and linked against torch's C++ libraries and must match, exactly,
-the torch that will import it: in an isolated build environment pip would download a second (multi-GB,
-possibly different-version) torch just to build against it, and the result could fail to load.
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) once torch is installed.
+``--no-build-isolation`` is needed because the extension is compiled and linked against torch's C++
+libraries and must match the torch that will import it: pip's isolated build environment cannot see
+the installed torch (and listing torch as a build requirement would download a second, multi-GB torch,
+possibly another version, just to build against). pybind11 is no separate requirement: CMake takes the
+headers torch ships. The build backend (build_backend/prunenet_build.py) checks every prerequisite
+first and names what is missing, one line each.
 
 Environment variables:
-  PRUNENET_SKIP_EXT=1   no native build at all; the package still works (pure-PyTorch fallbacks).
-  PRUNENET_SKIP_CUDA=1  build the CPU-only extension even where a CUDA build would be possible.
-  CUDA_HOME             CUDA toolkit to use (default: /usr/local/cuda, else the nvcc on PATH).
-  MAX_JOBS              parallel compile jobs (default 2).
-  CMAKE_ARGS            extra arguments for the CMake configure step.
+  PRUNENET_SKIP_EXT=1    no native build at all; the package still works (pure-PyTorch slicing).
+  PRUNENET_SKIP_CUDA=1   build the CPU-only extension even where a CUDA build would be possible.
+  PRUNENET_FORCE_CUDA=1  the CUDA variant or an error (default: CPU-only when no CUDA toolkit is found).
+  CUDA_HOME              CUDA toolkit to use (default: /usr/local/cuda, else the nvcc on PATH).
+  TORCH_CUDA_ARCH_LIST   GPU architectures of the CUDA variant (default "8.0;9.0+PTX": sm_80 and sm_90
+                         cubins, compute_90 PTX), as torch.utils.cpp_extension takes it.
+  MAX_JOBS               parallel compile jobs (default 2).
+  CMAKE_ARGS             extra arguments for the CMake configure step.
 
-The CUDA kernels (csrc/*.cu, for sm_80 and sm_90) are compiled only when torch is a CUDA build, a CUDA
-toolkit (nvcc) is found, its major version matches torch's, and PRUNENET_SKIP_CUDA is not 1.
+The CUDA kernels (csrc/*.cu) are compiled only when torch is a CUDA build, a CUDA toolkit (nvcc) is
+found, and PRUNENET_SKIP_CUDA is not 1; a toolkit whose major version is not torch's stops the build.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# The build backend's checks and tool lookups (already imported when pip runs the backend; this makes
+# them importable for a direct `python setup.py ...` too).
+sys.path.insert(0, str(ROOT / "build_backend"))
+import prunenet_build  # noqa: E402
 
 
 class CMakeExtension(Extension):
@@ -40,56 +48,15 @@ class CMakeExtension(Extension):
         self.sourcedir = str(sourcedir)
 
 
-def _cuda_home() -> Path | None:
-    """The CUDA toolkit root (the folder with bin/nvcc and include/cuda_runtime.h), or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:  # may be a wrapper script (e.g. /usr/local/bin/nvcc): only trust a real toolkit layout
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    for home in candidates:
-        if home and (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file():
-            return Path(home)
-    return None
-
-
-def _nvcc_version(home: Path) -> str | None:
-    try:
-        out = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
-    except OSError:
-        return None
-    m = re.search(r"release (\d+\.\d+)", out)
-    return m.group(1) if m else None
-
-
-def _cuda_variant(torch) -> tuple[Path | None, str]:
-    """(CUDA toolkit to compile with, or None for the CPU-only variant; the reason, for the log)."""
-    if os.environ.get("PRUNENET_SKIP_CUDA") == "1":
-        return None, "PRUNENET_SKIP_CUDA=1"
-    if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is not a CUDA build"
-    home = _cuda_home()
-    if home is None:
-        return None, "no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)"
-    nvcc = _nvcc_version(home)
-    if nvcc is None or nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
-        return None, f"nvcc {nvcc} in {home} does not match torch's CUDA {torch.version.cuda}"
-    return home, f"nvcc {nvcc} in {home}, torch {torch.__version__} (CUDA {torch.version.cuda}), sm_80 + sm_90"
-
-
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
-        import pybind11
+        prunenet_build.check()  # one line per missing prerequisite, and exit, instead of a traceback below
         import torch
 
-        cmake = shutil.which("cmake")
-        if cmake is None:
-            raise RuntimeError(
-                "building prunenet._C needs cmake >= 3.18 and a C++17 compiler "
-                "(or set PRUNENET_SKIP_EXT=1 to install without the native extension)"
-            )
-        cuda_home, why = _cuda_variant(torch)
+        cmake = prunenet_build.cmake()
+        cuda_home, why, _ = prunenet_build.cuda_variant(torch)
         print(f"prunenet: building the {'CUDA' if cuda_home else 'CPU-only'} variant of prunenet._C ({why})")
 
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -105,7 +72,6 @@ class CMakeBuild(build_ext):
             f"-B{build_dir}",
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DPRUNENET_OUTPUT_DIR={ext_path.parent}",
             f"-DPRUNENET_EXT_SUFFIX={ext_path.name[len('_C') :]}",
@@ -121,17 +87,19 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", "2")
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([cmake, *args], check=True)
-        subprocess.run([cmake, "--build", str(build_dir), "--config", build_type, "--parallel", jobs], check=True)
+        for what, cmd in (
+            ("configure", [cmake, *args]),
+            ("build", [cmake, "--build", str(build_dir), "--config", build_type, "--parallel", jobs]),
+        ):
+            # CMake has printed what went wrong; a Python traceback on top would only bury it.
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit(f"prunenet: the CMake {what} step of prunenet._C failed (its output is above)")
         if not ext_path.is_file():
-            raise RuntimeError(f"CMake finished but {ext_path} was not produced")
+            raise SystemExit(f"prunenet: CMake finished but {ext_path} was not produced")
 
 
-if os.environ.get("PRUNENET_SKIP_EXT") == "1":
-    print("prunenet: PRUNENET_SKIP_EXT=1, not building the native extension (pure-PyTorch fallbacks only)")
-    ext_modules = []
-else:
-    ext_modules = [CMakeExtension("prunenet._C")]
+# PRUNENET_SKIP_EXT=1: no extension (the build backend says so, once, when it builds the wheel).
+ext_modules = [] if os.environ.get("PRUNENET_SKIP_EXT") == "1" else [CMakeExtension("prunenet._C")]
 
 setup(
     packages=["prunenet", "prunenet.adapters", "prunenet.kernels"],
