@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import WIDTH, save_tiny_model, tiny_text
+from untouched import error_line, snapshot
 
 import prunenet.models as models
 import prunenet.pipeline as pipeline
@@ -73,19 +74,6 @@ def inputs(tmp_path_factory) -> Path:
     return root
 
 
-def snapshot(*roots: Path) -> dict[str, tuple[int, int] | None]:
-    """Every path under ``roots``, files with their size and modification time: equal snapshots mean
-    nothing was created, deleted or written (a folder's own mtime changes with a lock taken and released)."""
-    seen = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            seen.update((str(Path(dirpath, name)), None) for name in dirnames)
-            for name in filenames:
-                st = Path(dirpath, name).lstat()
-                seen[str(Path(dirpath, name))] = (st.st_size, st.st_mtime_ns)
-    return seen
-
-
 @pytest.fixture
 def work(tmp_path, monkeypatch) -> Path:
     """The current folder of a run, with a user's file in it; HOME and the cache are redirected here too."""
@@ -101,14 +89,6 @@ def work(tmp_path, monkeypatch) -> Path:
     (folder / "foreign").mkdir()
     (folder / "foreign" / "data.csv").write_text("a,b\n1,2\n")
     return folder
-
-
-def error_line(stderr: str) -> str:
-    """The one line that is not a log line; fails unless there is exactly one and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("prunenet: ")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 C = ["compress", "--model", "{inputs}/model", "--ratio", "0.5", "--method", "random", "--quiet"]
