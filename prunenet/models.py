@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_dir
 from .config import DEFAULT_MODEL
 from .output import match_umask
 from .validate import check_finite_weights
@@ -57,12 +58,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 class ModelLoadError(RuntimeError):
     """The model was found but its config, tokenizer or weights could not be loaded."""
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$PRUNENET_CACHE``, default ``~/.cache/prunenet`` (also when it is set
-    but empty, as a shell's ``PRUNENET_CACHE=`` leaves it: an empty path would mean the current folder)."""
-    return Path(os.environ.get("PRUNENET_CACHE") or "~/.cache/prunenet").expanduser()
 
 
 def default_model_dir() -> Path:
@@ -304,19 +299,6 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if _looks_like_path(text):
         raise ModelNotFoundError(f"no such folder: {local.absolute()}")
     return _from_hub(text)
-
-
-def forward_with_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache=None, **kwargs):
-    """One forward pass that extends the key/value cache: ``(logits, cache)``.
-
-    transformers 5.2x names the argument and the output field ``cache``, earlier versions
-    ``past_key_values`` (now deprecated, with a warning on every call).
-    """
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=input_ids, use_cache=True, **{name: cache}, **kwargs)
-    return out.logits, getattr(out, name)
 
 
 def _weights_hint(err: BaseException) -> str:

@@ -39,6 +39,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .cache import cache_dir
 from .checkpoint import MANIFEST_FILE, MANIFEST_FILES_KEY, PARTIAL_MARKER, read_manifest
 from .tables import format_bytes
 
@@ -54,8 +55,6 @@ class OutputFolderError(ValueError):
 
 def _protected_trees() -> list[tuple[Path, str]]:
     """Folders whose contents no output may replace: prunenet's cache and the Hugging Face cache."""
-    from .models import cache_dir
-
     trees = [(cache_dir(), "prunenet's model cache ($PRUNENET_CACHE)")]
     try:
         from huggingface_hub import constants

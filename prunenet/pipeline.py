@@ -25,7 +25,7 @@ from .config import DEFAULT_MODEL, CompressConfig, PruneConfig, config_from
 from .distributed import Distributed
 from .models import resolve_model
 from .output import OutputFolder, check_output_path, claim_output, partial_folder
-from .selectors import SELECTORS, Selection, select
+from .selectors import SELECTORS, Selection, select, selector_of
 from .sources import ModelSource, Source, check_prunable, plan_source
 from .validate import resolve_device
 from .writers import writer_for
@@ -128,6 +128,7 @@ def prune_(
         ValueError (and its subclasses): the same one-line errors as the command line.
     """
     config = config_from(PruneConfig, config, **({"ratio": ratio} if ratio is not None else {}), **options)
+    selector_of(config)  # an unknown --method, before any work
     source = ModelSource(model)
     check_prunable(config, source.adapter, source.config)
     device = next(model.parameters()).device
@@ -170,6 +171,7 @@ def compress(
     if out is None:
         raise TypeError("compress() needs out=, the folder to write the pruned model to")
     config = config_from(CompressConfig, config, **({"ratio": ratio} if ratio is not None else {}), **options)
+    selector_of(config)  # an unknown --method, before any work
     config = dataclasses.replace(config, device=resolve_device(config.device))
     dist = dist or Distributed()
     if dist.active and config.streaming is False:

@@ -259,6 +259,17 @@ SELECTORS: dict[str, Selector] = {
 """Every ``--method``, in the order ``--help`` lists them."""
 
 
+def selector_of(config: PruneConfig) -> Selector:
+    """The selector ``config.method`` names.
+
+    Raises:
+        ValueError: no selector has that name.
+    """
+    if config.method not in SELECTORS:
+        raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(SELECTORS)}")
+    return SELECTORS[config.method]
+
+
 def owner_of(option: str) -> str | None:
     """The selector that declares ``option`` as its own, or ``None`` for a shared option."""
     return next((s.name for s in SELECTORS.values() if option in s.options), None)
@@ -272,7 +283,7 @@ def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progr
     if k == source.width:
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
         return Selection([torch.arange(source.width)] * source.num_units, policy=policy)
-    return SELECTORS[config.method].choose(source, k, config, policy=policy, dist=dist, progress=progress)
+    return selector_of(config).choose(source, k, config, policy=policy, dist=dist, progress=progress)
 
 
 def markdown_table() -> str:

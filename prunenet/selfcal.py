@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, get_adapter
-from .models import forward_with_cache
+from .compat import forward_with_cache
 from .validate import check_finite
 
 PROBES = ("generate", "random")
@@ -73,13 +73,6 @@ def start_token(model: torch.nn.Module) -> int:
     return 0
 
 
-def probe_length(config, length: int) -> int:
-    """``length`` capped at the model's context: never past its position table (GPT-2-style learned
-    positions fail with an IndexError beyond it)."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return min(length, int(limit)) if limit else length
-
-
 @torch.no_grad()
 def self_probes(
     model: torch.nn.Module,
@@ -105,7 +98,7 @@ def self_probes(
         raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(PROBES)}")
     device = model.get_input_embeddings().weight.device  # where the ids go (offloaded blocks are elsewhere)
     generator = torch.Generator().manual_seed(seed)
-    length = probe_length(get_adapter(model.config).text_config(model.config), length)
+    length = get_adapter(model.config).capped_length(model.config, length)
     vocab = model.get_output_embeddings().weight.shape[0]
     if kind == "random":
         return torch.randint(vocab, (sequences, length), generator=generator).to(device)

@@ -48,7 +48,6 @@ from .safetensors_io import (
     read_header,
     read_tensor,
 )
-from .selfcal import probe_length
 from .slicing import slice_experts_, slice_ffn_, validate_keeps
 from .tables import format_bytes
 from .validate import check_finite
@@ -538,7 +537,7 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text, "head_dim", None) or d // heads)
     vocab = int(getattr(text, "vocab_size", 0))
-    length = probe_length(text, length)
+    length = adapter.capped_length(config, length)
     kv = layers * 2 * sequences * kv_heads * length * head_dim * itemsize
     tokens = sequences * length
     activations = (

@@ -10,50 +10,80 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "prunenet"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """The prunenet modules ``path`` imports when it is imported (not inside functions or TYPE_CHECKING)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.parse(path.read_text()).body:
+def imports_of(path: Path, package: Path = PACKAGE) -> set[str]:
+    """The modules of ``package`` that ``path`` imports anywhere: at module level and inside functions (a lazy
+    import is an edge all the same: it runs whenever that function does). Not under ``TYPE_CHECKING``."""
+    root = package.name
+    name = module_name(path, package)
+    parent = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
+            node.body = []  # annotations only
+    found = set()
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                anchor = parent.split(".")[: len(parent.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            if base.startswith("prunenet"):
+            if base == root or base.startswith(root + "."):
                 found.add(base)
                 found.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.startswith("prunenet"))
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == root)
     return found
 
 
-def test_no_import_cycles_inside_the_package():
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {name: {m for m in top_level_imports(path) if m in modules and m != name} for name, path in modules.items()}
+def import_cycle(package: Path) -> list[str] | None:
+    """One import cycle among the modules of ``package`` (module names, the first repeated last), or ``None``."""
+    modules = {module_name(p, package): p for p in package.rglob("*.py")}
+    graph = {
+        name: {m for m in imports_of(path, package) if m in modules and m != name} for name, path in modules.items()
+    }
     # A package's __init__ is imported before its submodules: an edge into a parent package is not a cycle.
     graph = {name: {m for m in deps if not name.startswith(m + ".")} for name, deps in graph.items()}
     state: dict[str, int] = {}
 
-    def visit(node: str, trail: list[str]) -> None:
+    def visit(node: str, trail: list[str]) -> list[str] | None:
         state[node] = 1
         for dep in sorted(graph[node]):
-            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*trail, node, dep])}"
-            if dep not in state:
-                visit(dep, [*trail, node])
+            if state.get(dep) == 1:
+                return [*trail, node, dep]
+            if dep not in state and (cycle := visit(dep, [*trail, node])):
+                return cycle
         state[node] = 2
+        return None
 
     for name in sorted(graph):
-        if name not in state:
-            visit(name, [])
+        if name not in state and (cycle := visit(name, [])):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_inside_the_package():
+    cycle = import_cycle(PACKAGE)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
+    """The shape of the cycles the package once had: a low module importing a high one inside a function."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text("def validate():\n    from .selectors import SELECTORS\n")
+    (package / "selectors.py").write_text("from .config import validate\nSELECTORS = {}\n")
+    (package / "types_only.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import config\n"
+    )
+    assert import_cycle(package) == ["pkg.config", "pkg.selectors", "pkg.config"]
+    (package / "config.py").write_text("def validate():\n    pass\n")
+    assert import_cycle(package) is None
 
 
 def test_no_model_type_comparisons_outside_the_adapters():

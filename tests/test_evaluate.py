@@ -227,7 +227,7 @@ def test_inference_cost_counts_and_times():
 def test_decode_loop_is_greedy_generation(family):
     """The cached decode steps inference_cost times (and selfcal samples with) produce what `generate`
     produces: the key/value cache is passed and read back under the name this transformers uses."""
-    from prunenet.models import forward_with_cache
+    from prunenet.compat import forward_with_cache
 
     model = tiny_model(family)
     prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))

@@ -416,10 +416,13 @@ def test_signals_end_with_one_line_and_no_partial_output(inputs, tmp_path, sig, 
     out = tmp_path / "out"
     proc = cli_process("compress", "--model", str(inputs / "model"), "--ratio", "0.5", "--out", str(out),
                        *LONG_RUN, cwd=tmp_path)  # fmt: skip
-    wait_for(lock_path(out), proc)
-    time.sleep(1.0)  # into the work
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        wait_for(lock_path(out), proc)
+        time.sleep(1.0)  # into the work
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # a failed wait must not leave a run training for hours
+        proc.kill()
     assert proc.returncode == -sig
     assert error_line(stderr) == f"prunenet compress: {word} (no partial output is left behind)"
     assert sorted(p.name for p in tmp_path.iterdir()) == []

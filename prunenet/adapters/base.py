@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..widths import kept_width
+
 
 @dataclass(frozen=True)
 class NeuronTensor:
@@ -214,10 +216,20 @@ class ModelAdapter:
         """
         return self.num_layers(config) * self.num_experts(config)
 
+    def context_length(self, config) -> int | None:
+        """The most positions the language model covers (``max_position_embeddings``, which GPT-2-style configs
+        map to ``n_positions``), or ``None`` where its config sets none."""
+        limit = getattr(self.text_config(config), "max_position_embeddings", None)
+        return int(limit) if limit else None
+
+    def capped_length(self, config, length: int) -> int:
+        """``length`` tokens, at most :meth:`context_length`: a sequence never runs past a learned position
+        table (GPT-2's fails with an IndexError beyond it)."""
+        limit = self.context_length(config)
+        return min(length, limit) if limit else length
+
     def kept_width(self, ratio: float, width: int) -> int:
         """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to ``width_multiple`` (never below it)."""
-        from ..config import kept_width
-
         k = kept_width(ratio, width)
         if self.width_multiple > 1 and k < width:
             k = max(k // self.width_multiple * self.width_multiple, min(self.width_multiple, width))
