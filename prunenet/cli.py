@@ -362,14 +362,35 @@ def _stop(signum, frame):
     later, after the finalizer has returned.
     """
     if _in_finalizer(frame):
-        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
-        again.daemon = True
-        again.start()
+        _send_again(signum)
         return
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
     raise Terminated()
+
+
+def _send_again(signum: int) -> None:
+    """Send ``signum`` to this process a moment from now, from a helper thread."""
+    again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
+
+
+def _stop_dropped_by(fallback):
+    """A ``sys.unraisablehook`` for the run: a stop that Python could only print and drop, because it was raised
+    where no caller can receive it (a ``weakref.finalize`` or garbage-collector callback), is sent again once
+    that code has returned; anything else goes to ``fallback``."""
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt | Terminated):
+            fallback(unraisable)
+            return
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        signal.signal(signum, _stop)  # _stop set SIGTERM aside before raising: the stop has not happened yet
+        _send_again(signum)
+
+    return hook
 
 
 def _handle_stop_signals() -> dict[int, object]:
@@ -404,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers come first: a Ctrl-C while torch is imported (about a second) ends in one line too.
     """
     previous = _handle_stop_signals()
+    unraisable, sys.unraisablehook = sys.unraisablehook, _stop_dropped_by(sys.unraisablehook)
     command, debug = "prunenet", False
     try:
         try:
@@ -418,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     finally:
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if args.json:

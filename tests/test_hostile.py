@@ -429,19 +429,30 @@ def test_signals_end_with_one_line_and_no_partial_output(inputs, tmp_path, sig, 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
-def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(tmp_path, sig):
-    """Raised inside a ``__del__``, the exception would be printed and dropped and the run go on to its end."""
+@pytest.mark.parametrize("finalizer", ["del", "weakref"], ids=["__del__", "weakref.finalize"])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(tmp_path, sig, finalizer):
+    """Raised inside a finalizer (a ``__del__``, a ``weakref.finalize`` callback), the exception would be printed
+    and dropped, and the run go on to its end."""
+    slow = (
+        f"    os.kill(os.getpid(), {int(sig)})  # the handler runs in here\n"
+        "    start = time.monotonic()\n"
+        "    while time.monotonic() - start < 0.3:\n"
+        "        pass\n"
+    )
     script = (
-        "import os, sys, time, prunenet.cli as cli\n"
-        "class Slow:\n"
+        "import os, sys, time, weakref, prunenet.cli as cli\n"
+        "def slow(*_):\n" + slow + "class Slow:\n"
         "    def __del__(self):\n"
-        f"        os.kill(os.getpid(), {int(sig)})  # the handler runs in here\n"
-        "        start = time.monotonic()\n"
-        "        while time.monotonic() - start < 0.3:\n"
-        "            pass\n"
+        "        slow()\n"
+        "class Plain:\n"
+        "    pass\n"
         "def work(args):\n"
-        "    Slow()  # freed at once: its finalizer runs on this line\n"
-        "    time.sleep(20)\n"
+        + (
+            "    Slow()  # freed at once: its finalizer runs on this line\n"
+            if finalizer == "del"
+            else "    weakref.finalize(Plain(), slow)  # called at once: its object is freed on this line\n"
+        )
+        + "    time.sleep(20)\n"
         "    print('ran to the end', file=sys.stderr)\n"
         "cli._run_compress = work\n"
         "sys.exit(cli.main(['compress', '--model', 'm', '--ratio', '0.5', '--out', 'out']))\n"
