@@ -26,10 +26,10 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import ATTENTION_MODEL_TYPES, ModelAdapter
 from .config import MODULES
+from .progress import progress_bar
 from .reward import ks_statistic, singular_values
 from .slicing import slice_linear_
 from .widths import kept_width
@@ -151,7 +151,7 @@ def slice_attention_(
             raise ValueError(f"layer {layer}: kept groups must be int64, non-empty, the same count in every layer")
         if groups[0] < 0 or groups[-1] >= kv or not bool((groups[1:] > groups[:-1]).all()):
             raise ValueError(f"layer {layer}: kept groups must be sorted, unique and in [0, {kv})")
-    for layer, groups in enumerate(tqdm(kept, desc="slicing attention", unit="layer", disable=not progress)):
+    for layer, groups in enumerate(progress_bar(kept, desc="slicing attention", unit="layer", enabled=progress)):
         block = adapter.block_prefix(layer)
         q_rows, kv_rows = group_entries(groups, shape)  # (m * G * hd,), (m * hd,)
         slice_linear_(model.get_submodule(block + spec.q), q_rows, 0)

@@ -69,7 +69,9 @@ def config_of(cls, args: argparse.Namespace):
 def _add_output_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", action="store_true", help=f"print the {what} as one JSON object on the last line")
     parser.add_argument(
-        "--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)"
+        "--quiet",
+        action="store_true",
+        help="no progress reports: neither bars (at a terminal) nor a progress line every 30 s (into a log or a pipe)",
     )
     parser.add_argument(
         "--debug", action="store_true", help="on an error, show the full Python traceback instead of one line"
@@ -451,9 +453,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> dict:
     """Run the parsed command: logging and progress bars set up for it, then the command itself."""
     logging.basicConfig(level=logging.INFO, format="prunenet: %(message)s")
-    # Progress bars only for a person watching: not with --quiet, not into a log file or a pipe.
-    args.quiet = args.quiet or not sys.stderr.isatty()
-    if args.quiet:  # read by huggingface_hub and transformers when they load (importing them here costs 0.85 s)
+    # Progress is reported unless --quiet: bars for a person at a terminal, log lines into a file or a pipe
+    # (prunenet.progress). Other libraries' bars only at a terminal.
+    from .progress import shows_bars
+
+    if not shows_bars(
+        not args.quiet
+    ):  # read by huggingface_hub and transformers when they load (importing them here costs 0.85 s)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:  # loaded already (main() called from Python): tell it directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .selfcal import self_probes
 from .validate import check_finite
 
@@ -85,7 +85,7 @@ def teacher_targets(
     tail = torch.empty(n, length, dtype=torch.float32)
     device = teacher.get_input_embeddings().weight.device
     if top_k:
-        for i in tqdm(range(0, n, batch_size), desc="teacher targets", unit="batch", disable=not progress):
+        for i in progress_bar(range(0, n, batch_size), desc="teacher targets", unit="batch", enabled=progress):
             log_probs = torch.log_softmax(teacher(input_ids=ids[i : i + batch_size].to(device)).logits.float(), -1)
             check_finite(log_probs, "the teacher's next-token probabilities on its own text")
             values, tokens = log_probs.topk(top_k, dim=-1)

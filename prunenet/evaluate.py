@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import EvalConfig, check_cost_options
+from .progress import progress_bar, shows_bars
 from .validate import check_count
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def perplexity(
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="perplexity", unit="batch", enabled=progress):
         # Windows of one batch share a length except possibly the last one: pad and mask it.
         length = p + max(end - begin for begin, end, _ in batch)
         input_ids = torch.zeros(len(batch), length, dtype=torch.long)
@@ -303,7 +303,7 @@ def zero_shot(
             "no zero-shot task could be loaded: " + " | ".join(f"{name}: {why}" for name, why in unavailable.items())
         )
 
-    quiet = not progress
+    quiet = not shows_bars(progress)  # its bars would be carriage-return noise in a log
 
     class _LM(HFLM):
         # lm-eval's evaluator shows a progress bar per request type with no way to turn it off.
@@ -479,7 +479,7 @@ def inference_cost(
         return prefill, time.perf_counter() - tick
 
     with PeakMemory(device) as memory:
-        times = [run() for _ in tqdm(range(repeats + 1), desc="inference cost", unit="run", disable=not progress)]
+        times = [run() for _ in progress_bar(range(repeats + 1), desc="inference cost", unit="run", enabled=progress)]
     prefill = statistics.median(t[0] for t in times[1:])
     decode = statistics.median(t[1] for t in times[1:])
     return {
@@ -543,7 +543,7 @@ def _cost_worker(arguments: str) -> None:
 
     args = json.loads(arguments)
     logging.basicConfig(level=logging.WARNING, format="prunenet: %(message)s")
-    if not args["progress"]:
+    if not shows_bars(args["progress"]):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # "Loading weights": quiet like the parent

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import ModelAdapter, get_adapter
@@ -35,6 +34,7 @@ from .checkpoint import MANIFEST_FILE, POLICY_FILE, read_manifest, write_manifes
 from .config import FinetuneConfig
 from .distill import TeacherTargets, full_kl, teacher_targets, topk_kl
 from .output import OutputFolder, claim_output
+from .progress import progress_bar
 from .text import SPLITS
 from .validate import check_count, check_device, resolve_device
 
@@ -270,7 +270,7 @@ def fit_adapters(
     order_gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(items, generator=order_gen), 0
     model.train()
-    bar = tqdm(range(1, cfg.steps + 1), desc="fine-tuning", unit="step", disable=not progress)
+    bar = progress_bar(range(1, cfg.steps + 1), desc="fine-tuning", unit="step", enabled=progress)
     running, running_n, step = 0.0, 0, 0
     for step in bar:
         for _ in range(cfg.grad_accum):

@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, get_adapter
 from .compat import forward_with_cache
+from .progress import progress_bar
 from .validate import check_finite
 
 PROBES = ("generate", "random")
@@ -120,7 +120,7 @@ def sample(
     was_training = model.training
     model.eval()
     ids, cache, step_ids = prefix, None, prefix
-    for _ in tqdm(range(length - prefix.shape[1]), desc="generating", unit="token", disable=not progress):
+    for _ in progress_bar(range(length - prefix.shape[1]), desc="generating", unit="token", enabled=progress):
         logits, cache = forward_with_cache(model, step_ids, cache)
         probs = torch.softmax(logits[:, -1].float().cpu() / temperature, dim=-1)
         check_finite(probs, "the model's next-token probabilities on its own text")

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import ops
 from .adapters import ModelAdapter
 from .adapters.base import neuron_entries
+from .progress import progress_bar
 
 __all__ = [
     "BACKENDS",
@@ -228,7 +228,7 @@ def slice_model_(
     k = validate_keeps(keeps, adapter.num_units(config), width)
     experts = adapter.num_experts(config)
     layers = range(adapter.num_layers(config))
-    for layer in tqdm(layers, desc="slicing layers", unit="layer", disable=not progress):
+    for layer in progress_bar(layers, desc="slicing layers", unit="layer", enabled=progress):
         found = adapter.neuron_parameters(model, layer)
         for spec, param in found:
             axis = spec.stored_axis

@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, NeuronTensor
 from .ops import gram_side, keeps_full_grams
+from .progress import progress_bar
 from .reward import CHUNK_BYTES, StateSequence
 from .safetensors_io import (
     SafetensorsFormatError,
@@ -709,7 +709,7 @@ def write_pruned_checkpoint(
     folder = Path(folder)
     names = list(source.shard_entries) if shards is None else list(shards)
     total = sum(source.entries[t].nbytes for s in names for t in source.shard_entries[s])
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="writing shards", enabled=progress) as bar:
         for shard in names:
             write_shard(source, shard, folder, slices, bar)
 

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .distributed import Distributed
 from .policy import SparsityPredictor, kept_log_prob, kl_to_half, select_rows, skip_selection
+from .progress import progress_bar
 from .reward import StateSequence, episode_rewards, prepare_reward, state_shape
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def train_policy(
         reward_backend=references.backend if references else "",
     )
     result.prepare_seconds = time.perf_counter() - start
-    bar = tqdm(range(config.episodes), desc="policy episodes", unit="ep", disable=not progress)
+    bar = progress_bar(range(config.episodes), desc="policy episodes", unit="ep", enabled=progress)
     for episode in bar:
         episode_start = time.perf_counter()
         keeps: list[torch.Tensor | None] = []
