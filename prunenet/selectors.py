@@ -289,9 +289,10 @@ def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progr
 def markdown_table() -> str:
     """The registry as the docs show it (``docs/methods.md``'s generated ``methods`` block)."""
     from .config import PruneConfig, flag_of
+    from .tables import markdown_table as table
 
-    rows = ["| `--method` | needs | its own options | what it does |", "|---|---|---|---|"]
+    rows = []
     for s in SELECTORS.values():
         options = ", ".join(f"`{flag_of(PruneConfig, o)}`" for o in s.options) or "-"
-        rows.append(f"| `{s.name}` | {NEEDS[s.needs]} | {options} | {s.summary} |")
-    return "\n".join(rows)
+        rows.append([f"`{s.name}`", NEEDS[s.needs], options, s.summary])
+    return table(["`--method`", "needs", "its own options", "what it does"], rows)

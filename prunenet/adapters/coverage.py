@@ -35,24 +35,23 @@ def describe_tensors(adapter: type[ModelAdapter]) -> str:
 
 def markdown_table() -> str:
     """One row per adapter (its ``model_type`` values together), then one per refused type."""
+    from ..tables import markdown_table as table
     from . import _ADAPTERS
     from .refused import REFUSED
 
-    rows = [
-        "| `model_type` | FFN tensors pruned (neuron axis) | width in config | `--method` | streaming "
-        "| attention slicing |",
-        "|---|---|---|---|---|---|",
-    ]
+    headers = ["`model_type`", "FFN tensors pruned (neuron axis)", "width in config", "`--method`", "streaming",
+               "attention slicing"]  # fmt: skip
+    rows = []
     for adapter in _ADAPTERS:
         types = ", ".join(f"`{t}`" for t in adapter.model_types)
         attention = "yes" if adapter.attention is not None else "no"
         width = f"`{adapter.text_config_attr + '.' if adapter.text_config_attr else ''}{adapter.width_attr}`"
         if adapter.width_multiple > 1:
             width += f" (kept width a multiple of {adapter.width_multiple})"
-        rows.append(f"| {types} | {describe_tensors(adapter)} | {width} | every one | yes | {attention} |")
+        rows.append([types, describe_tensors(adapter), width, "every one", "yes", attention])
     reasons: dict[str, list[str]] = {}
     for model_type, reason in REFUSED.items():
         reasons.setdefault(reason, []).append(f"`{model_type}`")
     for reason, types in reasons.items():
-        rows.append(f"| {', '.join(types)} | refused: {reason} | - | - | - | - |")
-    return "\n".join(rows)
+        rows.append([", ".join(types), f"refused: {reason}", "-", "-", "-", "-"])
+    return table(headers, rows)
