@@ -350,7 +350,7 @@ def report(rows: list[dict]) -> str:
         "held-out texts (State of the Union `pre1900` / `post1900`, "
         "the first N tokens of each in 512-token windows). A cell is the median (min-max) over seeds; "
         "`vs random` is the method's median over the random median of the same stage, ratio and text "
-        "(0.80 or less meets the issue's acceptance). `select s` is the median time to choose the neurons "
+        "(0.80 or less: at least 20 % better than random). `select s` is the median time to choose the neurons "
         "(2 CPU cores shared with other jobs: load average 6-12 during these runs, so times are pessimistic; a "
         "`selfcal` variant reusing probes already generated for that seed -- `flap`, `+sw`, the second ratio -- "
         "shows only its scoring time). `rho` is Spearman's correlation of the method's internal objective (higher = "

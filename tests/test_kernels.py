@@ -31,7 +31,7 @@ from prunenet.train import TrainConfig, train_policy  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-# (n, d, k): the odd shapes; 1536 x 576 keeping 1075 is SmolLM2-135M at ratio 0.3.
+# (n, d, k): odd shapes; 1536 x 576 keeping 1075 is SmolLM2-135M at ratio 0.3.
 SHAPES = [(600, 123, 431), (1536, 576, 1075)]
 SHAPE_IDS = ["n600-d123-k431", "n1536-d576-k1075"]
 
