@@ -27,7 +27,7 @@ from .models import resolve_model
 from .output import OutputFolder, check_output_path, claim_output, partial_folder
 from .selectors import SELECTORS, Selection, select, selector_of
 from .sources import ModelSource, Source, check_prunable, plan_source
-from .validate import resolve_device
+from .validate import check_finite_weights, resolve_device
 from .writers import writer_for
 
 __all__ = ["CompressResult", "PruneResult", "compress", "prune_"]
@@ -129,6 +129,7 @@ def prune_(
     """
     config = config_from(PruneConfig, config, **({"ratio": ratio} if ratio is not None else {}), **options)
     selector_of(config)  # an unknown --method, before any work
+    check_finite_weights(model)  # a folder's model is checked by load_model; the caller's here
     source = ModelSource(model)
     check_prunable(config, source.adapter, source.config)
     device = next(model.parameters()).device

@@ -40,7 +40,7 @@ from .streaming import (
     plan_forward,
     plan_memory,
 )
-from .validate import check_finite_weights, parse_size
+from .validate import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,15 @@ class Source:
 class ModelSource(Source):
     """An instantiated causal LM (and its tokenizer and folder, when loaded from one).
 
-    Every weight is checked finite here, whatever the selector reads: a NaN or infinity anywhere would be
-    saved into the output (:func:`~prunenet.validate.check_finite_weights`).
-
-    Raises:
-        ValueError: a tensor holds NaN or infinity (naming it).
+    Its weights are checked finite once, where the model comes from: :func:`~prunenet.models.load_model` for a
+    folder, :func:`~prunenet.pipeline.prune_` for a caller's model (a NaN or infinity anywhere would be saved
+    into the output, whatever the selector reads).
     """
 
     provides = frozenset({"nothing", "weights", "model", "attention"})
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, path: Path | None = None):
         super().__init__(model.config, get_adapter(model.config))
-        check_finite_weights(model)
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self._states: list[torch.Tensor] | None = None
 
