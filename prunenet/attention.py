@@ -23,56 +23,31 @@ most ``KV^2 / 2`` small SVDs per layer and needs no training.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
 import torch
 
 from .adapters import ATTENTION_MODEL_TYPES, ModelAdapter
-from .config import MODULES
+from .adapters.base import AttentionShape
 from .progress import progress_bar
 from .reward import ks_statistic, singular_values
-from .slicing import slice_linear_
+from .slicing import slice_linear_, validate_keeps
 from .widths import kept_width
 
 __all__ = [
-    "MODULES",
     "AttentionShape",
-    "attention_shape",
     "check_modules",
     "choose_attention",
     "choose_groups",
     "group_entries",
     "kept_groups_count",
-    "set_kept_heads",
     "slice_attention_",
     "slice_attention_by_ratio_",
 ]
 
 
-class AttentionShape(NamedTuple):
-    """``(heads, kv_heads, head_dim)`` of a config; ``group = heads // kv_heads`` query heads per KV head."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
-
-
-def attention_shape(config) -> AttentionShape:
-    """``(H, KV, hd)`` from a config; ``KV`` defaults to ``H`` (multi-head attention), ``hd`` to ``d / H``."""
-    heads = int(config.num_attention_heads)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
-    return AttentionShape(heads, int(kv), int(head_dim))
-
-
 def check_modules(modules: str, adapter: ModelAdapter, config) -> None:
-    """Raise ``ValueError`` unless ``--modules`` is known and the model family supports it (before loading weights)."""
-    if modules not in MODULES:
-        raise ValueError(f"unknown --modules {modules!r}; choose one of {', '.join(MODULES)}")
+    """Raise ``ValueError`` unless the model family can slice what ``--modules`` asks (before loading weights;
+    the value itself is :class:`~prunenet.config.PruneConfig`'s to check)."""
     if modules == "ffn+attn" and adapter.attention is None:
         supported = ", ".join(ATTENTION_MODEL_TYPES)
         raise ValueError(
@@ -140,17 +115,8 @@ def slice_attention_(
     """
     spec = adapter.attention
     config = model.config
-    shape = attention_shape(config)
-    heads, kv, head_dim = shape
-    layers = adapter.num_layers(config)
-    if len(kept) != layers:
-        raise ValueError(f"got kept attention groups for {len(kept)} layers, the model has {layers}")
-    m = kept[0].numel()
-    for layer, groups in enumerate(kept):
-        if groups.numel() != m or m < 1 or groups.dtype != torch.int64:
-            raise ValueError(f"layer {layer}: kept groups must be int64, non-empty, the same count in every layer")
-        if groups[0] < 0 or groups[-1] >= kv or not bool((groups[1:] > groups[:-1]).all()):
-            raise ValueError(f"layer {layer}: kept groups must be sorted, unique and in [0, {kv})")
+    shape = adapter.attention_shape(config)
+    m = validate_keeps(kept, adapter.num_layers(config), shape.kv_heads, what="attention KV groups", per="layers")
     for layer, groups in enumerate(progress_bar(kept, desc="slicing attention", unit="layer", enabled=progress)):
         block = adapter.block_prefix(layer)
         q_rows, kv_rows = group_entries(groups, shape)  # (m * G * hd,), (m * hd,)
@@ -158,15 +124,7 @@ def slice_attention_(
         slice_linear_(model.get_submodule(block + spec.k), kv_rows, 0)
         slice_linear_(model.get_submodule(block + spec.v), kv_rows, 0)
         slice_linear_(model.get_submodule(block + spec.o), q_rows, 1)
-    set_kept_heads(config, shape, m)
-
-
-def set_kept_heads(config, shape: AttentionShape, groups: int) -> None:
-    """Record ``groups`` kept KV groups in ``config`` (heads ``groups * G``, an explicit ``head_dim``)."""
-    # head_dim must be explicit: transformers derives it as hidden_size // num_attention_heads otherwise.
-    config.head_dim = shape.head_dim
-    config.num_attention_heads = groups * shape.group
-    config.num_key_value_heads = groups
+    adapter.set_attention_heads(config, shape, m)
 
 
 def group_entries(groups: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +162,6 @@ def slice_attention_by_ratio_(
     returns the manifest entry."""
     o_weights = (model.get_submodule(adapter.block_prefix(i) + adapter.attention.o).weight
                  for i in range(adapter.num_layers(model.config)))  # fmt: skip
-    kept, info = choose_attention(o_weights, attention_shape(model.config), ratio)
+    kept, info = choose_attention(o_weights, adapter.attention_shape(model.config), ratio)
     slice_attention_(model, adapter, kept, progress=progress)
     return info

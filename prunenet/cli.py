@@ -16,9 +16,19 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 from . import __version__
-from .config import DEFAULT_MODEL, CompressConfig, EvalConfig, FinetuneConfig, flag
+from .config import (
+    DEFAULT_MODEL,
+    SELF_DISTILLATION,
+    CompressConfig,
+    EvalConfig,
+    FinetuneConfig,
+    FinetuneRun,
+    finetune_config,
+    flag,
+)
 from .selectors import NEEDS, SELECTORS, owner_of
 from .tables import format_table
 
@@ -37,8 +47,19 @@ def _method_help() -> str:
     return f"how neurons are chosen: {methods}"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of the config dataclass ``cls``: its help, default, type and choices from the field."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls,
+    skip: tuple[str, ...] = (),
+    defaults_with: tuple[str, Mapping[str, object]] | None = None,
+) -> None:
+    """One flag per field of the config dataclass ``cls``: its help, default, type and choices from the field.
+
+    ``defaults_with=(flag, defaults)``: the fields named in ``defaults`` default to those values when ``flag`` is
+    given; where that is another value, the help shows both defaults and a flag left out is absent from the
+    parsed namespace, so the command can tell it from an explicit value.
+    """
+    other_flag, other_defaults = defaults_with or ("", {})
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -58,12 +79,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
             kwargs.update(action="store_true")
         else:
             kwargs.update(default=f.default, type=cli.pop("type", type(f.default)))
+        if other_defaults.get(f.name, f.default) != f.default:
+            kwargs["help"] += f" (default: {f.default}; with {other_flag}: {other_defaults[f.name]})"
+            kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(flag(f), **kwargs, **cli)
 
 
 def config_of(cls, args: argparse.Namespace):
     """The config dataclass ``cls`` filled from parsed arguments."""
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def finetune_run_of(args: argparse.Namespace) -> FinetuneRun:
+    """The finetune command's options from parsed arguments: the hyper-parameters given as flags over the run's
+    defaults (with ``--teacher``: the self-distillation recipe, :func:`prunenet.config.finetune_config`)."""
+    given = {name: getattr(args, name) for name in _field_names(FinetuneConfig) if hasattr(args, name)}
+    run = {name: getattr(args, name) for name in _field_names(FinetuneRun) if name != "config"}
+    return FinetuneRun(**run, config=finetune_config(teacher=args.teacher is not None, **given))
 
 
 def _add_output_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -150,24 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--out", required=True, help="output folder: absent, empty, or an earlier prunenet output (with --overwrite)"
     )
-    f.add_argument("--text-file", default=None, help="UTF-8 training text (default: the embedded 'train' split)")
-    f.add_argument(
-        "--teacher",
-        default=None,
-        help="self-distillation, no dataset: this model (e.g. the dense model MODEL was pruned from) generates the "
-        "training text and MODEL learns to match its next-token distribution (excludes --text-file)",
-    )
-    add_config_arguments(f, FinetuneConfig)
-    f.add_argument(
-        "--eval-tokens",
-        type=int,
-        default=2048,
-        help="measure perplexity before and after on this many tokens of the held-out 'eval' split (0: skip)",
-    )
-    f.add_argument("--device", default="auto", help="torch device ('auto': cuda when available, else cpu)")
-    f.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype to train and save")
-    overwrite = next(field for field in dataclasses.fields(CompressConfig) if field.name == "overwrite")
-    f.add_argument("--overwrite", action="store_true", help=overwrite.metadata["help"])
+    # What the model learns from first, then the hyper-parameters, then the rest of the run.
+    learns_from = ("text_file", "teacher")
+    rest = tuple(name for name in _field_names(FinetuneRun) if name not in learns_from)
+    add_config_arguments(f, FinetuneRun, skip=rest)
+    add_config_arguments(f, FinetuneConfig, defaults_with=("--teacher", SELF_DISTILLATION))
+    add_config_arguments(f, FinetuneRun, skip=("config", *learns_from))
     _add_output_flags(f, "summary")
     return parser
 
@@ -266,16 +290,17 @@ def _run_eval(args) -> dict:
 def _run_finetune(args) -> dict:
     from .finetune import finetune
 
+    run = finetune_run_of(args)
     result = finetune(
         model=args.model,
         out=args.out,
-        text_file=args.text_file,
-        teacher=args.teacher,
-        config=config_of(FinetuneConfig, args),
-        eval_tokens=args.eval_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
+        text_file=run.text_file,
+        teacher=run.teacher,
+        config=run.config,
+        eval_tokens=run.eval_tokens,
+        device=run.device,
+        dtype=run.dtype,
+        overwrite=run.overwrite,
         progress=not args.quiet,
     )
     info, t = result.info, result.timings
@@ -333,7 +358,7 @@ def _anticipated() -> tuple[type[BaseException], ...]:
     import torch
     from safetensors import SafetensorError
 
-    from .models import ModelLoadError
+    from .model_errors import ModelLoadError
 
     return (ValueError, OSError, ModelLoadError, OverflowError, FloatingPointError, SafetensorError,
             torch.OutOfMemoryError)  # fmt: skip

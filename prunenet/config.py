@@ -8,13 +8,17 @@ takes the same dataclasses. Nothing here imports torch: ``prunenet --help`` stay
   everything :func:`prunenet.prune_` needs for a model already in memory.
 * :class:`CompressConfig`: a :class:`PruneConfig` plus where the work runs and how the output is written.
 * :class:`TrainConfig`: the paper's policy training (its defaults are the CLI's).
-* :class:`FinetuneConfig`, :class:`EvalConfig`: recovery fine-tuning, evaluation.
+* :class:`FinetuneConfig`: the hyper-parameters of recovery fine-tuning (:data:`SELF_DISTILLATION`: the measured
+  self-distillation recipe); :class:`FinetuneRun`: the rest of ``prunenet finetune``'s options.
+* :class:`EvalConfig`: evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .validate import check_count, check_number, check_seed, parse_size
 from .widths import kept_width
@@ -141,6 +145,25 @@ class PruneConfig:
         )  # fmt: skip
 
 
+SELF_DISTILLATION: Mapping[str, int | float] = MappingProxyType(
+    {"steps": 190, "seq_len": 128, "batch_size": 4, "holdout_tokens": 1024, "lr": 1e-3, "lora_r": 16,
+     "eval_every": 30, "teacher_tokens": 24576}
+)  # fmt: skip
+"""The self-distillation recipe measured on the embedded model (docs/results.md#self-distillation): the
+:class:`FinetuneConfig` fields it sets. ``compress --recover`` trains with it (its steps and tokens are
+``--recover-steps``/``--recover-tokens``) and ``finetune --teacher`` takes it as its defaults."""
+
+
+KD_TOP_K = 64
+"""The teacher's most likely next tokens kept per position by default (``--kd-top-k``, ``--recover``)."""
+
+
+def _short(number: float) -> str:
+    """``1e-3`` for 0.001: a learning rate as people write it."""
+    mantissa, exponent = f"{number:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 @dataclass
 class CompressConfig(PruneConfig):
     """A :class:`PruneConfig` plus where the work runs and how the output is written (``prunenet compress``)."""
@@ -178,15 +201,21 @@ class CompressConfig(PruneConfig):
     )
     recover: bool = option(
         False,
-        "after pruning, recover by self-distillation with no dataset: the source model writes text, its top-64 "
-        "next-token probabilities are stored, and LoRA (rank 16, lr 1e-3, batches of 4x128 tokens) on the pruned "
-        "model learns them, merged into the weights; the same as `prunenet finetune --teacher MODEL` with those "
-        "settings on the pruned folder (needs peft). Trained and saved in --dtype ('auto': fp32); the source "
-        "model and the pruned one are in memory one after the other, not together",
+        "after pruning, recover by self-distillation with no dataset: the source model writes text, its "
+        f"top-{KD_TOP_K} next-token probabilities are stored, and LoRA (rank {SELF_DISTILLATION['lora_r']}, lr "
+        f"{_short(SELF_DISTILLATION['lr'])}, batches of {SELF_DISTILLATION['batch_size']}x"
+        f"{SELF_DISTILLATION['seq_len']} tokens) on the pruned model learns them, merged into the weights; the same "
+        "as `prunenet finetune --teacher MODEL` with those settings on the pruned folder (needs peft). Trained and "
+        "saved in --dtype ('auto': fp32); the source model and the pruned one are in memory one after the other, "
+        "not together",
     )
-    recover_steps: int = option(190, "with --recover: optimizer steps at most (early stopping may end sooner)")
+    recover_steps: int = option(
+        SELF_DISTILLATION["steps"], "with --recover: optimizer steps at most (early stopping may end sooner)"
+    )
     recover_tokens: int = option(
-        24576, "with --recover: tokens of text the source model generates to train on (the last 1024 held out)"
+        SELF_DISTILLATION["teacher_tokens"],
+        "with --recover: tokens of text the source model generates to train on (the last "
+        f"{SELF_DISTILLATION['holdout_tokens']} held out)",
     )
 
     def validate(self) -> None:
@@ -205,10 +234,8 @@ class CompressConfig(PruneConfig):
     def recovery_config(self) -> FinetuneConfig:
         """The self-distillation settings of ``--recover``: the recipe measured on the embedded model
         (docs/results.md#self-distillation), with this run's steps, token budget and seed."""
-        return FinetuneConfig(
-            steps=self.recover_steps, teacher_tokens=self.recover_tokens, seed=self.seed, seq_len=128, batch_size=4,
-            holdout_tokens=1024, lr=1e-3, lora_r=16, eval_every=30,
-        )  # fmt: skip
+        return finetune_config(teacher=True, steps=self.recover_steps, teacher_tokens=self.recover_tokens,
+                               seed=self.seed)  # fmt: skip
 
 
 def config_from(cls, config=None, **options):
@@ -231,7 +258,8 @@ def config_from(cls, config=None, **options):
 
 @dataclass
 class FinetuneConfig:
-    """Hyper-parameters of LoRA recovery fine-tuning (:func:`prunenet.finetune.train_lora`); defaults: the CLI's.
+    """Hyper-parameters of LoRA recovery fine-tuning (:mod:`prunenet.recovery_training`); defaults: the CLI's
+    without ``--teacher`` (with it, :data:`SELF_DISTILLATION` over them: :func:`finetune_config`).
 
     The effective batch is ``batch_size * grad_accum`` windows; the adapters of the best validation are kept.
     """
@@ -257,7 +285,7 @@ class FinetuneConfig:
         "--holdout-tokens of them held out for early stopping)",
     )
     top_k: int = option(
-        64,
+        KD_TOP_K,
         "with --teacher: the teacher's most likely next tokens kept per position, the KL taken over them and one "
         "bucket for the rest (0: the full vocabulary, the teacher stays resident and runs on every batch)",
         flag="--kd-top-k",
@@ -288,6 +316,85 @@ class FinetuneConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         check_count("--kd-top-k", self.top_k, minimum=0)
         check_number("--hard-label-weight", self.hard_label_weight, minimum=0.0)
+
+
+def finetune_config(teacher: bool, **options) -> FinetuneConfig:
+    """The hyper-parameters of a fine-tuning run, not validated: ``options`` (fields by name) over the defaults,
+    which with a teacher are the self-distillation recipe (:data:`SELF_DISTILLATION`) over FinetuneConfig's."""
+    return FinetuneConfig(**{**(SELF_DISTILLATION if teacher else {}), **options})
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning cannot run: ``peft`` is missing, or the text is too short for the requested windows."""
+
+
+def _help_of(cls, name: str) -> str:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+
+
+@dataclass
+class FinetuneRun:
+    """``prunenet finetune``'s options besides its operands ``--model`` and ``--out``: what the model learns from,
+    the hyper-parameters, the held-out measurement, where it runs and the output rule."""
+
+    text_file: str | None = option(None, "UTF-8 training text (default: the embedded 'train' split)", type=str)
+    teacher: str | None = option(
+        None,
+        "self-distillation, no dataset: this model (e.g. the dense model MODEL was pruned from) generates the "
+        "training text and MODEL learns to match its next-token distribution (excludes --text-file)",
+        type=str,
+    )
+    config: FinetuneConfig | None = None
+    """The hyper-parameters (their own flags); ``None``: the defaults of this run (:func:`finetune_config`)."""
+    eval_tokens: int = option(
+        2048, "measure perplexity before and after on this many tokens of the held-out 'eval' split (0: skip)"
+    )
+    device: str = option("auto", "torch device ('auto': cuda when available, else cpu)")
+    dtype: str = option("fp32", "weight dtype to train and save", choices=DTYPES)
+    overwrite: bool = option(False, _help_of(CompressConfig, "overwrite"))  # one output rule, one text
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            self.config = finetune_config(teacher=self.teacher is not None)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (:class:`FinetuneError` for a teacher's text too short) naming the flag of the
+        first bad value, before any model is loaded."""
+        from .validate import check_device
+
+        cfg = self.config
+        cfg.validate()
+        _check_choice("--dtype", self.dtype, DTYPES)
+        check_count("--eval-tokens", self.eval_tokens, minimum=0)
+        if self.teacher is not None and self.text_file is not None:
+            raise ValueError("--teacher and --text-file exclude each other: the teacher writes the training text")
+        if self.teacher is not None and cfg.teacher_tokens // cfg.seq_len < 2:
+            raise FinetuneError(
+                f"--teacher-tokens {cfg.teacher_tokens} makes fewer than two {cfg.seq_len}-token sequences (one to "
+                "train on, one held out); raise --teacher-tokens or lower --seq-len"
+            )
+        if self.device != "auto":
+            check_device(self.device)
+
+
+def check_max_tokens(max_tokens: int) -> int:
+    """``max_tokens`` (``--max-tokens``) if it is a count >= 1; ``ValueError`` otherwise."""
+    return check_count("--max-tokens", max_tokens)
+
+
+def check_windows(context: int, stride: int | None) -> None:
+    """Raise ``ValueError`` unless ``context >= 2`` (``--context``) and, when given, ``1 <= stride <= context``
+    (``--stride``)."""
+    check_count("--context", context, minimum=2)
+    if stride is not None:
+        check_count("--stride", stride, maximum=context)
+
+
+def check_perplexity_options(max_tokens: int, context: int, stride: int | None, batch_size: int) -> None:
+    """Raise ``ValueError`` naming the flag of the first of perplexity's values out of range."""
+    check_max_tokens(max_tokens)
+    check_windows(context, stride)
+    check_count("--batch-size", batch_size)
 
 
 def check_cost_options(prompt_tokens: int, new_tokens: int, batch_size: int, repeats: int) -> None:
@@ -344,11 +451,7 @@ class EvalConfig:
         if self.device != "auto":
             check_device(self.device)
         _check_choice("--dtype", self.dtype, DTYPES)
-        check_count("--max-tokens", self.max_tokens)
-        check_count("--context", self.context, minimum=2)
-        if self.stride is not None:
-            check_count("--stride", self.stride, maximum=self.context)
-        check_count("--batch-size", self.batch_size)
+        check_perplexity_options(self.max_tokens, self.context, self.stride, self.batch_size)
         if self.limit is not None:
             check_count("--limit", self.limit)
         check_cost_options(self.cost_prompt_tokens, self.cost_new_tokens, self.cost_batch_size, self.cost_repeats)
@@ -363,8 +466,12 @@ __all__ = [
     "DTYPES",
     "EvalConfig",
     "FinetuneConfig",
+    "FinetuneError",
+    "FinetuneRun",
     "PruneConfig",
+    "SELF_DISTILLATION",
     "TrainConfig",
     "config_from",
+    "finetune_config",
     "kept_width",
 ]

@@ -1,7 +1,7 @@
 """Self-distillation targets: the dense model writes the training text and says what it predicts on it.
 
 Recovery without a dataset (``prunenet finetune --teacher DENSE``). The dense model the pruned one came
-from samples its own text (:func:`~prunenet.selfcal.self_probes`: from its BOS token, temperature 1, a
+from samples its own text (:func:`~prunenet.probes.self_probes`: from its BOS token, temperature 1, a
 seeded generator), then runs forward on it once; for every position the ``K`` most likely next tokens and
 their log-probabilities are kept, with the log of the probability mass left outside them. The student
 (the pruned model with LoRA adapters) is trained to match that distribution: the KL divergence between
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .probes import self_probes
 from .progress import progress_bar
-from .selfcal import self_probes
 from .validate import check_finite
 
 

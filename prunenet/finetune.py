@@ -1,16 +1,17 @@
-"""Recovery fine-tuning of a pruned model: LoRA (through ``peft``) on the FFN and attention projections.
+"""The ``prunenet finetune`` command: a model recovery-fine-tuned with LoRA, merged into its weights, saved atomically.
 
 The paper reports PruneNet with and without a short recovery fine-tuning. :func:`finetune` does it the
-way a user can rely on: LoRA adapters on every FFN and attention projection of the pruned model
-(module names come from the family's adapter), trained on real text -- by default the ``train`` split
+way a user can rely on: LoRA adapters (:mod:`prunenet.lora`) on every FFN and attention projection of the
+pruned model, trained (:mod:`prunenet.recovery_training`) on real text -- by default the ``train`` split
 of the embedded State of the Union corpus (speeches before 1990), which is disjoint from the ``eval``
-split that ``prunenet eval`` measures perplexity on (1990 onward) -- with gradient accumulation, a
-progress bar and early stopping on a held-out tail of the training text. The adapters are then merged
-into the weights (``merge_and_unload``), so the saved folder is an ordinary model of the pruned width
-that stock ``transformers`` loads, with no ``peft`` needed at inference.
+split that ``prunenet eval`` measures perplexity on (1990 onward) -- or, with a teacher, on the text the
+teacher writes (:mod:`prunenet.distill`), with early stopping on a held-out tail. The adapters are then
+merged into the weights, so the saved folder is an ordinary model of the pruned width that stock
+``transformers`` loads, with no ``peft`` needed at inference.
 
-:func:`train_lora` and :func:`merge_lora` are the in-memory steps (used by the tests and the quality
-report); :func:`finetune` loads, trains, merges and saves atomically.
+:func:`finetune_into` is the run once the output folder is claimed (``compress --recover`` calls it on its
+staged pruned model): check space, load the text or the teacher's targets, load the model, measure,
+train, merge, measure, describe, save.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import datetime
 import gc
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -31,295 +31,20 @@ import torch
 from . import __version__
 from .adapters import ModelAdapter, get_adapter
 from .checkpoint import MANIFEST_FILE, POLICY_FILE, read_manifest, write_manifest
-from .config import FinetuneConfig
-from .distill import TeacherTargets, full_kl, teacher_targets, topk_kl
+from .config import FinetuneConfig, FinetuneError, FinetuneRun, config_from, finetune_config
+from .distill import TeacherTargets, teacher_targets
+from .lora import merge_lora, require_peft
 from .output import OutputFolder, claim_output
-from .progress import progress_bar
-from .text import SPLITS
-from .validate import check_count, check_device, resolve_device
+from .recovery_training import distill_lora, train_lora
+from .text import SPLITS, load_text
+from .validate import check_device, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "distill_lora", "finetune", "merge_lora", "train_lora"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "finetune_into"]
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
-
-
-class FinetuneError(ValueError):
-    """Fine-tuning cannot run: ``peft`` is missing, or the text is too short for the requested windows."""
-
-
-def require_peft():
-    try:
-        import peft
-    except ImportError:
-        raise FinetuneError(
-            "recovery fine-tuning needs the peft package: `pip install 'prunenet[finetune]'` (or `pip install peft`)"
-        ) from None
-    return peft
-
-
-def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping ``(N, seq_len)`` windows of a ``(T,)`` token vector (the tail shorter than a window dropped)."""
-    count = ids.numel() // seq_len
-    return ids[: count * seq_len].view(count, seq_len)
-
-
-def _mean_loss(model, windows: torch.Tensor, batch_size: int, device) -> float:
-    """Mean next-token loss over ``windows`` ``(N, L)`` (every window the same length, so a plain mean); called
-    by :func:`fit_adapters` in eval mode without gradients."""
-    total = 0.0
-    for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size].to(device)
-        total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0]
-    return total / windows.shape[0]
-
-
-def _split_tokens(tokenizer, text: str, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training windows ``(N, L)`` and validation windows ``(M, L)``: the last ``holdout_tokens`` tokens.
-
-    The validation slice is the *end* of the text, contiguous and never trained on (a random choice of
-    windows would put validation windows next to, and overlapping in content with, training ones).
-    """
-    # verbose=False: the ids are windowed here, so the "longer than model_max_length" warning is moot.
-    ids = torch.tensor(
-        tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"],
-        dtype=torch.long,
-    )
-    holdout = max(cfg.holdout_tokens, cfg.seq_len)
-    if ids.numel() < holdout + cfg.seq_len:
-        raise FinetuneError(
-            f"the training text has {ids.numel()} tokens: too few for a {holdout}-token held-out slice plus one "
-            f"{cfg.seq_len}-token training window; give a longer --text-file or lower --holdout-tokens/--seq-len"
-        )
-    return _windows(ids[:-holdout], cfg.seq_len), _windows(ids[-holdout:], cfg.seq_len)
-
-
-def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` (step counts from 0)."""
-    warmup = min(cfg.warmup_steps, cfg.steps - 1)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
-
-
-def train_lora(
-    model: torch.nn.Module,
-    tokenizer,
-    text: str,
-    cfg: FinetuneConfig,
-    *,
-    adapter: ModelAdapter | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> tuple[torch.nn.Module, dict]:
-    """Train LoRA adapters on ``model`` (modified: wrapped by ``peft``) with ``text``; return the PEFT model.
-
-    Training windows are ``cfg.seq_len`` tokens of ``text`` (all but its held-out tail), visited in a
-    seeded random order, epoch after epoch if ``steps`` needs more. The validation loss on the held-out
-    tail is measured before training and every ``eval_every`` steps; the adapters of the lowest one are
-    restored at the end (before training, the adapters are the identity, so a run that never improves
-    leaves the model as it was).
-
-    Returns:
-        ``(peft_model, info)``: the ``peft`` model in eval mode holding the best adapters (unmerged), and
-        ``{"steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss", "history":
-        [{"step", "train_loss", "val_loss"}], "train_windows", "holdout_windows", "tokens_per_step",
-        "trainable_parameters", "target_modules", "seconds"}``.
-    """
-    cfg.validate()
-    device = torch.device(device)
-    train, holdout = _split_tokens(tokenizer, text, cfg)
-    model, targets = with_lora(model, adapter or get_adapter(model.config), cfg)
-
-    def train_loss(idx: torch.Tensor) -> torch.Tensor:
-        batch = train[idx].to(device)
-        return model(input_ids=batch, labels=batch).loss
-
-    info = fit_adapters(model, cfg, train.shape[0], train_loss,
-                        lambda: _mean_loss(model, holdout, cfg.batch_size, device), progress=progress)  # fmt: skip
-    info.update(train_windows=int(train.shape[0]), holdout_windows=int(holdout.shape[0]), target_modules=targets)
-    return model, info
-
-
-def distill_lora(
-    model: torch.nn.Module,
-    targets: TeacherTargets,
-    cfg: FinetuneConfig,
-    *,
-    teacher: torch.nn.Module | None = None,
-    adapter: ModelAdapter | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> tuple[torch.nn.Module, dict]:
-    """Train LoRA adapters on ``model`` to match the teacher's next-token distribution on its own text.
-
-    The items are the teacher's generated sequences (``targets.ids``, ``(N, L)``); the last
-    ``ceil(holdout_tokens / L)`` of them are held out, and early stopping watches the KL on them. The loss is
-    :func:`~prunenet.distill.topk_kl` against the stored top-``K`` targets, or, with ``targets.top_k == 0``,
-    :func:`~prunenet.distill.full_kl` against ``teacher`` run on the same batch; plus
-    ``cfg.hard_label_weight`` times the next-token loss on the generated text.
-
-    Returns:
-        ``(peft_model, info)`` as :func:`train_lora`, with ``train_sequences`` and ``holdout_sequences``.
-    """
-    cfg.validate()
-    device = torch.device(device)
-    count, length = targets.ids.shape
-    holdout = min(count - 1, math.ceil(cfg.holdout_tokens / length))
-    if holdout < 1:
-        raise FinetuneError(
-            f"the teacher's text is {count} sequence(s) of {length} tokens: too few for a held-out sequence plus "
-            "one to train on; raise --teacher-tokens or lower --seq-len"
-        )
-    if targets.top_k == 0 and teacher is None:
-        raise ValueError("full-vocabulary distillation (--kd-top-k 0) needs the teacher model")
-    model, lora_targets = with_lora(model, adapter or get_adapter(model.config), cfg)
-    train_idx, held_idx = torch.arange(count - holdout), torch.arange(count - holdout, count)
-
-    def loss_on(idx: torch.Tensor, hard: bool) -> torch.Tensor:
-        ids, logp, index, tail = targets.rows(idx, device)
-        logits = model(input_ids=ids).logits
-        if targets.top_k:
-            loss = topk_kl(logits, logp, index, tail)
-        else:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids).logits
-            loss = full_kl(logits, teacher_logits)
-        if hard and cfg.hard_label_weight:
-            labels = ids[:, 1:].reshape(-1)
-            loss = loss + cfg.hard_label_weight * torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(labels.numel(), -1).float(), labels
-            )
-        return loss
-
-    def held_out_kl() -> float:
-        total = 0.0
-        for i in range(0, holdout, cfg.batch_size):
-            idx = held_idx[i : i + cfg.batch_size]
-            total += float(loss_on(idx, hard=False)) * idx.numel()
-        return total / holdout
-
-    info = fit_adapters(model, cfg, count - holdout, lambda idx: loss_on(train_idx[idx], hard=True), held_out_kl,
-                        progress=progress)  # fmt: skip
-    info.update(train_sequences=count - holdout, holdout_sequences=holdout, target_modules=lora_targets)
-    return model, info
-
-
-def with_lora(model: torch.nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig) -> tuple[torch.nn.Module, list]:
-    """``model`` wrapped by ``peft`` with LoRA adapters (seeded) on every projection the adapter names."""
-    peft = require_peft()
-    targets = adapter.lora_targets()
-    torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout masks
-    lora = peft.LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        # GPT-2's Conv1D stores weights as (in, out).
-        fan_in_fan_out=adapter.conv1d,
-    )
-    return peft.get_peft_model(model, lora), targets
-
-
-def fit_adapters(
-    model: torch.nn.Module,
-    cfg: FinetuneConfig,
-    items: int,
-    train_loss: Callable[[torch.Tensor], torch.Tensor],
-    val_loss: Callable[[], float],
-    *,
-    progress: bool = True,
-) -> dict:
-    """The training loop of LoRA recovery, whatever the loss: AdamW on the trainable parameters of ``model``.
-
-    Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` item indices (a seeded random
-    order over ``range(items)``, renewed each epoch) and backpropagates ``train_loss(indices)``; gradients are
-    clipped to norm 1. ``val_loss()`` is measured before training and every ``eval_every`` steps; the
-    parameters of the lowest value are restored at the end, and ``patience`` validations without
-    improvement stop the run.
-
-    Returns:
-        ``{"steps_run", "best_step", "stopped_early", "val_loss_before", "best_val_loss", "history",
-        "tokens_per_step", "trainable_parameters", "seconds"}``.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        params = dict(model.named_parameters())
-        return {name: params[name].detach().clone() for name in names}
-
-    def validate() -> float:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            value = float(val_loss())
-        model.train(was_training)
-        return value
-
-    start = time.perf_counter()
-    best_loss = val_before = validate()
-    best_state, best_step, bad, stopped_early = snapshot(), 0, 0, False
-    history = [{"step": 0, "train_loss": None, "val_loss": val_before}]
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(items, generator=order_gen), 0
-    model.train()
-    bar = progress_bar(range(1, cfg.steps + 1), desc="fine-tuning", unit="step", enabled=progress)
-    running, running_n, step = 0.0, 0, 0
-    for step in bar:
-        for _ in range(cfg.grad_accum):
-            if cursor + cfg.batch_size > order.numel():  # next epoch, new order
-                order, cursor = torch.randperm(items, generator=order_gen), 0
-            idx = order[cursor : cursor + cfg.batch_size]
-            cursor += cfg.batch_size
-            loss = train_loss(idx)
-            (loss / cfg.grad_accum).backward()
-            running += float(loss.detach())
-            running_n += 1
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # before the step: it is meant to bound the update
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = validate()
-            history.append({"step": step, "train_loss": running / running_n, "val_loss": val})
-            bar.set_postfix(train_loss=f"{running / running_n:.3f}", val_loss=f"{val:.3f}", best=f"{best_loss:.3f}")
-            running, running_n = 0.0, 0
-            if val < best_loss:
-                best_loss, best_state, best_step, bad = val, snapshot(), step, 0
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    stopped_early = step < cfg.steps
-                    break
-    bar.close()
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in best_state.items():
-            params[name].copy_(value)
-    model.eval()
-    return {
-        "steps_run": step,
-        "best_step": best_step,
-        "stopped_early": stopped_early,
-        "val_loss_before": val_before,
-        "best_val_loss": best_loss,
-        "history": history,
-        "tokens_per_step": cfg.batch_size * cfg.grad_accum * cfg.seq_len,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def merge_lora(peft_model: torch.nn.Module) -> torch.nn.Module:
-    """Fold the LoRA updates into the base weights (``W + alpha / r * B A``) and return the plain model."""
-    return peft_model.merge_and_unload()
 
 
 @dataclass
@@ -331,6 +56,248 @@ class FinetuneResult:
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def finetune(
+    *,
+    model: str,
+    out: str | Path,
+    text_file: str | None = None,
+    teacher: str | None = None,
+    config: FinetuneConfig | None = None,
+    eval_tokens: int = FinetuneRun.eval_tokens,
+    eval_context: int = 512,
+    device: str = "cpu",
+    dtype: str = FinetuneRun.dtype,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> FinetuneResult:
+    """Recovery-fine-tune the model ``model`` (e.g. a folder written by ``compress``) and save it to ``out``.
+
+    Loads the model, trains LoRA adapters (:func:`~prunenet.recovery_training.train_lora`) on ``text_file`` or
+    the ``train`` split of the embedded corpus -- or, with ``teacher`` (e.g. the dense model it was pruned
+    from), on text the teacher generates, to match the teacher's next-token distribution
+    (:func:`~prunenet.recovery_training.distill_lora`; no dataset) -- merges them and writes the model,
+    tokenizer, the source's policy file (if any) and its ``prunenet.json`` extended with a ``"finetune"``
+    section into ``out``, atomically. ``eval_tokens > 0`` also measures perplexity before and after on the
+    first ``eval_tokens`` tokens of the held-out ``eval`` split (``prunenet eval``'s default text), in
+    ``eval_context``-token windows.
+
+    The hyper-parameters: ``config`` as given, or without it the defaults of the run -- with ``teacher``, the
+    self-distillation recipe of ``compress --recover`` (:data:`prunenet.config.SELF_DISTILLATION`), else
+    :class:`FinetuneConfig`'s -- with ``options`` (:class:`FinetuneConfig` fields as keywords) applied over them.
+
+    Raises:
+        FinetuneError: ``peft`` missing; text too short. ValueError: bad settings or output folder.
+        TypeError: an option :class:`FinetuneConfig` does not have.
+        FileNotFoundError / ModelLoadError: the model or text cannot be found or loaded.
+    """
+    from .resolve import resolve_model
+
+    if options:
+        base = config if config is not None else finetune_config(teacher=teacher is not None)
+        config = config_from(FinetuneConfig, base, **options)
+    run = FinetuneRun(text_file=text_file, teacher=teacher, config=config, eval_tokens=eval_tokens, device=device,
+                      dtype=dtype, overwrite=overwrite)  # fmt: skip
+    run.validate()
+    device = str(check_device(resolve_device(device)))
+    require_peft()
+    source = resolve_model(model)
+    teacher_path = resolve_model(teacher) if teacher is not None else None
+    with claim_output(out, sources=[source], teacher=teacher_path, overwrite=overwrite) as target:
+        return finetune_into(target, source, model=model, text_file=text_file, teacher=(teacher, teacher_path),
+                             cfg=run.config, eval_tokens=eval_tokens, eval_context=eval_context, device=device,
+                             dtype=dtype, progress=progress)  # fmt: skip
+
+
+def finetune_into(
+    target: OutputFolder,
+    source: Path,
+    *,
+    model: str,
+    text_file: str | None,
+    teacher: tuple[str | None, Path | None],
+    cfg: FinetuneConfig,
+    eval_tokens: int,
+    eval_context: int,
+    device: str,
+    dtype: str,
+    progress: bool,
+    staged: bool = False,
+) -> FinetuneResult:
+    """:func:`finetune` once ``target`` is claimed: load ``source``, train, merge, save into ``target``.
+
+    ``model`` names the source in the manifest; ``staged``: ``source`` is a staging folder that is removed
+    after the run (``compress --recover``), so the manifest records no path for it.
+
+    ``timings`` (seconds): ``teacher_load_s``, ``generate_s`` and ``targets_s`` with a teacher, then
+    ``load_s`` (the model, and without a teacher the text), ``eval_before_s``, ``train_s``, ``merge_s``,
+    ``eval_after_s``, ``save_s``.
+    """
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    _check_space(target, source, dtype)
+    teacher_name, teacher_path = teacher
+    eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
+    text = targets = teacher_lm = teacher_vocab = None
+    if teacher_path is None:
+        text = load_text(text_file, TRAIN_SPLIT)
+    else:
+        targets, teacher_lm, teacher_vocab = _load_teacher_targets(
+            teacher_path, cfg, device, dtype, progress, timings, tick
+        )
+        tick = time.perf_counter()
+    lm, tokenizer, adapter = _load_student(source, device, dtype, teacher_name, teacher_vocab)
+    timings["load_s"] = time.perf_counter() - tick
+
+    def held_out(m: torch.nn.Module) -> float | None:
+        return _held_out_perplexity(m, tokenizer, eval_text, eval_tokens, eval_context, device)
+
+    ppl_before = _timed(timings, "eval_before_s", held_out, lm)
+    peft_model, info = _train(lm, tokenizer, adapter, text, targets, teacher_lm, cfg, device, progress)
+    del teacher_lm
+    timings["train_s"] = info["seconds"]
+    lm = _timed(timings, "merge_s", merge_lora, peft_model)
+    del peft_model
+    ppl_after = _timed(timings, "eval_after_s", held_out, lm)
+    manifest = _describe(source, model=model, staged=staged, text_file=text_file, teacher=teacher, targets=targets,
+                         cfg=cfg, dtype=dtype, device=device, info=info, eval_tokens=eval_tokens,
+                         eval_context=eval_context, perplexity=(ppl_before, ppl_after), timings=timings)  # fmt: skip
+    _save(target, lm, tokenizer, source, manifest, timings)
+    return FinetuneResult(
+        out=target.path, info=info, perplexity_before=ppl_before, perplexity_after=ppl_after, timings=timings
+    )
+
+
+def _timed(timings: dict[str, float], key: str, step: Callable, *args):
+    """``step(*args)``, its seconds recorded as ``timings[key]``."""
+    tick = time.perf_counter()
+    value = step(*args)
+    timings[key] = time.perf_counter() - tick
+    return value
+
+
+def _check_space(target: OutputFolder, source: Path, dtype: str) -> None:
+    """Refuse early when the output's file system cannot hold the model's weights in ``dtype``."""
+    from .dtypes import TORCH_DTYPES
+    from .streaming import CheckpointError, CheckpointSource
+
+    with contextlib.suppress(CheckpointError):  # unreadable weights: load_model says what is wrong
+        if CheckpointSource.has_safetensors(source):
+            target.ensure_space(CheckpointSource(source).nbytes(TORCH_DTYPES[dtype]))
+
+
+def _vocabulary(model: torch.nn.Module) -> int:
+    """Rows of the LM head: the vocabulary the model predicts over."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _load_teacher_targets(
+    teacher_path: Path, cfg: FinetuneConfig, device: str, dtype: str, progress: bool, timings: dict, tick: float
+) -> tuple[TeacherTargets, torch.nn.Module | None, int]:
+    """Load the teacher and make its targets (``teacher_load_s`` counted from ``tick``).
+
+    Returns ``(targets, teacher, vocabulary)``: the teacher model only for full-vocabulary distillation
+    (``top_k == 0``), which runs it on every batch; else it is freed before the student loads.
+    """
+    from .dtypes import TORCH_DTYPES
+    from .models import load_model
+
+    teacher_lm, _, _ = load_model(str(teacher_path), device=device, dtype=TORCH_DTYPES[dtype])
+    timings["teacher_load_s"] = time.perf_counter() - tick
+    targets = teacher_targets(teacher_lm, sequences=cfg.teacher_tokens // cfg.seq_len, length=cfg.seq_len,
+                              top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.batch_size,
+                              progress=progress)  # fmt: skip
+    timings.update(targets.seconds)
+    vocab = _vocabulary(teacher_lm)
+    if cfg.top_k:  # the targets hold what training needs: the teacher need not stay resident
+        teacher_lm = None
+        gc.collect()
+    return targets, teacher_lm, vocab
+
+
+def _load_student(
+    source: Path, device: str, dtype: str, teacher_name: str | None, teacher_vocab: int | None
+) -> tuple[torch.nn.Module, object, ModelAdapter]:
+    """The model to fine-tune, its tokenizer and adapter; refused when its vocabulary is not the teacher's."""
+    from .dtypes import TORCH_DTYPES
+    from .models import load_model
+
+    lm, tokenizer, _ = load_model(str(source), device=device, dtype=TORCH_DTYPES[dtype])
+    adapter = get_adapter(lm.config)
+    vocab = _vocabulary(lm)
+    if teacher_vocab is not None and teacher_vocab != vocab:
+        raise FinetuneError(
+            f"the teacher {teacher_name} has a vocabulary of {teacher_vocab} tokens and the model {vocab}: "
+            "distil from the model this one was pruned from"
+        )
+    return lm, tokenizer, adapter
+
+
+def _held_out_perplexity(lm, tokenizer, eval_text: str | None, eval_tokens: int, eval_context: int,
+                         device: str) -> float | None:  # fmt: skip
+    """Perplexity on the first ``eval_tokens`` tokens of ``eval_text``; ``None`` when there is none to measure."""
+    if eval_text is None:
+        return None
+    from .perplexity import perplexity
+
+    r = perplexity(lm, tokenizer, eval_text, max_tokens=eval_tokens, context=eval_context, device=device,
+                   progress=False)  # fmt: skip
+    return r["perplexity"]
+
+
+def _train(lm, tokenizer, adapter: ModelAdapter, text: str | None, targets: TeacherTargets | None,
+           teacher_lm: torch.nn.Module | None, cfg: FinetuneConfig, device: str,
+           progress: bool) -> tuple[torch.nn.Module, dict]:  # fmt: skip
+    """LoRA adapters trained on ``text``, or without one to match the teacher's ``targets``: ``(peft_model, info)``."""
+    if targets is None:
+        return train_lora(lm, tokenizer, text, cfg, adapter=adapter, device=device, progress=progress)
+    return distill_lora(lm, targets, cfg, teacher=teacher_lm, adapter=adapter, device=device, progress=progress)
+
+
+def _describe(
+    source: Path,
+    *,
+    model: str,
+    staged: bool,
+    text_file: str | None,
+    teacher: tuple[str | None, Path | None],
+    targets: TeacherTargets | None,
+    cfg: FinetuneConfig,
+    dtype: str,
+    device: str,
+    info: dict,
+    eval_tokens: int,
+    eval_context: int,
+    perplexity: tuple[float | None, float | None],
+    timings: dict[str, float],
+) -> dict:
+    """The output's manifest: the source's (or one naming the source) with a ``finetune`` section -- versions,
+    source, method, text, settings, the training record, held-out perplexity before/after, timings."""
+    manifest = read_manifest(source) if (source / MANIFEST_FILE).is_file() else {"source_model": model}
+    manifest["finetune"] = {
+        "prunenet_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": model,
+        "source_path": None if staged else str(source),
+        "method": "LoRA (peft), merged into the weights"
+        + (", trained to match the teacher's next-token distribution on its own text" if targets else ""),
+        "text": _text_description(text_file) if targets is None else _teacher_description(teacher, targets, cfg),
+        "config": asdict(cfg),
+        "dtype": dtype,
+        "device": str(device),
+        **{key: value for key, value in info.items() if key != "seconds"},
+        "held_out_perplexity": {
+            "split": EVAL_SPLIT if eval_tokens else None,
+            "tokens": eval_tokens,
+            "context": eval_context,
+            "before": perplexity[0],
+            "after": perplexity[1],
+        },
+        "timings_s": timings,  # the caller's dict: _save adds save_s to it before it writes the manifest
+    }
+    return manifest
 
 
 def _text_description(text_file: str | None) -> dict:
@@ -367,163 +334,8 @@ def _teacher_description(teacher: tuple[str | None, Path | None], targets: Teach
     }
 
 
-def finetune(
-    *,
-    model: str,
-    out: str | Path,
-    text_file: str | None = None,
-    teacher: str | None = None,
-    config: FinetuneConfig | None = None,
-    eval_tokens: int = 2048,
-    eval_context: int = 512,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    overwrite: bool = False,
-    progress: bool = True,
-) -> FinetuneResult:
-    """Recovery-fine-tune the model ``model`` (e.g. a folder written by ``compress``) and save it to ``out``.
-
-    Loads the model, trains LoRA adapters (:func:`train_lora`) on ``text_file`` or the ``train`` split of the
-    embedded corpus -- or, with ``teacher`` (e.g. the dense model it was pruned from), on text the teacher
-    generates, to match the teacher's next-token distribution (:func:`distill_lora`; no dataset) -- merges
-    them (:func:`merge_lora`) and writes the model, tokenizer, the source's policy file
-    (if any) and its ``prunenet.json`` extended with a ``"finetune"`` section into ``out``, atomically.
-    ``eval_tokens > 0`` also measures perplexity before and after on the first ``eval_tokens`` tokens of the
-    held-out ``eval`` split (``prunenet eval``'s default text), in ``eval_context``-token windows.
-
-    Raises:
-        FinetuneError: ``peft`` missing; text too short. ValueError: bad settings or output folder.
-        FileNotFoundError / ModelLoadError: the model or text cannot be found or loaded.
-    """
-    from .models import TORCH_DTYPES, resolve_model
-
-    cfg = config or FinetuneConfig()
-    cfg.validate()
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
-    check_count("--eval-tokens", eval_tokens, minimum=0)
-    if teacher is not None and text_file is not None:
-        raise ValueError("--teacher and --text-file exclude each other: the teacher writes the training text")
-    if teacher is not None and cfg.teacher_tokens // cfg.seq_len < 2:
-        raise FinetuneError(
-            f"--teacher-tokens {cfg.teacher_tokens} makes fewer than two {cfg.seq_len}-token sequences (one to "
-            "train on, one held out); raise --teacher-tokens or lower --seq-len"
-        )
-    device = str(check_device(resolve_device(device)))
-    require_peft()
-    source = resolve_model(model)
-    teacher_path = resolve_model(teacher) if teacher is not None else None
-    with claim_output(out, sources=[source], teacher=teacher_path, overwrite=overwrite) as target:
-        return finetune_into(target, source, model=model, text_file=text_file, teacher=(teacher, teacher_path),
-                             cfg=cfg, eval_tokens=eval_tokens, eval_context=eval_context, device=device, dtype=dtype,
-                             progress=progress)  # fmt: skip
-
-
-def finetune_into(
-    target: OutputFolder,
-    source: Path,
-    *,
-    model: str,
-    text_file: str | None,
-    teacher: tuple[str | None, Path | None],
-    cfg: FinetuneConfig,
-    eval_tokens: int,
-    eval_context: int,
-    device: str,
-    dtype: str,
-    progress: bool,
-    staged: bool = False,
-) -> FinetuneResult:
-    """:func:`finetune` once ``target`` is claimed: load ``source``, train, merge, save into ``target``.
-
-    ``model`` names the source in the manifest; ``staged``: ``source`` is a staging folder that is removed
-    after the run (``compress --recover``), so the manifest records no path for it.
-    """
-    from .evaluate import perplexity
-    from .models import TORCH_DTYPES, load_model
-    from .sources import weight_bytes
-    from .streaming import CheckpointError, CheckpointSource
-    from .text import load_text
-
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    with contextlib.suppress(CheckpointError):  # unreadable weights: load_model says what is wrong
-        if CheckpointSource.has_safetensors(source):
-            target.ensure_space(weight_bytes(CheckpointSource(source), dtype))
-    teacher_name, teacher_path = teacher
-    eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
-    text = targets = teacher_lm = teacher_vocab = None
-    if teacher_path is None:
-        text = load_text(text_file, TRAIN_SPLIT)
-    else:
-        teacher_lm, _, _ = load_model(str(teacher_path), device=device, dtype=TORCH_DTYPES[dtype])
-        timings["teacher_load_s"] = time.perf_counter() - tick
-        targets = teacher_targets(teacher_lm, sequences=cfg.teacher_tokens // cfg.seq_len, length=cfg.seq_len,
-                                  top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.batch_size,
-                                  progress=progress)  # fmt: skip
-        timings.update(targets.seconds)
-        teacher_vocab = teacher_lm.get_output_embeddings().weight.shape[0]
-        if cfg.top_k:  # the targets hold what training needs: the teacher need not stay resident
-            teacher_lm = None
-            gc.collect()
-        tick = time.perf_counter()
-    lm, tokenizer, _ = load_model(str(source), device=device, dtype=TORCH_DTYPES[dtype])
-    adapter = get_adapter(lm.config)
-    timings["load_s"] = time.perf_counter() - tick
-    vocab = lm.get_output_embeddings().weight.shape[0]
-    if teacher_vocab is not None and teacher_vocab != vocab:
-        raise FinetuneError(
-            f"the teacher {teacher_name} has a vocabulary of {teacher_vocab} tokens and the model {vocab}: "
-            "distil from the model this one was pruned from"
-        )
-
-    def held_out() -> float | None:
-        if eval_text is None:
-            return None
-        r = perplexity(lm, tokenizer, eval_text, max_tokens=eval_tokens, context=eval_context, device=device,
-                       progress=False)  # fmt: skip
-        return r["perplexity"]
-
-    tick = time.perf_counter()
-    ppl_before = held_out()
-    timings["eval_before_s"] = time.perf_counter() - tick
-    if targets is None:
-        peft_model, info = train_lora(lm, tokenizer, text, cfg, adapter=adapter, device=device, progress=progress)
-    else:
-        peft_model, info = distill_lora(lm, targets, cfg, teacher=teacher_lm, adapter=adapter, device=device,
-                                        progress=progress)  # fmt: skip
-        del teacher_lm
-    timings["train_s"] = info["seconds"]
-    tick = time.perf_counter()
-    lm = merge_lora(peft_model)
-    del peft_model
-    timings["merge_s"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    ppl_after = held_out()
-    timings["eval_after_s"] = time.perf_counter() - tick
-
-    manifest = read_manifest(source) if (source / MANIFEST_FILE).is_file() else {"source_model": model}
-    manifest["finetune"] = {
-        "prunenet_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_model": model,
-        "source_path": None if staged else str(source),
-        "method": "LoRA (peft), merged into the weights"
-        + (", trained to match the teacher's next-token distribution on its own text" if targets else ""),
-        "text": _text_description(text_file) if targets is None else _teacher_description(teacher, targets, cfg),
-        "config": asdict(cfg),
-        "dtype": dtype,
-        "device": str(device),
-        **{key: value for key, value in info.items() if key != "seconds"},
-        "held_out_perplexity": {
-            "split": EVAL_SPLIT if eval_tokens else None,
-            "tokens": eval_tokens,
-            "context": eval_context,
-            "before": ppl_before,
-            "after": ppl_after,
-        },
-        "timings_s": timings,
-    }
+def _save(target: OutputFolder, lm, tokenizer, source: Path, manifest: dict, timings: dict[str, float]) -> None:
+    """Write the model, its tokenizer, the source's policy file and ``manifest`` into ``target`` (``save_s``)."""
     with target.write() as tmp:
         tick = time.perf_counter()
         lm.save_pretrained(tmp)
@@ -532,6 +344,3 @@ def finetune_into(
             shutil.copy2(source / POLICY_FILE, tmp / POLICY_FILE)
         timings["save_s"] = time.perf_counter() - tick
         write_manifest(tmp, manifest)
-    return FinetuneResult(
-        out=target.path, info=info, perplexity_before=ppl_before, perplexity_after=ppl_after, timings=timings
-    )

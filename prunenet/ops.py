@@ -27,9 +27,9 @@ from types import ModuleType
 
 import torch
 
-log = logging.getLogger(__name__)
+from .config import REWARD_BACKENDS
 
-REWARD_BACKENDS = ("auto", "torch", "triton")
+log = logging.getLogger(__name__)
 
 
 class RewardBackendError(ValueError):

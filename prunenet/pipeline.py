@@ -23,8 +23,8 @@ from . import __version__
 from .checkpoint import POLICY_FILE, kept_indices_to_json, save_policy, write_manifest
 from .config import DEFAULT_MODEL, CompressConfig, PruneConfig, config_from
 from .distributed import Distributed
-from .models import resolve_model
 from .output import OutputFolder, check_output_path, claim_output, partial_folder
+from .resolve import resolve_model
 from .selectors import SELECTORS, Selection, select, selector_of
 from .sources import ModelSource, Source, check_prunable, plan_source
 from .validate import check_finite_weights, resolve_device
@@ -181,7 +181,7 @@ def compress(
         raise ValueError("--recover runs in one process: compress under torchrun, then run `prunenet finetune "
                          "--teacher` on the output")  # fmt: skip
     if config.recover:
-        from .finetune import require_peft
+        from .lora import require_peft
 
         require_peft()  # before any work
     timings: dict[str, float] = {}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SELECTIONS = ("sample", "topk")
+from .config import SELECTIONS
 
 
 class SparsityPredictor(nn.Module):

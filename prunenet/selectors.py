@@ -2,8 +2,8 @@
 
 :data:`SELECTORS` is the one registry. Each :class:`Selector` declares what it needs from a source (see
 :data:`NEEDS`) and which :class:`~prunenet.config.PruneConfig` options are its own; the CLI's ``--method``
-choices and help, the docs' method table and the manifest are derived from it, and whether a selector
-runs on a source is one rule (:func:`prunenet.sources.can_serve`).
+choices and help, the docs' method table and the manifest are derived from it. Every source serves every
+selector; what it needs decides how a streamed checkpoint plans its memory (:func:`prunenet.sources.plan_source`).
 
 Every selector returns one sorted, unique ``(k,)`` int64 CPU vector per FFN unit: per layer, or per expert
 of every layer in a mixture-of-experts model (each expert's state matrix is its own; one policy serves
@@ -38,7 +38,8 @@ NEEDS = {
     "weights": "the FFN weights only",
     "model": "forward passes of the model (block by block from the checkpoint when streaming)",
 }
-"""What a selector reads, from least to most: a source that can give it is one that can serve it."""
+"""What a selector reads, from least to most. A stream of a checkpoint keeps the state matrices in its memory plan
+for ``"weights"``, one decoder block resident at a time for ``"model"``."""
 
 
 @dataclass

@@ -191,19 +191,21 @@ def slice_experts_(
     return rows, cols
 
 
-def validate_keeps(keeps: Sequence[torch.Tensor], num_layers: int, width: int) -> int:
-    """Check kept-neuron vectors (one per FFN unit, equal length, sorted, unique, in range); return ``k``."""
-    if len(keeps) != num_layers:
-        raise ValueError(f"got kept neurons for {len(keeps)} FFN units (layers, or every layer's experts), "
-                         f"the model has {num_layers}")  # fmt: skip
+def validate_keeps(keeps: Sequence[torch.Tensor], units: int, width: int, *, what: str = "FFN neurons",
+                   per: str = "FFN units (layers, or every layer's experts)") -> int:  # fmt: skip
+    """Check kept-index vectors: ``units`` of them (one per ``per``), 1-D int64 of one length ``k >= 1``, each
+    sorted, unique and in ``[0, width)``; return ``k``. ``what`` names the entries in the messages (the FFN's
+    neurons, or attention's KV groups)."""
+    if len(keeps) != units:
+        raise ValueError(f"got kept {what} for {len(keeps)} {per}, the model has {units}")
     k = keeps[0].numel()
     for layer, keep in enumerate(keeps):
         if keep.dtype != torch.int64 or keep.dim() != 1 or keep.numel() != k:
-            raise ValueError(f"layer {layer}: kept neurons must be a 1-D int64 tensor of length {k}")
+            raise ValueError(f"layer {layer}: kept {what} must be a 1-D int64 tensor of length {k}")
         if k and (keep[0] < 0 or keep[-1] >= width or not bool((keep[1:] > keep[:-1]).all())):
-            raise ValueError(f"layer {layer}: kept neurons must be sorted, unique and in [0, {width})")
+            raise ValueError(f"layer {layer}: kept {what} must be sorted, unique and in [0, {width})")
     if k == 0:
-        raise ValueError("cannot keep zero FFN neurons")
+        raise ValueError(f"cannot keep zero {what}")
     return k
 
 
@@ -245,10 +247,8 @@ def slice_model_(
         else:  # (E, k): the kept neurons of each of the block's experts
             keep = torch.stack(list(keeps[layer * experts : (layer + 1) * experts])).to(device)
             slice_experts_(rows, cols, keep, width, backend=backend)
-        for spec, param in found:
-            _sync_module_shape(model, adapter.block_prefix(layer) + spec.name, param)
+        adapter.record_sliced_shapes(model, layer, k)
     adapter.set_ffn_width(config, k)
-    _sync_expert_width(model, adapter, k)
 
 
 @torch.no_grad()
@@ -267,26 +267,3 @@ def slice_linear_(linear: torch.nn.Linear, index: torch.Tensor, dim: int, backen
     else:
         slice_ffn_([], [weight], index, weight.shape[1], backend=backend)
     linear.out_features, linear.in_features = weight.shape
-
-
-def _sync_expert_width(model: torch.nn.Module, adapter: ModelAdapter, k: int) -> None:
-    """Fused expert modules record their width (``intermediate_dim``): keep it truthful."""
-    if adapter.experts_attr is None:
-        return
-    prefix = adapter.tensors[0].name.rpartition(".")[0]
-    for layer in range(adapter.num_layers(model.config)):
-        module = model.get_submodule(adapter.block_prefix(layer) + prefix)
-        if hasattr(module, "intermediate_dim"):
-            module.intermediate_dim = k
-
-
-def _sync_module_shape(model: torch.nn.Module, param_name: str, param: torch.Tensor) -> None:
-    """Keep ``in_features``/``out_features`` (``nn.Linear``) and ``nf`` (GPT-2 ``Conv1D``) truthful."""
-    module_name, _, attr = param_name.rpartition(".")
-    if attr != "weight":
-        return
-    module = model.get_submodule(module_name)
-    if isinstance(module, torch.nn.Linear):
-        module.out_features, module.in_features = param.shape
-    elif hasattr(module, "nf"):
-        module.nf = param.shape[1]

@@ -8,9 +8,9 @@
   memory plan), the model runs forward with one decoder block resident at a time
   (:mod:`prunenet.offload`), and the shard writer copies it shard by shard.
 
-A source *provides* some of :data:`~prunenet.selectors.NEEDS` (plus ``"attention"``: slicing whole
-key/value head groups, which needs the instantiated attention); :func:`requirements` says what a run
-needs and :func:`can_serve` is the one rule deciding whether a source can serve it.
+Both serve every selector and both ``--modules``: a selector's :data:`~prunenet.selectors.NEEDS` decides
+how a stream plans its memory (:func:`plan_source`: the state matrices, or one block resident for the
+forward passes), not whether it can run.
 """
 
 from __future__ import annotations
@@ -26,47 +26,19 @@ import torch
 from .adapters import ModelAdapter, get_adapter
 from .config import CompressConfig, PruneConfig
 from .distributed import Distributed
-from .models import TORCH_DTYPES
+from .dtypes import TORCH_DTYPES
+from .memory_plan import ForwardPlan, MemoryPlan, bound_heap_growth, free_memory, plan_forward, plan_memory
 from .selectors import SELECTORS
-from .streaming import (
-    CheckpointError,
-    CheckpointSource,
-    CheckpointStates,
-    CheckpointUnreadable,
-    ForwardPlan,
-    MemoryPlan,
-    bound_heap_growth,
-    free_memory,
-    plan_forward,
-    plan_memory,
-)
+from .streaming import CheckpointError, CheckpointSource, CheckpointStates, CheckpointUnreadable
 from .validate import parse_size
 
 log = logging.getLogger(__name__)
-
-
-def requirements(config: PruneConfig) -> list[str]:
-    """What a run needs from its source: the selector's need, and ``"attention"`` for ``--modules ffn+attn``."""
-    return [SELECTORS[config.method].needs] + (["attention"] if config.modules == "ffn+attn" else [])
-
-
-def can_serve(provides: frozenset[str], config: PruneConfig) -> bool:
-    """The rule: a source serves a run when it provides everything the run needs."""
-    return all(need in provides for need in requirements(config))
-
-
-def _unmet_flag(provides: frozenset[str], config: PruneConfig) -> str:
-    """The flag that asks for what ``provides`` lacks, for error messages."""
-    if SELECTORS[config.method].needs not in provides:
-        return f"--method {config.method}"
-    return f"--modules {config.modules}"
 
 
 class Source:
     """Common interface. Attributes: ``config`` (the model's ``PretrainedConfig``), ``adapter``, ``streaming``,
     ``spill_grams`` (training keeps ``W^T W`` in a file), ``memory_plan`` (``None`` in memory)."""
 
-    provides: frozenset[str] = frozenset()
     streaming = False
     spill_grams = False
     memory_plan: MemoryPlan | None = None
@@ -112,8 +84,6 @@ class ModelSource(Source):
     into the output, whatever the selector reads).
     """
 
-    provides = frozenset({"nothing", "weights", "model", "attention"})
-
     def __init__(self, model: torch.nn.Module, tokenizer=None, path: Path | None = None):
         super().__init__(model.config, get_adapter(model.config))
         self.model, self.tokenizer, self.path = model, tokenizer, path
@@ -125,10 +95,9 @@ class ModelSource(Source):
         return self._states
 
     def numel(self) -> int:
-        # What a checkpoint stores, as CheckpointStream counts it: parameters and persistent buffers
-        # (Apertus's activation keeps two), tied tensors once.
-        stored = {t.data_ptr(): t.numel() for t in self.model.state_dict().values()}
-        return sum(stored.values())
+        from .model_size import count_parameters
+
+        return count_parameters(self.model)
 
     def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         return contextlib.nullcontext(self.model)
@@ -144,11 +113,10 @@ class CheckpointStream(Source):
     matrices, the attention's ``o_proj``) or copied (the shard writer); a run that runs the model checks them
     all before the model is built.
 
-    ``plan`` is a :class:`~prunenet.streaming.MemoryPlan` (selectors that read weights) or a
-    :class:`~prunenet.streaming.ForwardPlan` (selectors that run the model).
+    ``plan`` is a :class:`~prunenet.memory_plan.MemoryPlan` (selectors that read weights) or a
+    :class:`~prunenet.memory_plan.ForwardPlan` (selectors that run the model).
     """
 
-    provides = frozenset({"nothing", "weights", "model", "attention"})
     streaming = True
 
     def __init__(self, checkpoint: CheckpointSource, config, adapter: ModelAdapter, plan: MemoryPlan | ForwardPlan,
@@ -185,10 +153,9 @@ class CheckpointStream(Source):
             self._states = None
 
 
-def weight_bytes(checkpoint: CheckpointSource, dtype: str = "auto") -> int:
-    """Bytes of the checkpoint's weights once loaded in ``dtype`` (``"auto"``: as stored)."""
-    itemsize = TORCH_DTYPES[dtype].itemsize if dtype != "auto" else None
-    return sum(e.numel * (itemsize or e.dtype.itemsize) for e in checkpoint.entries.values())
+def _converted_to(dtype: str) -> torch.dtype | None:
+    """The dtype ``--dtype`` loads floating-point weights in; ``None`` for ``"auto"`` (as stored)."""
+    return TORCH_DTYPES[dtype] if dtype != "auto" else None
 
 
 def _stored_dtype(checkpoint: CheckpointSource | None, adapter, config) -> torch.dtype:
@@ -219,29 +186,20 @@ class SourcePlan:
         ``None``: unknown (no safetensors to read sizes from)."""
         if self.checkpoint is None:
             return None
-        from .attention import attention_shape, kept_groups_count
+        from .attention import kept_groups_count
 
         adapter, config, settings = self.adapter, self.config, self.settings
         n = adapter.ffn_width(config)
         shrunk = dict.fromkeys(self.checkpoint.ffn_tensors(adapter, config), (adapter.kept_width(settings.ratio, n), n))
         if settings.modules == "ffn+attn":
-            kv = attention_shape(config).kv_heads
+            kv = adapter.attention_shape(config).kv_heads
             kept = (kept_groups_count(settings.ratio, kv), kv)
             spec = adapter.attention
             for layer in range(adapter.num_layers(config)):
                 prefix = adapter.checkpoint_prefix(layer)
                 names = [f"{prefix}{m}.{p}" for m in (spec.q, spec.k, spec.v) for p in ("weight", "bias")]
                 shrunk.update(dict.fromkeys([*names, f"{prefix}{spec.o}.weight"], kept))  # o's bias is (d,)
-        itemsize = TORCH_DTYPES[settings.dtype].itemsize if settings.dtype != "auto" else None
-        total = 0
-        for name, entry in self.checkpoint.entries.items():
-            numel = entry.numel
-            if name in shrunk:  # the sliced axis is a multiple of the whole: exact
-                kept, whole = shrunk[name]
-                numel = numel // whole * kept
-            converted = itemsize is not None and entry.dtype.is_floating_point
-            total += numel * (itemsize if converted else entry.dtype.itemsize)
-        return total
+        return self.checkpoint.nbytes(_converted_to(settings.dtype), shrunk)
 
     def open(self) -> Source:
         """The source, weights loaded (in memory) or ready to stream."""
@@ -259,7 +217,7 @@ class SourcePlan:
 def _read_config(path: Path):
     from transformers import AutoConfig
 
-    from .models import ModelLoadError
+    from .model_errors import ModelLoadError
 
     errors: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, TypeError)
     try:  # a field of the wrong type (intermediate_size 256.5, "256", null): huggingface_hub's strict dataclasses
@@ -277,19 +235,15 @@ def _read_config(path: Path):
 def _streams(settings: CompressConfig, checkpoint: CheckpointSource | None, path: Path, budget: int,
              dist: Distributed) -> bool:  # fmt: skip
     """Streaming or in-memory: forced by ``--streaming``/``--no-streaming`` (a distributed run always streams),
-    else streaming when the weights exceed ``budget``, and only when a stream can serve the run."""
+    else streaming when the weights exceed ``budget``."""
     streaming = True if dist.active else settings.streaming
-    servable = can_serve(CheckpointStream.provides, settings)
     if streaming:
         if checkpoint is None:
             raise ValueError(f"--streaming needs safetensors weights, and {path} has none; use --no-streaming")
-        if not servable:  # a selector registered with needs a stream does not provide
-            flag = _unmet_flag(CheckpointStream.provides, settings)
-            raise ValueError(f"{flag} needs the instantiated model: it cannot stream (use --no-streaming)")
         return True
-    if streaming is False or checkpoint is None or not servable:
+    if streaming is False or checkpoint is None:
         return False
-    model_bytes = weight_bytes(checkpoint, settings.dtype)
+    model_bytes = checkpoint.nbytes(_converted_to(settings.dtype))
     if model_bytes <= budget:
         return False
     log.info("the weights (%.2f GiB) exceed the memory budget (%.2f GiB): streaming", model_bytes / 2**30,
@@ -321,7 +275,7 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
             block count, its FFN tensors' shapes); the ratio leaves no neurons, the family cannot slice
             attention, streaming is forced where it cannot serve, or a dtype conversion is asked of a stream.
     """
-    from .models import ModelLoadError
+    from .model_errors import ModelLoadError
 
     dist = dist or Distributed()
     path = Path(path)

@@ -4,7 +4,7 @@
   (:func:`prunenet.slicing.slice_model_`, and the attention's key/value head groups with
   ``--modules ffn+attn``), then ``save_pretrained`` writes it and its tokenizer.
 * :class:`ShardWriter` (a :class:`~prunenet.sources.CheckpointStream`): slices each FFN tensor (and
-  attention projection) as its shard is copied (:func:`prunenet.streaming.write_pruned_checkpoint`);
+  attention projection) as its shard is copied (:func:`prunenet.shard_writer.write_pruned_checkpoint`);
   the other bytes are copied unchanged. Under ``torchrun`` each rank writes its share of the shards; a
   killed run resumes.
 
@@ -67,8 +67,8 @@ class ShardWriter:
         """Decide what every tensor keeps (slicing happens while saving); with ``--modules ffn+attn`` the KV
         groups are chosen from each block's ``o_proj`` weight, read from the checkpoint. Returns the
         attention's manifest entry (``None`` for the FFN only)."""
-        from .attention import attention_shape, choose_attention, set_kept_heads
-        from .streaming import attention_slices, ffn_slices
+        from .attention import choose_attention
+        from .shard_writer import attention_slices, ffn_slices
 
         checkpoint, adapter, model_config = self.source.checkpoint, self.source.adapter, self.source.config
         self.source.close()  # the state matrices are no longer needed
@@ -77,28 +77,28 @@ class ShardWriter:
         adapter.set_ffn_width(self.config, keeps[0].numel())
         if config.modules != "ffn+attn":
             return None
-        shape = attention_shape(model_config)
+        shape = adapter.attention_shape(model_config)
         o_weights = (checkpoint.read(adapter.checkpoint_prefix(i) + adapter.attention.o + ".weight")
                      for i in range(adapter.num_layers(model_config)))  # fmt: skip
         kept, info = choose_attention(o_weights, shape, config.ratio)
         self.slices.update(attention_slices(checkpoint, adapter, model_config, kept))
-        set_kept_heads(self.config, shape, kept[0].numel())
+        adapter.set_attention_heads(self.config, shape, kept[0].numel())
         return info
 
     def params_after(self, k: int) -> int:
-        from .streaming import pruned_numel
+        from .shard_writer import pruned_numel
 
         return pruned_numel(self.source.checkpoint, self.slices)
 
     def resume_key(self, keeps: Sequence[torch.Tensor]) -> str:
         """A run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named after its
         inputs, and the same command resumes from them."""
-        from .streaming import resume_key
+        from .shard_writer import resume_key
 
         return resume_key(self.source.checkpoint, self.slices)
 
     def save(self, folder: Path, keeps: Sequence[torch.Tensor], dist: Distributed, progress: bool = True) -> None:
-        from .streaming import finish_checkpoint, write_pruned_checkpoint
+        from .shard_writer import finish_checkpoint, write_pruned_checkpoint
 
         checkpoint = self.source.checkpoint
         shards = dist.owned_shards(list(checkpoint.shard_entries))

@@ -179,6 +179,30 @@ def test_gpt2_conv1d_layout_and_null_n_inner():
     assert model.transformer.h[0].mlp.c_fc.nf == keeps[0].numel()
 
 
+def shape_records(model) -> dict[str, tuple]:
+    """What every module of ``model`` records about its weights' shapes, next to what the weights hold:
+    ``nn.Linear``'s features, GPT-2 ``Conv1D``'s ``nf``, fused experts' ``intermediate_dim``."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            found[name] = ((module.out_features, module.in_features), tuple(module.weight.shape))
+        elif hasattr(module, "nf") and hasattr(module, "weight"):
+            found[name] = (module.nf, module.weight.shape[1])
+        elif hasattr(module, "intermediate_dim") and hasattr(module, "down_proj"):
+            down = module.down_proj if isinstance(module.down_proj, torch.Tensor) else module.down_proj.weight
+            found[name] = (module.intermediate_dim, down.shape[-1])
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_modules_record_their_sliced_shapes(name):
+    model = tiny_model(name)
+    slice_model_(model, get_adapter(model.config), random_keeps_of(model), progress=False)
+    records = shape_records(model)
+    assert records  # the sweep saw the model's projections
+    assert {module: pair for module, pair in records.items() if pair[0] != pair[1]} == {}
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

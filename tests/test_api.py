@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny_models import WIDTH, sample_inputs, save_tiny_model, tiny_model
+from tiny_models import WIDTH, sample_inputs, tiny_model
 
 import prunenet
 from prunenet.config import kept_width
@@ -19,9 +19,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.mark.parametrize("method", ["prunenet", "random", "magnitude", "selfcal"])
-def test_prune_in_memory_equals_compress_of_the_same_model(tmp_path, one_thread, method):
-    save_tiny_model("llama", tmp_path / "src")
-    prunenet.compress(tmp_path / "src", tmp_path / "out", 0.3, method=method, seed=4, episodes=2, progress=False)
+def test_prune_in_memory_equals_compress_of_the_same_model(tiny_dir, tmp_path, one_thread, method):
+    prunenet.compress(tiny_dir, tmp_path / "out", 0.3, method=method, seed=4, episodes=2, progress=False)
     manifest = json.loads((tmp_path / "out" / "prunenet.json").read_text())
     model = tiny_model("llama")
     result = prunenet.prune_(model, 0.3, method=method, seed=4, episodes=2)

@@ -98,6 +98,65 @@ def test_no_model_type_comparisons_outside_the_adapters():
     assert not offenders, offenders
 
 
+SIZE_FIELDS = {
+    "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads",
+    "head_dim", "intermediate_size", "n_inner", "moe_intermediate_size", "num_experts", "num_local_experts",
+    "max_position_embeddings", "n_positions", "vocab_size", "text_config",
+}  # fmt: skip
+"""The config fields in which families state their sizes differently (names, defaults, a wrapper's text_config)."""
+
+
+def family_fields() -> set[str]:
+    """:data:`SIZE_FIELDS` and every config attribute an adapter names as its width, expert count or text config."""
+    from prunenet.adapters import REGISTRY
+
+    named = {
+        getattr(cls, attr) for cls in REGISTRY.values() for attr in ("width_attr", "experts_attr", "text_config_attr")
+    }
+    return SIZE_FIELDS | {name for name in named if name}
+
+
+def family_config_reads(path: Path, fields: set[str]) -> list[str]:
+    """Where ``path`` reads or writes one of ``fields`` of a config: ``<...config>.field`` (``config.head_dim``,
+    ``model.config.vocab_size``) or ``getattr``/``hasattr``/``setattr`` with the field's name on anything."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in fields:
+            receiver = node.value
+            name = receiver.id if isinstance(receiver, ast.Name) else getattr(receiver, "attr", "")
+            if "config" in name:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr", "setattr"):
+            named = node.args[1] if len(node.args) > 1 else None
+            if isinstance(named, ast.Constant) and named.value in fields:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_family_config_fields_read_outside_the_adapters():
+    """Sizes, attention shape, context length and vocabulary come from the adapter
+    (``adapter.attention_shape(config)``), which knows each family's field names, defaults and wrappers."""
+    fields = family_fields()
+    offenders = [hit for path in PACKAGE.rglob("*.py") if "adapters" not in path.parts
+                 for hit in family_config_reads(path, fields)]  # fmt: skip
+    assert not offenders, offenders
+
+
+def test_a_family_config_read_is_found(tmp_path):
+    module = tmp_path / "planner.py"
+    module.write_text(
+        "def plan(adapter, config, text, shape):\n"
+        "    heads = config.num_attention_heads\n"  # found
+        "    kv = getattr(text, 'num_key_value_heads', None)\n"  # found
+        "    n = model.config.intermediate_size\n"  # found
+        "    d = adapter.hidden_size(config)\n"  # the adapter's answer: fine
+        "    return shape.head_dim, config.model_type\n"  # a shape's field, a generic field: fine
+    )
+    assert sorted(hit.split(": ")[1] for hit in family_config_reads(module, family_fields())) == [
+        "config.num_attention_heads", "getattr(text, 'num_key_value_heads', None)", "model.config.intermediate_size",
+    ]  # fmt: skip
+
+
 def test_the_command_line_parses_without_importing_torch():
     code = (
         "import sys; from prunenet.cli import build_parser, main\n"

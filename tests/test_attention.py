@@ -17,7 +17,6 @@ from tiny_models import CONFIGS, logits, sample_inputs, save_tiny_model, spectra
 from prunenet.adapters import get_adapter
 from prunenet.attention import (
     AttentionShape,
-    attention_shape,
     choose_groups,
     slice_attention_,
     slice_attention_by_ratio_,
@@ -35,7 +34,7 @@ FAMILIES = sorted(name for name, make in CONFIGS.items() if get_adapter(make()).
 
 def silenced(model, adapter, removed: list[list[int]]):
     """The unsliced model with the query heads of ``removed[layer]`` groups contributing nothing (o_proj columns 0)."""
-    heads, kv, hd = attention_shape(model.config)
+    heads, kv, hd = adapter.attention_shape(model.config)
     span = heads // kv * hd
     with torch.no_grad():
         for layer, groups in enumerate(removed):
@@ -50,7 +49,7 @@ def test_keeping_every_group_changes_nothing(family):
     model = tiny_model(family)
     adapter = get_adapter(model.config)
     before = logits(model)
-    kv = attention_shape(model.config).kv_heads
+    kv = adapter.attention_shape(model.config).kv_heads
     slice_attention_(model, adapter, [torch.arange(kv)] * adapter.num_layers(model.config), progress=False)
     assert torch.equal(logits(model), before)
 
@@ -59,7 +58,7 @@ def test_keeping_every_group_changes_nothing(family):
 def test_sliced_model_equals_silenced_heads_and_reloads_with_stock_transformers(family, tmp_path):
     model = tiny_model(family)
     adapter = get_adapter(model.config)
-    heads, kv, hd = attention_shape(model.config)
+    heads, kv, hd = adapter.attention_shape(model.config)
     assert kv == 2  # tiny configs: 4 heads in 2 groups
     kept = [torch.tensor([1]), torch.tensor([0])]  # a different group per layer
     reference = logits(silenced(tiny_model(family), adapter, [[0], [1]]))
@@ -72,7 +71,7 @@ def test_sliced_model_equals_silenced_heads_and_reloads_with_stock_transformers(
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert reloaded.config.num_attention_heads == heads // 2
     assert reloaded.config.num_key_value_heads == 1
-    assert attention_shape(reloaded.config).head_dim == hd
+    assert adapter.attention_shape(reloaded.config).head_dim == hd
     o = reloaded.get_submodule(adapter.block_prefix(0) + adapter.attention.o).weight
     assert o.shape == (model.config.hidden_size, heads // 2 * hd)
     torch.testing.assert_close(logits(reloaded), sliced, rtol=1e-5, atol=1e-5)
@@ -113,6 +112,14 @@ def test_choose_groups_returns_sorted_unique_groups_of_the_requested_count():
         assert all(0 <= x < 6 for x in chosen.tolist())
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mistral3"])
+def test_a_wrappers_attention_shape_is_its_language_models(family):
+    """A multimodal wrapper keeps its heads in ``text_config``: the shape is read there, as for the model alone."""
+    config = CONFIGS[family]()
+    text = config.text_config
+    assert get_adapter(config).attention_shape(config) == get_adapter(text).attention_shape(text) == (4, 2, 8)
+
+
 def test_slice_by_ratio_keeps_the_same_count_in_every_layer():
     model = tiny_model("llama")
     info = slice_attention_by_ratio_(model, get_adapter(model.config), 0.5, progress=False)
@@ -121,16 +128,15 @@ def test_slice_by_ratio_keeps_the_same_count_in_every_layer():
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
 
 
-def test_compress_ffn_attn_ratio_zero_is_identity_and_ratio_half_reloads(tmp_path):
-    src = tmp_path / "src"
-    dense = save_tiny_model("llama", src)
+def test_compress_ffn_attn_ratio_zero_is_identity_and_ratio_half_reloads(tiny_dir, tmp_path):
+    dense = tiny_model("llama")  # the model tiny_dir holds
     out0 = tmp_path / "out0"
-    compress(model=str(src), out=out0, ratio=0.0, method="random", modules="ffn+attn", progress=False)
+    compress(model=str(tiny_dir), out=out0, ratio=0.0, method="random", modules="ffn+attn", progress=False)
     same = transformers.AutoModelForCausalLM.from_pretrained(out0, dtype=torch.float32)
     assert torch.equal(logits(same), logits(dense))
 
     out = tmp_path / "out"
-    compress(model=str(src), out=out, ratio=0.5, method="random", modules="ffn+attn", progress=False)
+    compress(model=str(tiny_dir), out=out, ratio=0.5, method="random", modules="ffn+attn", progress=False)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["modules"] == "ffn+attn"
     assert manifest["attention"]["kv_heads_after"] == 1 and len(manifest["attention"]["kept_groups"]) == 2

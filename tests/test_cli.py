@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from running import run_cli
 from tiny_models import tiny_text
 
 from prunenet.cli import build_parser, main
@@ -16,44 +17,37 @@ from prunenet.cli import build_parser, main
 BIN = Path(sys.executable).parent
 
 
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "prunenet", *args], capture_output=True, text=True)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
 def test_help_documents_every_flag():
     compress_flags = ["--model", "--ratio", "--out", "--method", "--episodes", "--policy", "--selection", "--seed",
                       "--device", "--dtype", "--overwrite", "--kl", "--json", "--reward-backend"]  # fmt: skip
     eval_flags = ["--model", "--text-file", "--max-tokens", "--context", "--device", "--json"]
     for command, flags in (("compress", compress_flags), ("eval", eval_flags)):
-        text = cli(command, "--help").stdout
+        text = run_cli(command, "--help").stdout
         for flag in flags:
             assert flag in text, f"{command} --help does not mention {flag}"
-    assert "compress" in cli("--help").stdout
+    assert "compress" in run_cli("--help").stdout
 
 
 def test_console_script_and_module_are_the_same_program():
     script = BIN / "prunenet"
     assert script.exists(), "the prunenet console script is not installed"
     a = subprocess.run([script, "--version"], capture_output=True, text=True)
-    b = cli("--version")
+    b = run_cli("--version")
     assert a.returncode == 0 and a.stdout == b.stdout and "prunenet" in a.stdout
 
 
 def test_compress_then_eval_with_json(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    proc = cli("compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--episodes", "2",
-               "--json", "--quiet")  # fmt: skip
+    proc = run_cli("compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--episodes", "2",
+                   "--json", "--quiet")  # fmt: skip
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ffn_width_after"] == 51 and summary["params_after"] < summary["params_before"]
     assert "FFN width" in proc.stdout and "time: training" in proc.stdout
 
     text = tmp_path / "text.txt"
     text.write_text(tiny_text(2000))
-    proc = cli("eval", "--model", str(out), "--text-file", str(text), "--max-tokens", "300", "--context", "64",
-               "--json", "--quiet")  # fmt: skip
+    proc = run_cli("eval", "--model", str(out), "--text-file", str(text), "--max-tokens", "300", "--context", "64",
+                   "--json", "--quiet")  # fmt: skip
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] == 300 - 5  # 5 windows of 64/64/64/64/44 tokens: one unscored token each
     assert result["parameters"] == summary["params_after"]
@@ -72,7 +66,7 @@ def test_compress_then_eval_with_json(tiny_dir, tmp_path):
 )
 def test_bad_input_exits_2_with_one_clear_line(tiny_dir, tmp_path, args, message):
     fill = {"tmp": str(tmp_path), "model": str(tiny_dir)}
-    proc = cli(*[a.format(**fill) for a in args], check=False)
+    proc = run_cli(*[a.format(**fill) for a in args], check=False)
     assert proc.returncode == 2
     assert message.format(**fill) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -102,7 +96,7 @@ def test_triton_reward_backend_without_cuda_exits_2(tiny_dir, tmp_path, capsys, 
 
 
 def test_eval_help_documents_evaluation_flags():
-    text = cli("eval", "--help").stdout
+    text = run_cli("eval", "--help").stdout
     for flag in ["--stride", "--batch-size", "--tasks", "--tasks-dir", "--limit", "--no-perplexity", "--cost",
                  "--cost-prompt-tokens", "--cost-new-tokens", "--cost-repeats", "--baseline", "--quiet"]:  # fmt: skip
         assert flag in text, f"eval --help does not mention {flag}"

@@ -13,10 +13,11 @@ from tiny_models import all_tensors, save_tiny_model, tiny_model, tiny_tokenizer
 
 from prunenet.checkpoint import read_manifest
 from prunenet.cli import main
-from prunenet.config import FinetuneConfig
+from prunenet.config import FinetuneConfig, FinetuneError
 from prunenet.distill import full_kl, teacher_targets, topk_kl
-from prunenet.finetune import FinetuneError, distill_lora, finetune
+from prunenet.finetune import finetune
 from prunenet.pipeline import compress
+from prunenet.recovery_training import distill_lora
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,12 +201,10 @@ def test_compress_recover_equals_compress_then_finetune_with_the_teacher(tmp_pat
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["recover_steps_run"] == 40 and summary["recover_best_step"] > 0
     assert main(compress_args(dense, tmp_path / "pruned")) == 0
-    # The recipe --recover's help states: 4x128-token batches, LoRA rank 16, lr 1e-3, 1024 tokens held out.
-    recipe = ["--steps", "40", "--teacher-tokens", "2048", "--seq-len", "128", "--batch-size", "4", "--lr", "1e-3",
-              "--holdout-tokens", "1024", "--lora-r", "16", "--eval-every", "30",
-              "--eval-tokens", "0", "--quiet"]  # fmt: skip
+    # The budget of RECOVER; the rest is finetune --teacher's defaults: the recipe --recover trains with.
+    budget = ["--steps", "40", "--teacher-tokens", "2048", "--eval-tokens", "0", "--quiet"]
     assert main(["finetune", "--model", str(tmp_path / "pruned"), "--teacher", str(dense), "--out",
-                 str(tmp_path / "two-commands"), *recipe]) == 0  # fmt: skip
+                 str(tmp_path / "two-commands"), *budget]) == 0  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "pruned", "recovered", "two-commands"]
     assert snapshot(dense) == before
     a, b = all_tensors(tmp_path / "recovered"), all_tensors(tmp_path / "two-commands")
@@ -226,9 +225,7 @@ def test_compress_recover_equals_compress_then_finetune_with_the_teacher(tmp_pat
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("recovery failed"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
-def test_a_failed_recovery_leaves_no_output_and_no_staging_folder(failure, tmp_path, monkeypatch):
-    dense = tmp_path / "dense"
-    save_tiny_model("llama", dense)
+def test_a_failed_recovery_leaves_no_output_and_no_staging_folder(failure, tiny_dir, tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         assert any(p.name.startswith(".out.stage-") for p in tmp_path.iterdir())  # the pruned model is staged
@@ -236,23 +233,21 @@ def test_a_failed_recovery_leaves_no_output_and_no_staging_folder(failure, tmp_p
 
     monkeypatch.setattr("prunenet.finetune.distill_lora", fail)
     with pytest.raises(type(failure)):
-        compress(model=str(dense), out=tmp_path / "out", ratio=0.5, method="random", recover=True, recover_steps=2,
-                 recover_tokens=512, progress=False)  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+        compress(model=str(tiny_dir), out=tmp_path / "out", ratio=0.5, method="random", recover=True,
+                 recover_steps=2, recover_tokens=512, progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny_dir.name]
 
 
-def test_the_next_run_removes_a_killed_runs_staging_folder_but_nothing_unmarked(tmp_path):
+def test_the_next_run_removes_a_killed_runs_staging_folder_but_nothing_unmarked(tiny_dir, tmp_path):
     from prunenet.checkpoint import PARTIAL_MARKER
 
-    dense = tmp_path / "dense"
-    save_tiny_model("llama", dense)
     killed, foreign = tmp_path / ".out.stage-0badc0de", tmp_path / ".out.stage-users"
     (killed / "pruned").mkdir(parents=True)
     (killed / PARTIAL_MARKER).touch()
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not prunenet's")
-    assert main(compress_args(dense, tmp_path / "out", "--recover", *RECOVER)) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.stage-users", "dense", "out"]
+    assert main(compress_args(tiny_dir, tmp_path / "out", "--recover", *RECOVER)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.stage-users", tiny_dir.name, "out"])
     assert (foreign / "notes.txt").read_text() == "not prunenet's"
 
 
@@ -262,10 +257,8 @@ def test_the_next_run_removes_a_killed_runs_staging_folder_but_nothing_unmarked(
      (["--recover-steps", "0"], "--recover-steps must be at least 1")],
     ids=["tokens", "steps"],
 )  # fmt: skip
-def test_bad_recovery_settings_are_one_line_errors_before_any_work(extra, message, tmp_path, capsys):
-    dense = tmp_path / "dense"
-    save_tiny_model("llama", dense)
-    assert main(compress_args(dense, tmp_path / "out", "--recover", *extra)) == 2
+def test_bad_recovery_settings_are_one_line_errors_before_any_work(extra, message, tiny_dir, tmp_path, capsys):
+    assert main(compress_args(tiny_dir, tmp_path / "out", "--recover", *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny_dir.name]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from running import run_cli
 from safetensors.torch import load_file
 from tiny_models import all_tensors, save_sharded
 
@@ -33,7 +32,7 @@ def worker(rank: int, world: int, port: int, source: str, out: str, fail: str) -
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    import prunenet.streaming
+    import prunenet.shard_writer
     import prunenet.train
     from prunenet import distributed
 
@@ -43,7 +42,7 @@ def worker(rank: int, world: int, port: int, source: str, out: str, fail: str) -
     if rank == 1 and fail == "train":
         prunenet.train.episode_rewards = broken
     if rank == 1 and fail == "write":
-        prunenet.streaming.write_shard = broken
+        prunenet.shard_writer.write_shard = broken
     dist, device = distributed.init("cpu", timeout_s=120)
     try:
         compress(model=source, out=out, device=device, dist=dist, **KW)
@@ -120,10 +119,11 @@ def test_a_failing_rank_fails_the_job_cleanly(source, tmp_path, fail):
 def test_torchrun_command_line(source, tmp_path, method):
     """The documented command: `torchrun --nproc-per-node 2 -m prunenet compress ...`; with selfcal, rank 0
     runs the model (offloaded block by block) and the other rank writes its shards with the same choice."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    cmd += ["-m", "prunenet", "compress", "--model", str(source), "--out", str(tmp_path / "out"), "--ratio", "0.25"]
-    cmd += ["--episodes", "3", "--seed", "5", "--device", "cpu", "--quiet", "--method", method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    args = ["compress", "--model", str(source), "--out", str(tmp_path / "out"), "--ratio", "0.25"]
+    args += ["--episodes", "3", "--seed", "5", "--device", "cpu", "--quiet", "--method", method]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = run_cli(*args, launcher=torchrun, check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("FFN width") == 1  # one rank reports
     compress(model=str(source), out=tmp_path / "one", **{**KW, "method": method})

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_models import save_tiny_model, tiny_model, tiny_text, tiny_tokenizer
 
-from prunenet.evaluate import (
-    PAPER_TASKS,
-    ZeroShotError,
-    document_prefix,
-    inference_cost,
-    inference_cost_subprocess,
-    perplexity,
-    resolve_tasks,
-    sliding_windows,
-    tokenize_prefix,
-    zero_shot,
-)
+from prunenet.config import EvalConfig
+from prunenet.inference_cost import inference_cost, inference_cost_subprocess
+from prunenet.perplexity import document_prefix, perplexity, sliding_windows, tokenize_prefix
+from prunenet.zero_shot import PAPER_TASKS, ZeroShotError, _metric, resolve_tasks, zero_shot
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt"])
@@ -205,9 +199,20 @@ def test_zero_shot_reports_unreachable_dataset_and_runs_the_rest(lm_eval_install
 def test_resolve_tasks():
     assert resolve_tasks("paper") == list(PAPER_TASKS)
     assert resolve_tasks("piqa, winogrande,piqa") == ["piqa", "winogrande"]
-    assert PAPER_TASKS["winogrande"] == "acc" and PAPER_TASKS["arc_challenge"] == "acc_norm"
     with pytest.raises(ZeroShotError):
         resolve_tasks(" , ")
+
+
+def test_a_paper_task_reports_the_papers_metric_whatever_the_task_defines():
+    """A task of the paper reports the paper's metric (WinoGrande ``acc``, the others ``acc_norm``) whichever
+    metrics its definition lists; any other task reports ``acc_norm`` where it defines it, else ``acc``."""
+
+    def task(*metrics):
+        return SimpleNamespace(config=SimpleNamespace(metric_list=[{"metric": m} for m in metrics]))
+
+    both, acc_only = task("acc", "acc_norm"), task("acc")
+    assert _metric("winogrande", both) == "acc" and _metric("arc_challenge", acc_only) == "acc_norm"
+    assert _metric("my_task", both) == "acc_norm" and _metric("my_task", acc_only) == "acc"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,3 +255,59 @@ def test_inference_cost_in_a_fresh_process(tmp_path):
     assert cost["peak_memory_bytes"] > cost["weight_bytes"]  # the process holds the interpreter and torch too
     with pytest.raises(ValueError, match="inference cost"):
         inference_cost_subprocess(str(tmp_path / "missing"), progress=False)
+
+
+def test_a_package_in_the_current_folder_does_not_shadow_the_installed_one(tmp_path, monkeypatch):
+    """Run from a folder holding a package of the same name (as a checkout does: its kernels/ folder shadowed
+    Hugging Face's kernels package, which transformers imports), the measuring process still imports the
+    installed packages."""
+    folder = tmp_path / "tiny"
+    save_tiny_model("gpt2", folder)
+    cwd = tmp_path / "checkout"
+    (cwd / "prunenet").mkdir(parents=True)
+    (cwd / "prunenet" / "__init__.py").write_text("raise ImportError('the current folder shadowed prunenet')\n")
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)  # what a user's shell has; the tests set it
+    cost = inference_cost_subprocess(str(folder), prompt_tokens=8, new_tokens=2, repeats=1, progress=False)
+    assert cost["parameters"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Python API's defaults and checks are EvalConfig's
+
+
+def test_the_api_defaults_are_the_commands():
+    config = EvalConfig()
+    cost = {"prompt_tokens": config.cost_prompt_tokens, "new_tokens": config.cost_new_tokens,
+            "batch_size": config.cost_batch_size, "repeats": config.cost_repeats}  # fmt: skip
+    windows = {"max_tokens": config.max_tokens, "context": config.context, "stride": config.stride}
+    expected = {
+        perplexity: {**windows, "batch_size": config.batch_size},
+        zero_shot: {"batch_size": config.batch_size},
+        inference_cost: cost,
+        inference_cost_subprocess: {**cost, "dtype": config.dtype},
+    }
+    for function, defaults in expected.items():
+        parameters = inspect.signature(function).parameters
+        assert {name: parameters[name].default for name in defaults} == defaults, function.__name__
+
+
+BAD_VALUES = {
+    "prefix": (lambda m, t: tokenize_prefix(t, "w5", 0), "--max-tokens must be at least 1, got 0"),
+    "max-tokens": (lambda m, t: perplexity(m, t, "w5", max_tokens=0), "--max-tokens must be at least 1, got 0"),
+    "context": (lambda m, t: perplexity(m, t, "w5", context=1), "--context must be at least 2, got 1"),
+    "stride": (lambda m, t: perplexity(m, t, "w5", stride=0), "--stride must be at least 1, got 0"),
+    "batch-size": (lambda m, t: perplexity(m, t, "w5", batch_size=0), "--batch-size must be at least 1, got 0"),
+    "windows": (lambda m, t: sliding_windows(100, 1, 1), "--context must be at least 2, got 1"),
+    "windows-stride": (lambda m, t: sliding_windows(100, 32, 33), "--stride must be at most 32, got 33"),
+    "cost-repeats": (lambda m, t: inference_cost(m, repeats=0), "--cost-repeats must be at least 1, got 0"),
+    "cost-prompt": (lambda m, t: inference_cost(m, prompt_tokens=0), "--cost-prompt-tokens must be at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("call, message", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_the_api_rejects_bad_values_with_the_commands_messages(call, message):
+    """The same one line as ``prunenet eval`` prints for the flag (EvalConfig.validate runs the same checks)."""
+    with pytest.raises(ValueError) as caught:
+        call(tiny_model("llama"), tiny_tokenizer())
+    assert str(caught.value) == message

@@ -14,7 +14,10 @@ from tiny_models import logits, save_tiny_model, tiny_model, tiny_tokenizer
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE
 from prunenet.cli import main
-from prunenet.finetune import FinetuneConfig, finetune, merge_lora, train_lora
+from prunenet.config import FinetuneConfig
+from prunenet.finetune import finetune
+from prunenet.lora import merge_lora
+from prunenet.recovery_training import train_lora
 
 peft = pytest.importorskip("peft")
 
@@ -128,13 +131,11 @@ def test_bad_settings_are_refused_in_one_line(flag, value, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and flag in err[0]
 
 
-def test_text_too_short_is_refused(tmp_path):
-    src = tmp_path / "m"
-    save_tiny_model("llama", src)
+def test_text_too_short_is_refused(tiny_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("w5 w6 w7")
     with pytest.raises(ValueError, match="too few"):
-        finetune(model=str(src), out=tmp_path / "o", text_file=str(text), config=FinetuneConfig(**TINY),
+        finetune(model=str(tiny_dir), out=tmp_path / "o", text_file=str(text), config=FinetuneConfig(**TINY),
                  eval_tokens=0, progress=False)  # fmt: skip
     assert not (tmp_path / "o").exists()
 
@@ -143,8 +144,8 @@ def test_text_too_short_is_refused(tmp_path):
 def test_recovery_finetuning_lowers_held_out_perplexity_of_the_embedded_model_at_ratio_0_2():
     """A few LoRA steps on the training split lower perplexity on the disjoint held-out split."""
     from prunenet.config import kept_width
-    from prunenet.evaluate import perplexity
     from prunenet.models import load_model
+    from prunenet.perplexity import perplexity
     from prunenet.selectors import random_keeps
     from prunenet.slicing import slice_model_
     from prunenet.text import load_text
@@ -187,13 +188,11 @@ def test_gradient_accumulation_matches_one_larger_batch():
         torch.testing.assert_close(accumulated[name], one[name], rtol=1e-5, atol=1e-6)
 
 
-def test_cli_finetune_prints_a_summary_and_json(tmp_path, capsys):
-    src = tmp_path / "m"
-    save_tiny_model("llama", src)
+def test_cli_finetune_prints_a_summary_and_json(tiny_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(tiny_text())
     out = tmp_path / "o"
-    args = ["finetune", "--model", str(src), "--out", str(out), "--text-file", str(text), "--steps", "2",
+    args = ["finetune", "--model", str(tiny_dir), "--out", str(out), "--text-file", str(text), "--steps", "2",
             "--seq-len", "16", "--batch-size", "2", "--holdout-tokens", "64", "--eval-tokens", "0",
             "--json", "--quiet"]  # fmt: skip
     capsys.readouterr()

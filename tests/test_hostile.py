@@ -7,6 +7,7 @@ below) and a fragment of the one error line.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -19,17 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from running import cli_command, compress_quietly, run_cli
 from safetensors.torch import load_file, save_file
 from tiny_models import WIDTH, save_tiny_model, tiny_text
-from untouched import error_line, snapshot
+from untouched import error_line, leftovers, refused, snapshot
 
 import prunenet.models as models
 import prunenet.pipeline as pipeline
 import prunenet.sources as sources
+from prunenet.cache import cache_dir
 from prunenet.checkpoint import MANIFEST_FILE
 from prunenet.cli import main
 from prunenet.output import OutputFolderError, claim_output, lock_path
-from prunenet.pipeline import compress
 
 HIDDEN = 32
 LONG_RUN = ["--episodes", "200000"]  # a compress of the tiny model that runs until it is stopped
@@ -249,13 +251,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(inputs, work, tmp_path
     if "cuda:99" in argv and torch.cuda.device_count() > 99:  # pragma: no cover
         pytest.skip("this machine has 100 GPUs")
     argv = [a.format(inputs=inputs, tmp=tmp_path) for a in argv]
-    before = snapshot(inputs, tmp_path)
-    code = main(argv)
-    line = error_line(capsys.readouterr().err)
-    assert code == 2, line
-    assert message in line
-    assert line.startswith(f"prunenet {argv[0]}: error: ")
-    assert snapshot(inputs, tmp_path) == before
+    assert message in refused(argv, capsys, inputs, tmp_path)
 
 
 def test_cuda_on_a_cpu_only_torch_is_one_line(inputs, work, capsys):
@@ -276,40 +272,36 @@ def test_overwrite_never_deletes_a_source_model_inside_out(inputs, tmp_path, mon
     assert snapshot(tmp_path / "par") == before
 
 
-def run(inputs, out, **kwargs):
-    kwargs = {"ratio": 0.5, "method": "random", **kwargs}
-    return compress(model=str(inputs / "model"), out=out, progress=False, **kwargs)
-
-
-def leftovers(parent: Path, name: str = "out") -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+# These runs test the output folder and the refusals, which the selection does not change: a random
+# selection trains no policy, so each run is quick.
+run = functools.partial(compress_quietly, ratio=0.5, method="random")
 
 
 def test_overwrite_replaces_only_what_prunenet_wrote(inputs, tmp_path):
     out = tmp_path / "out"
-    run(inputs, out)
+    run(inputs / "model", out)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["files"] == sorted(p.name for p in out.iterdir())
-    run(inputs, out, ratio=0.25, overwrite=True)  # our own output: replaced
+    run(inputs / "model", out, ratio=0.25, overwrite=True)  # our own output: replaced
     assert json.loads((out / MANIFEST_FILE).read_text())["ratio"] == 0.25
 
     (out / "notes.md").write_text("my notes")  # a user's file in it: the folder is no longer ours alone
     with pytest.raises(OutputFolderError, match="notes.md, which prunenet did not write"):
-        run(inputs, out, overwrite=True)
+        run(inputs / "model", out, overwrite=True)
     assert (out / "notes.md").read_text() == "my notes"
     (out / "notes.md").unlink()
 
     (out / "model.safetensors").unlink()  # a listed file the user removed: still ours
     (out / "model.safetensors").mkdir()  # ... but a folder in its place is not
     with pytest.raises(OutputFolderError, match="model.safetensors, which prunenet did not write"):
-        run(inputs, out, overwrite=True)
+        run(inputs / "model", out, overwrite=True)
     (out / "model.safetensors").rmdir()
 
     listed = json.loads((out / MANIFEST_FILE).read_text())
     del listed["files"]  # an older manifest that lists no files: not recognised
     (out / MANIFEST_FILE).write_text(json.dumps(listed))
     with pytest.raises(OutputFolderError, match="lists no files"):
-        run(inputs, out, overwrite=True)
+        run(inputs / "model", out, overwrite=True)
     assert leftovers(tmp_path) == []
 
 
@@ -324,7 +316,7 @@ def test_files_added_to_out_during_the_run_are_not_deleted(inputs, tmp_path, mon
 
     monkeypatch.setattr(pipeline, "write_manifest", user_writes_meanwhile)
     with pytest.raises(OutputFolderError, match="arrived-meanwhile.txt"):
-        run(inputs, out, overwrite=True)
+        run(inputs / "model", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["arrived-meanwhile.txt"]
     assert leftovers(tmp_path) == []
 
@@ -337,14 +329,16 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(inputs, tmp_path, monke
     with claim_output(out):  # the first run
         for overwrite in (False, True):
             with pytest.raises(OutputFolderError, match=r"another prunenet run \(pid \d+ .*\) is writing --out"):
-                run(inputs, out, streaming=streaming, overwrite=overwrite)
+                run(inputs / "model", out, streaming=streaming, overwrite=overwrite)
     assert leftovers(tmp_path) == [] and not out.exists()
 
 
 def cli_process(*args, cwd) -> subprocess.Popen:
-    # SIGINT as a terminal would deliver it, even if this test runs in a job whose SIGINT is ignored.
+    """The CLI started and left running, for a test to signal or kill while it works (running.run_cli
+    waits for the end). SIGINT as a terminal would deliver it, even if this test runs in a job whose
+    SIGINT is ignored."""
     return subprocess.Popen(
-        [sys.executable, "-m", "prunenet", *args],
+        cli_command(*args),
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -381,7 +375,7 @@ def test_a_killed_run_leaves_no_lock_that_blocks_and_no_orphan_that_survives(inp
     (orphan / ".prunenet-partial").touch()
     (orphan / "model.safetensors").write_bytes(b"half")
     assert lock_path(out).exists()  # the dead run's lock file stays; its flock died with it
-    run(inputs, out)
+    run(inputs / "model", out)
     assert leftovers(tmp_path) == [] and (out / MANIFEST_FILE).is_file()
 
 
@@ -389,7 +383,7 @@ def test_an_unmarked_lookalike_folder_is_never_removed(inputs, tmp_path):
     lookalike = tmp_path / ".out.partial-mine"
     lookalike.mkdir()
     (lookalike / "precious").write_text("not prunenet's")
-    run(inputs, tmp_path / "out")
+    run(inputs / "model", tmp_path / "out")
     assert (lookalike / "precious").read_text() == "not prunenet's"
 
 
@@ -404,7 +398,7 @@ def test_kill_9_while_saving_leaves_an_orphan_the_next_run_removes(inputs, tmp_p
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert any(name.startswith(".out.partial-") for name in leftovers(tmp_path))
-    run(inputs, tmp_path / "out")
+    run(inputs / "model", tmp_path / "out")
     assert leftovers(tmp_path) == []
 
 
@@ -569,7 +563,7 @@ def test_eval_json_is_strict_json_when_a_value_is_not_finite(inputs, monkeypatch
 def test_output_permissions_follow_the_umask(inputs, tmp_path, umask, streaming):
     previous = os.umask(umask)
     try:
-        run(inputs, tmp_path / "out", method="prunenet", episodes=1, streaming=streaming)
+        run(inputs / "model", tmp_path / "out", method="prunenet", episodes=1, streaming=streaming)
     finally:
         os.umask(previous)
     out = tmp_path / "out"
@@ -632,7 +626,7 @@ def test_a_stale_lock_is_taken_over_and_removed(inputs, tmp_path):
     """A lock file in prunenet's own format whose holder has died (its flock is gone) is prunenet's."""
     out = tmp_path / "out"
     lock_path(out).write_text("pid 4194999 on elsewhere since 2026-01-01T00:00:00\n")
-    run(inputs, out)
+    run(inputs / "model", out)
     assert (out / MANIFEST_FILE).is_file() and not lock_path(out).exists()
 
 
@@ -651,7 +645,7 @@ def test_clean_up_takes_only_this_outputs_leftovers(inputs, tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / ".prunenet-partial").touch()
         (tmp_path / name / "model.safetensors").write_bytes(b"in progress")
-    run(inputs, tmp_path / "out")
+    run(inputs / "model", tmp_path / "out")
     assert sorted(leftovers(tmp_path)) == sorted(SIBLINGS)
 
 
@@ -689,7 +683,7 @@ def test_a_manifest_nested_too_deeply_is_not_prunenets(inputs, tmp_path, capsys)
 def test_an_empty_prunenet_cache_variable_means_the_default(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("PRUNENET_CACHE", "")
-    assert models.cache_dir() == tmp_path / ".cache" / "prunenet"
+    assert cache_dir() == tmp_path / ".cache" / "prunenet"
 
 
 @pytest.mark.parametrize("module", ["torch", "torch.nn.functional"])
@@ -754,7 +748,7 @@ def test_weights_of_other_shapes_than_the_config_are_one_line_naming_the_tensor(
     """transformers prints a table and raises "look at the above report!": the table is held back, its first
     row becomes the one line. In a process of its own: the table goes to the stderr transformers found there."""
     argv = [a.format(inputs=inputs) for a in E] + ["--model", str(inputs / "other-width-model")]
-    proc = subprocess.run([sys.executable, "-m", "prunenet", *argv], cwd=tmp_path, capture_output=True, text=True)
+    proc = run_cli(*argv, check=False, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     line = error_line(proc.stderr)
     shapes = re.search(r"mlp\.\w+\.weight is \((\d+), (\d+)\) in the checkpoint, but its config.json makes it "

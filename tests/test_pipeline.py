@@ -3,12 +3,15 @@ and every bad input refused before any work, with no partial output left behind.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 import transformers
+from running import compress_quietly
 from tiny_models import WIDTH, sample_inputs, save_tiny_model
+from untouched import leftovers
 
 import prunenet.models as models
 import prunenet.pipeline as pipeline
@@ -16,19 +19,12 @@ import prunenet.train as train
 from prunenet.adapters import UnsupportedModelError, get_adapter
 from prunenet.checkpoint import MANIFEST_FILE, POLICY_FILE, load_policy
 from prunenet.config import kept_width
-from prunenet.models import TORCH_DTYPES, ModelLoadError, ModelNotFoundError
+from prunenet.dtypes import TORCH_DTYPES
+from prunenet.model_errors import ModelLoadError, ModelNotFoundError
 from prunenet.output import OutputFolderError
-from prunenet.pipeline import compress
 
-
-def run(tiny_dir, out, **kwargs):
-    kwargs.setdefault("ratio", 0.25)
-    kwargs.setdefault("episodes", 3)
-    return compress(model=str(tiny_dir), out=out, progress=False, **kwargs)
-
-
-def no_partial_output(parent, out_name="out"):
-    return not any(p.name.startswith(f".{out_name}.") for p in parent.iterdir())
+# The default method trains a policy: three episodes, a real training run that is short on a tiny model.
+run = functools.partial(compress_quietly, ratio=0.25, episodes=3)
 
 
 def test_kept_width_is_floor_and_robust_to_rounding():
@@ -94,7 +90,7 @@ def test_policy_reuse_skips_training_and_rejects_other_shapes(tiny_dir, tmp_path
     other = tmp_path / "other"
     save_tiny_model("gpt2", other)  # (d, n) = (32, 128): a different FFN width
     with pytest.raises(ValueError, match=r"n=74, d=32.*n=128, d=32"):
-        compress(model=str(other), out=tmp_path / "x", ratio=0.2, policy=tmp_path / "trained", progress=False)
+        compress_quietly(other, tmp_path / "x", ratio=0.2, policy=tmp_path / "trained")
 
 
 def test_ratio_zero_keeps_everything_and_logits_are_unchanged(tiny_dir, tmp_path):
@@ -148,7 +144,7 @@ def test_output_folder_rules(tiny_dir, tmp_path):
         run(tiny_dir, out, ratio=0.5)
     run(tiny_dir, out, ratio=0.5, overwrite=True)  # an earlier prunenet output: replaced
     assert json.loads((out / MANIFEST_FILE).read_text())["ratio"] == 0.5
-    assert no_partial_output(tmp_path)
+    assert leftovers(tmp_path) == []
     empty = tmp_path / "empty"
     empty.mkdir()
     run(tiny_dir, empty)  # an existing empty folder is fine
@@ -163,7 +159,7 @@ def test_failure_while_saving_leaves_no_output_and_keeps_the_old_one(tiny_dir, t
     monkeypatch.setattr(pipeline, "save_policy", broken)
     with pytest.raises(OSError, match="disk full"):
         run(tiny_dir, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and no_partial_output(tmp_path)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
     monkeypatch.undo()
     old = tmp_path / "old"
@@ -172,7 +168,7 @@ def test_failure_while_saving_leaves_no_output_and_keeps_the_old_one(tiny_dir, t
     monkeypatch.setattr(pipeline, "save_policy", broken)
     with pytest.raises(OSError, match="disk full"):
         run(tiny_dir, old, ratio=0.5, overwrite=True)
-    assert {p.name: p.read_bytes() for p in old.iterdir()} == before and no_partial_output(tmp_path, "old")
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before and leftovers(tmp_path, "old") == []
 
 
 def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):

@@ -6,7 +6,6 @@ import io
 import logging
 
 import pytest
-from tiny_models import save_tiny_model
 from tqdm.auto import tqdm
 
 import prunenet.progress as progress
@@ -79,12 +78,11 @@ def test_a_terminal_gets_a_bar_a_log_gets_lines_and_quiet_gets_nothing(monkeypat
 
 
 @pytest.mark.parametrize("quiet", [False, True], ids=["logged", "quiet"])
-def test_compress_into_a_log_reports_training_unless_quiet(tmp_path, monkeypatch, caplog, capsys, quiet):
+def test_compress_into_a_log_reports_training_unless_quiet(tiny_dir, tmp_path, monkeypatch, caplog, capsys, quiet):
     """Through the command line, stderr not a terminal: policy training reports in log lines (every 0 s here)."""
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
     caplog.set_level(logging.INFO)
-    save_tiny_model("llama", tmp_path / "model")
-    argv = ["compress", "--model", str(tmp_path / "model"), "--ratio", "0.5", "--episodes", "3",
+    argv = ["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--episodes", "3",
             "--out", str(tmp_path / "out")] + (["--quiet"] if quiet else [])  # fmt: skip
     assert main(argv) == 0
     # "policy episodes: 1/3 ep (33%), <rate> ep/s, reward=..., best=...": the count is what is exact

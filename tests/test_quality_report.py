@@ -6,11 +6,11 @@ import importlib.util
 
 import pytest
 from bench_loader import load_benchmark
+from running import compress_quietly
 from tiny_models import save_tiny_model, tiny_text
 
-from prunenet.evaluate import perplexity
 from prunenet.models import load_model
-from prunenet.pipeline import compress
+from prunenet.perplexity import perplexity
 
 quality = load_benchmark("quality")
 common = load_benchmark("common")
@@ -33,7 +33,7 @@ def grid(tmp_path_factory):
 
 
 def _cli_perplexity(folder, tokenizer, out, **compress_args) -> float:
-    compress(model=str(folder), out=out, progress=False, episodes=2, **compress_args)
+    compress_quietly(folder, out, episodes=2, **compress_args)  # the grid's episodes
     pruned, _, _ = load_model(str(out))
     return perplexity(pruned, tokenizer, tiny_text(1500), progress=False, **PPL)["perplexity"]
 

@@ -173,7 +173,7 @@ def test_the_triton_backend_takes_the_row_gram_route_too(monkeypatch):
 
 
 def test_the_memory_plan_counts_the_row_gram_for_states_with_fewer_rows_than_columns():
-    from prunenet.streaming import plan_memory
+    from prunenet.memory_plan import plan_memory
 
     plan = plan_memory(512, 768, 2048, 2, 536, 2**40)  # Qwen3-30B-A3B's experts, 4 blocks
     assert plan.gram_bytes == 512 * 768 * 768 * 4

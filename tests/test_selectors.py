@@ -11,16 +11,18 @@ import statistics
 import pytest
 import torch
 import transformers
-from tiny_models import LAYERS, WIDTH, save_tiny_model, tiny_model
+from tiny_models import LAYERS, WIDTH, tiny_model
 
+from prunenet import probes as P
 from prunenet import selfcal as S
+from prunenet.activations import activation_stats, out_module
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import MANIFEST_FILE
 from prunenet.cli import build_parser
 from prunenet.config import PruneConfig, kept_width
 from prunenet.pipeline import compress
 from prunenet.selectors import SELECTORS, random_keeps, select
-from prunenet.sources import CheckpointStream, ModelSource, can_serve
+from prunenet.sources import ModelSource
 
 FAMILIES = ["llama", "llama-mlp-bias", "phi3", "gpt2", "opt", "gpt_neox"]
 
@@ -60,19 +62,6 @@ def test_every_selector_is_deterministic_with_valid_shapes(family, method):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_a_source_serves_a_run_when_it_provides_everything_the_run_needs():
-    weights_only = frozenset({"nothing", "weights"})
-    for name, selector in SELECTORS.items():
-        config, with_attention = (
-            PruneConfig(ratio=0.5, method=name),
-            PruneConfig(ratio=0.5, method=name, modules="ffn+attn"),
-        )
-        assert can_serve(weights_only, config) == (selector.needs != "model")
-        assert not can_serve(weights_only, with_attention)  # slicing attention needs "attention"
-        for source in (ModelSource, CheckpointStream):  # both run the model and slice attention
-            assert can_serve(source.provides, config) and can_serve(source.provides, with_attention)
-
-
 def test_random_selection_is_uniform_over_neurons():
     """Each neuron is kept with probability k / n: over 400 draws of 30 of 60, every count is near 200."""
     counts = torch.zeros(60)
@@ -83,12 +72,12 @@ def test_random_selection_is_uniform_over_neurons():
 
 def test_probes_are_seeded_and_start_from_bos():
     model = tiny_model("llama")
-    a = S.self_probes(model, sequences=3, length=9, seed=1)
+    a = P.self_probes(model, sequences=3, length=9, seed=1)
     assert a.shape == (3, 9) and a.dtype == torch.int64
-    assert torch.equal(a[:, 0], torch.full((3,), S.start_token(model)))
-    assert torch.equal(a, S.self_probes(model, sequences=3, length=9, seed=1))
-    assert not torch.equal(a, S.self_probes(model, sequences=3, length=9, seed=2))
-    r = S.self_probes(model, kind="random", sequences=2, length=5, seed=0)
+    assert torch.equal(a[:, 0], torch.full((3,), P.start_token(model)))
+    assert torch.equal(a, P.self_probes(model, sequences=3, length=9, seed=1))
+    assert not torch.equal(a, P.self_probes(model, sequences=3, length=9, seed=2))
+    r = P.self_probes(model, kind="random", sequences=2, length=5, seed=0)
     assert r.shape == (2, 5) and int(r.max()) < model.config.vocab_size
 
 
@@ -97,10 +86,10 @@ def test_activation_stats_and_wanda_score_match_a_direct_computation(family):
     """The hook reads each FFN's hidden activations h (B, T, n); the Wanda score is RMS(h_j) * ||W_out[:, j]||."""
     model = tiny_model(family)
     adapter = get_adapter(model.config)
-    ids = S.self_probes(model, kind="random", sequences=3, length=7, seed=0)
-    stats = S.activation_stats(model, ids, batch_size=2)  # two batches: the sums must add up
+    ids = P.self_probes(model, kind="random", sequences=3, length=7, seed=0)
+    stats = activation_stats(model, ids, batch_size=2)  # two batches: the sums must add up
     captured = []
-    module = S._out_module(model, adapter, 1)
+    module = out_module(model, adapter, 1)
     handle = module.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
@@ -109,7 +98,7 @@ def test_activation_stats_and_wanda_score_match_a_direct_computation(family):
     assert (stats.tokens == ids.numel()).all()
     torch.testing.assert_close(stats.sum_sq[1], (h * h).sum(0), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(stats.variance()[1], h.var(0, unbiased=False), rtol=1e-4, atol=1e-8)
-    out_cols = S.neuron_matrices(model, adapter, 1)[-1].double()  # (n, d): the out-projection's columns
+    out_cols = adapter.neuron_matrices(model, 1)[-1].double()  # (n, d): the out-projection's columns
     assert out_cols.shape == (adapter.ffn_width(model.config), adapter.hidden_size(model.config))
     # Neuron j's contribution to the FFN output over all tokens is h[:, j] outer W_out[:, j].
     expected = h.pow(2).mean(0).sqrt() * out_cols.norm(dim=1)
@@ -134,18 +123,16 @@ def test_top_k_protects_and_breaks_ties_by_index():
     assert S.top_k(scores, 2, torch.tensor([4])).tolist() == [0, 4]
 
 
-def test_compress_selfcal_reloads_with_stock_transformers_and_is_reproducible(tmp_path):
-    src = tmp_path / "tiny"
-    save_tiny_model("llama", src)
+def test_compress_selfcal_reloads_with_stock_transformers_and_is_reproducible(tiny_dir, tmp_path):
     k = kept_width(0.25, WIDTH)
     manifests = []
     for out in ("a", "b"):
-        compress(model=str(src), ratio=0.25, out=tmp_path / out, method="selfcal", seed=7, progress=False)
+        compress(model=str(tiny_dir), ratio=0.25, out=tmp_path / out, method="selfcal", seed=7, progress=False)
         manifests.append(json.loads((tmp_path / out / MANIFEST_FILE).read_text()))
     assert manifests[0]["method"] == "selfcal" and manifests[0]["kept_indices"] == manifests[1]["kept_indices"]
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
     assert pruned.config.intermediate_size == k
-    dense = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     for layer, keep in enumerate(manifests[0]["kept_indices"]):
         torch.testing.assert_close(
             pruned.model.layers[layer].mlp.down_proj.weight, dense.model.layers[layer].mlp.down_proj.weight[:, keep]
@@ -158,8 +145,8 @@ def test_compress_selfcal_reloads_with_stock_transformers_and_is_reproducible(tm
 def test_selfcal_beats_the_median_random_selection_on_the_embedded_model():
     """At r = 0.1, on one held-out text (512 tokens): selfcal below the median of 5 random draws."""
     pytest.importorskip("gguf")
-    from prunenet.evaluate import perplexity
     from prunenet.models import load_model
+    from prunenet.perplexity import perplexity
     from prunenet.slicing import slice_model_
     from prunenet.text import load_text
 

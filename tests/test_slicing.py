@@ -8,11 +8,13 @@ extension is not built; the PyTorch-path tests always run.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
 import pytest
 import torch
+from native_check import check_native
 
 from prunenet import ops
 from prunenet.slicing import slice_ffn_, slice_ffn_ref
@@ -43,14 +45,8 @@ def _ffn(n, d, dtype, groups=1, bias=True, device="cpu", seed=0):
     return rows, cols
 
 
-def _check_native(rows, cols, keep, width, scratch_bytes=4 << 20):
-    exp_rows, exp_cols = slice_ffn_ref(rows, cols, keep, width)
-    storages = [t.untyped_storage().data_ptr() for t in rows + cols]
-    _op(rows, cols, keep, width, scratch_bytes)
-    for got, exp in zip(rows + cols, exp_rows + exp_cols, strict=True):
-        assert got.shape == exp.shape and got.dtype == exp.dtype
-        assert torch.equal(got, exp)  # a copy: exact
-    assert [t.untyped_storage().data_ptr() for t in rows + cols] == storages  # in place
+# Not contiguous=True: the op slices row-strided views in place and keeps their strides.
+_check_native = functools.partial(check_native, _op, slice_ffn_ref)
 
 
 # ------------------------------------------------------------------------------------------- native, CPU

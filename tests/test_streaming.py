@@ -4,6 +4,7 @@ no partial output on failure, and resumption after a kill."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -11,24 +12,24 @@ import sys
 import pytest
 import torch
 import transformers
+from running import compress_quietly
 from safetensors import safe_open
 from tiny_models import CONFIGS, WIDTH, all_tensors, auto_class, sample_inputs, save_sharded, tiny_tokenizer
 
+import prunenet.shard_writer as shard_writer
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import PARTIAL_MARKER, read_manifest
 from prunenet.config import kept_width
-from prunenet.models import ModelLoadError
-from prunenet.pipeline import compress
+from prunenet.memory_plan import plan_forward, plan_memory
+from prunenet.model_errors import ModelLoadError
 from prunenet.safetensors_io import StreamingWriter, TensorSpec, read_header, read_tensor
-from prunenet.streaming import CheckpointSource, CheckpointStates, plan_forward, plan_memory
+from prunenet.streaming import CheckpointSource, CheckpointStates
 from prunenet.validate import parse_size
 
-
-def run(source, out, **kwargs):
-    kwargs.setdefault("ratio", 0.25)
-    kwargs.setdefault("episodes", 2)
-    return compress(model=str(source), out=out, progress=False, **kwargs)
+# Two training episodes, one fewer than test_pipeline's: the tests over every family compress each one on
+# both paths (in memory and streamed), and two episodes already compare their training past the first.
+run = functools.partial(compress_quietly, ratio=0.25, episodes=2)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -182,7 +183,7 @@ def test_failure_after_the_first_shard_leaves_no_output_and_the_source_untouched
     source = tmp_path / "src"
     save_sharded("llama", source)
     before = {p.name: p.read_bytes() for p in source.iterdir()}
-    real, calls = streaming.write_shard, []
+    real, calls = shard_writer.write_shard, []
 
     def dies_after_one(*args, **kwargs):
         if calls:
@@ -190,7 +191,7 @@ def test_failure_after_the_first_shard_leaves_no_output_and_the_source_untouched
         calls.append(real(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(streaming, "write_shard", dies_after_one)
+    monkeypatch.setattr(shard_writer, "write_shard", dies_after_one)
     with pytest.raises(Killed):
         run(source, tmp_path / "out", streaming=True, method="random")
     assert calls  # it did die in the middle
@@ -207,7 +208,7 @@ def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, monkeypatch):
     # Simulate the kill: the first run wrote every shard of a partial folder and then vanished.
     keeps = [torch.tensor(k) for k in read_manifest(tmp_path / "ref")["kept_indices"]]
     checkpoint, config = CheckpointSource(source), transformers.AutoConfig.from_pretrained(source)
-    key = streaming.resume_key(checkpoint, streaming.ffn_slices(checkpoint, get_adapter(config), config, keeps))
+    key = shard_writer.resume_key(checkpoint, shard_writer.ffn_slices(checkpoint, get_adapter(config), config, keeps))
     partial = tmp_path / f".out.partial-{key}"
     partial.mkdir()
     (partial / PARTIAL_MARKER).touch()  # made by the writer with the folder: what marks it as prunenet's
@@ -215,13 +216,13 @@ def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, monkeypatch):
     (partial / shards[0]).write_bytes((tmp_path / "ref" / shards[0]).read_bytes())
     (partial / (shards[1] + ".partial")).write_bytes(b"half-written garbage")
     written = []
-    real = streaming.StreamingWriter.__init__
+    real = shard_writer.StreamingWriter.__init__
 
     def spy(self, path, *args, **kwargs):
         written.append(path.name)
         real(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(streaming.StreamingWriter, "__init__", spy)
+    monkeypatch.setattr(shard_writer.StreamingWriter, "__init__", spy)
     run(source, tmp_path / "out", streaming=True, method="random")
     assert shards[0] + ".partial" not in written and shards[1] + ".partial" in written
     assert not partial.exists()

@@ -1,9 +1,12 @@
-"""What the hostile-input tests check of a refused run: nothing on disk changed, and one line said why."""
+"""What the tests check of a refused or failed run: nothing on disk changed, no temporary folder left, and one
+line said why."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from prunenet.cli import main
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int] | None]:
@@ -25,3 +28,20 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("prunenet: ")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def leftovers(parent: Path, name: str = "out") -> list[str]:
+    """The temporary folders beside ``parent/name`` that a run on that output makes (``.name.*``), sorted."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def refused(argv: list[str], capsys, *roots: Path) -> str:
+    """Run ``argv``: exit code 2, one line on stderr besides log lines, no traceback, nothing under ``roots``
+    created, changed or removed. Returns the line."""
+    before = snapshot(*roots)
+    code = main(argv)
+    line = error_line(capsys.readouterr().err)
+    assert code == 2, line
+    assert line.startswith(f"prunenet {argv[0]}: error: ")
+    assert snapshot(*roots) == before
+    return line

@@ -1,11 +1,13 @@
-"""The adapter contract: where a model family keeps its FFN tensors and its FFN width.
+"""The adapter contract: every fact about a model family that pruning needs, and nowhere else.
 
-PruneNet touches nothing but the FFN of each transformer block. An adapter describes that FFN
-declaratively, by parameter names relative to a block, so the same description serves an
-instantiated ``nn.Module`` (``model.get_parameter(name)``) and, later, a safetensors checkpoint
-read tensor by tensor (the names are the state-dict keys, unless ``checkpoint_tensors`` or
-``checkpoint_layers_path`` say how a checkpoint stores them: fused experts one tensor per expert, a
-wrapper's language model under another prefix).
+An adapter knows where the family keeps its FFN tensors and its FFN width, how its config states its sizes
+(layers, hidden size, attention shape, context length, vocabulary; a wrapper's in its ``text_config``), how
+its fused experts compute, and what its modules record about their shapes. It describes the FFN
+declaratively, by parameter names relative to a block, so the same description serves an instantiated
+``nn.Module`` (``model.get_parameter(name)``) and a safetensors checkpoint read tensor by tensor (the names
+are the state-dict keys, unless ``checkpoint_tensors`` or ``checkpoint_layers_path`` say how a checkpoint
+stores them: fused experts one tensor per expert, a wrapper's language model under another prefix). Outside
+``prunenet/adapters/`` no module reads a family's config fields (tests/test_architecture.py checks it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -90,6 +93,18 @@ class AttentionSpec:
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
+
+
+class AttentionShape(NamedTuple):
+    """``(heads, kv_heads, head_dim)`` of a config; ``group = heads // kv_heads`` query heads per KV head."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
 
 
 class ModelAdapter:
@@ -228,6 +243,28 @@ class ModelAdapter:
         limit = self.context_length(config)
         return min(length, limit) if limit else length
 
+    def attention_shape(self, config) -> AttentionShape:
+        """``(H, KV, hd)`` of the language model's attention: ``num_attention_heads``, ``num_key_value_heads``
+        (default ``H``: multi-head attention) and ``head_dim`` (default ``hidden_size / H``)."""
+        text = self.text_config(config)
+        heads = int(text.num_attention_heads)
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
+        return AttentionShape(heads, int(kv), int(head_dim))
+
+    def set_attention_heads(self, config, shape: AttentionShape, groups: int) -> None:
+        """Record that every block keeps ``groups`` of its KV groups: ``num_attention_heads = groups * G``,
+        ``num_key_value_heads = groups`` and an explicit ``head_dim`` in the language model's config."""
+        text = self.text_config(config)
+        # head_dim must be explicit: transformers derives it as hidden_size // num_attention_heads otherwise.
+        text.head_dim = shape.head_dim
+        text.num_attention_heads = groups * shape.group
+        text.num_key_value_heads = groups
+
+    def vocab_size(self, config) -> int:
+        """Tokens the language model's embedding and head cover (0 where its config does not say)."""
+        return int(getattr(self.text_config(config), "vocab_size", None) or 0)
+
     def kept_width(self, ratio: float, width: int) -> int:
         """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to ``width_multiple`` (never below it)."""
         k = kept_width(ratio, width)
@@ -291,6 +328,20 @@ class ModelAdapter:
                     raise KeyError(f"{type(self).__name__}: the model has no parameter {name!r}") from None
         return found
 
+    def record_sliced_shapes(self, model: torch.nn.Module, layer: int, width: int) -> None:
+        """After block ``layer``'s FFN is sliced to ``width`` neurons, make what its modules record about
+        their weights' shapes true again (``nn.Linear``'s ``in_features``/``out_features``), so ``repr``,
+        ``peft`` and ``transformers`` see the real sizes."""
+        for spec, param in self.neuron_parameters(model, layer):
+            module_name, _, attr = (self.block_prefix(layer) + spec.name).rpartition(".")
+            if attr == "weight":
+                self.record_weight_shape(model.get_submodule(module_name), param)
+
+    def record_weight_shape(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
+        """Make ``module``'s shape attributes describe its (sliced) ``weight``: those of ``nn.Linear``."""
+        if isinstance(module, torch.nn.Linear):
+            module.out_features, module.in_features = weight.shape
+
     def layer_state(self, model: torch.nn.Module, unit: int) -> torch.Tensor:
         """State matrix ``(n, d)`` of FFN ``unit`` (a block, or one expert of one) of an instantiated model:
         a view of its weight."""
@@ -300,6 +351,24 @@ class ModelAdapter:
         if self.tensors[0].experts:
             first = first[expert]
         return self.state_matrix(first, self.ffn_width(model.config))
+
+    def neuron_matrices(self, model: torch.nn.Module, unit: int) -> list[torch.Tensor]:
+        """Every FFN weight of ``unit`` (a block, or one expert of one) of an instantiated model as neuron-row
+        matrices: a list of ``(n, d)`` views, read only.
+
+        In the order of ``tensors``: the in-projections (one matrix per group: a fused ``(2n, d)`` gate/up
+        weight gives gate, then up), then the out-projection's columns as rows (transposed). Biases are left out.
+        """
+        layer, expert = divmod(unit, self.num_experts(model.config))
+        width = self.ffn_width(model.config)
+        out = []
+        for spec, param in self.neuron_parameters(model, layer):
+            if spec.name.endswith("bias"):
+                continue
+            w = param.detach()[expert] if spec.experts else param.detach()
+            w = w if spec.axis == 0 else w.t()
+            out.extend(w[g * width : (g + 1) * width] for g in range(spec.groups))
+        return out
 
 
 def gated_mlp_tensors(

@@ -4,6 +4,8 @@ The state matrix is therefore ``c_fc.weight.T``; ``c_proj.weight`` is ``(n, d)``
 ``config.n_inner`` may be ``None``, meaning ``4 * n_embd``.
 """
 
+import torch
+
 from .base import ModelAdapter, two_layer_mlp_tensors
 
 
@@ -23,3 +25,6 @@ class GPT2Adapter(ModelAdapter):
 
     def ffn_width(self, config) -> int:
         return self.config_size(config, "n_inner") if config.n_inner is not None else 4 * self.hidden_size(config)
+
+    def record_weight_shape(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
+        module.nf = weight.shape[1]  # Conv1D's output width; its weight is (in, out)

@@ -11,15 +11,22 @@ Checkpoints store the experts as ``transformers`` saves them: one tensor per exp
 fused ``input_linear`` ``(E, 2n, d)`` and ``output_linear`` ``(E, d, n)``.
 """
 
+from collections.abc import Callable
+
+import torch
+
 from .base import AttentionSpec, ModelAdapter, NeuronTensor
 from .llama import LLAMA_ATTENTION
+
+GATE_UP, DOWN = "gate_up_proj", "down_proj"
+"""The fused experts module's parameters: ``(E, 2n, d)`` (expert ``e``'s gate rows, then its up rows), ``(E, d, n)``."""
 
 
 def fused_experts(prefix: str) -> tuple[NeuronTensor, ...]:
     """The fused expert parameters of a block, as the module holds them."""
     return (
-        NeuronTensor(f"{prefix}.gate_up_proj", axis=0, groups=2, experts=True),
-        NeuronTensor(f"{prefix}.down_proj", axis=1, role="out", experts=True),
+        NeuronTensor(f"{prefix}.{GATE_UP}", axis=0, groups=2, experts=True),
+        NeuronTensor(f"{prefix}.{DOWN}", axis=1, role="out", experts=True),
     )
 
 
@@ -37,6 +44,33 @@ class MoEAdapter(ModelAdapter):
     attention_modules = LLAMA_ATTENTION
     attention = AttentionSpec()
     width_multiple = 8
+
+    def record_sliced_shapes(self, model: torch.nn.Module, layer: int, width: int) -> None:
+        # transformers' fused experts module records its width, which its forward reads.
+        experts = model.get_submodule(self.block_prefix(layer) + self.tensors[0].name.rpartition(".")[0])
+        if hasattr(experts, "intermediate_dim"):
+            experts.intermediate_dim = width
+
+    def expert_activations(
+        self,
+        experts: torch.nn.Module,
+        expert: int,
+        hidden: torch.Tensor,
+        weight: Callable[[str], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Expert ``expert``'s FFN activations ``(T_e, n)``, ``act(gate x) * (up x)`` -- the input of its
+        out-projection, before the routing weight scales its output -- on the hidden states ``hidden``
+        ``(T_e, d)`` of the tokens routed to it. The fused forward computes them and exposes no intermediate:
+        this recomputes them as it does.
+
+        Args:
+            experts: a block's fused experts module (it holds the ``tensors`` and the activation ``act_fn``).
+            weight: reads one of its parameters by attribute name (default: the parameter itself); a caller
+                whose module is offloaded passes one that finds the weight where it is resident.
+        """
+        read = weight or (lambda name: getattr(experts, name).detach())
+        gate, up = torch.nn.functional.linear(hidden, read(GATE_UP)[expert]).chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
 
 
 class MixtralAdapter(MoEAdapter):
