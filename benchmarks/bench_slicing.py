@@ -68,6 +68,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import OtherLoad, git_revision  # noqa: E402
+from provenance import cpu_model_name  # noqa: E402
 
 from prunenet import ops, slicing
 from prunenet.config import kept_width
@@ -283,13 +284,7 @@ def device_name(device: str) -> str:
     """The GPU's name, or the CPU's model name from ``/proc/cpuinfo``."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    return cpu_model_name() or "cpu"
 
 
 def native_unavailable_reason(device: str) -> str | None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from revision import git_revision  # noqa: F401  (re-exported: the benchmarks import it from here)
+from provenance import cpu_model_name, git_revision  # noqa: F401  (git_revision: the benchmarks import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -27,15 +27,8 @@ def device_label(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or ""
-    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo has the model name
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {name or platform.machine()} ({torch.get_num_threads()} threads)"
+    name = cpu_model_name() or platform.processor() or platform.machine()
+    return f"cpu: {name} ({torch.get_num_threads()} threads)"
 
 
 def run_tags(device: str | torch.device = "cpu") -> dict[str, str]:

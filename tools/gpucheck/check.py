@@ -34,6 +34,15 @@ class Interrupted(BaseException):
     """SIGTERM (a time limit around this script) or Ctrl-C: stop the running child, write the summary."""
 
 
+def provenance():
+    """benchmarks/provenance.py (the git revision, the CPU's name), which imports no torch, as this process must not."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import provenance as module
+
+    return module
+
+
 @dataclass
 class Proc:
     """A finished child: exit status, seconds, whether it was stopped at its limit, its output."""
@@ -114,15 +123,7 @@ class Check:
         """The GPU's name, or the CPU's model name and torch's thread count."""
         if not self.dry and self.info.get("gpu_names"):
             return self.info["gpu_names"][0]
-        name = "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"cpu: {name} ({self.info.get('threads', '?')} threads)"
+        return f"cpu: {provenance().cpu_model_name() or 'cpu'} ({self.info.get('threads', '?')} threads)"
 
     def log(self, text: str) -> None:
         with open(self.log_path, "a", encoding="utf-8") as f:

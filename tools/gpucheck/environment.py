@@ -12,7 +12,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from .check import ROOT, Check
+from .check import ROOT, Check, provenance
 
 # What the parent learns about the interpreter, in a child: the parent itself never imports torch.
 PROBE = """
@@ -146,12 +146,9 @@ def missing_modules(info: dict) -> dict[str, str]:
 
 
 def git_revision() -> str:
-    """benchmarks/revision.py's: short hash of HEAD with ``-dirty`` for uncommitted changes, ``unknown`` without git
-    (that module imports no torch, as the parent must not)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from revision import git_revision as revision
-
-    return revision()
+    """benchmarks/provenance.py's: short hash of HEAD with ``-dirty`` for uncommitted changes, ``unknown`` without
+    git (that module imports no torch, as the parent must not)."""
+    return provenance().git_revision()
 
 
 def environment_lines(check: Check) -> list[str]:
