@@ -115,6 +115,7 @@ def _add_output_flags(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``prunenet`` parser: one subcommand per library entry point."""
     parser = Parser(
         prog="prunenet",
         description="Calibration-free structured pruning of transformer FFNs (PruneNet, ICLR 2025).",
@@ -122,8 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prunenet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    _add_compress(sub)
+    _add_eval(sub)
+    _add_finetune(sub)
+    return parser
 
+
+def _add_compress(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="prune the FFN of every block and save a model stock transformers can load",
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "out-projection) and save the smaller model, its tokenizer, the policy and a prunenet.json manifest to "
         "--out. Launched by torchrun (torchrun --nproc-per-node N -m prunenet compress ...), the layers are split "
         "across the N processes (gloo on CPU, NCCL on GPUs) with the same result as one process.",
-        formatter_class=defaults,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument(
         "--model",
@@ -149,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(c, CompressConfig)
     _add_output_flags(c, "summary")
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser(
         "eval",
         help="perplexity, zero-shot accuracy and inference cost of a model",
@@ -156,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(non-overlapping, or sliding with --stride). The default text is the held-out split of the embedded State "
         "of the Union corpus. Optionally zero-shot multiple-choice accuracy through lm-eval (--tasks) and the "
         "inference cost (--cost), side by side with a --baseline model (e.g. the dense one).",
-        formatter_class=defaults,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     e.add_argument(
         "--model", required=True, help=f"a folder written by compress, any local HF folder, or '{DEFAULT_MODEL}'"
@@ -171,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(e, EvalConfig)
     _add_output_flags(e, "result")
 
+
+def _add_finetune(sub) -> None:
     f = sub.add_parser(
         "finetune",
         help="recovery fine-tuning (LoRA, merged) of a pruned model",
@@ -180,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DENSE no dataset is used: the teacher writes the text and the model learns its next-token distribution "
         "(KL). Otherwise the text is real: --text-file, or the 'train' split of the embedded State of the Union "
         "corpus (speeches before 1990), disjoint from the held-out 'eval' split (1990 on) that `prunenet eval` uses.",
-        formatter_class=defaults,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     f.add_argument("--model", required=True, help="the model to fine-tune: a folder written by compress, or any model")
     f.add_argument(
@@ -193,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(f, FinetuneConfig, defaults_with=("--teacher", SELF_DISTILLATION))
     add_config_arguments(f, FinetuneRun, skip=("config", *learns_from))
     _add_output_flags(f, "summary")
-    return parser
 
 
 def _run_compress(args) -> dict:
@@ -248,7 +257,11 @@ def _compress_summary(result) -> dict:
                 ("time: selection", f"{t['select_s']:.1f} s" + (" (training included)" if "train_s" in t else "")),
                 *(
                     (f"  of which {label}", f"{t[key]:.1f} s")
-                    for key, label in (("probe_s", "probe generation"), ("stats_s", "statistics"))
+                    for key, label in (
+                        ("probe_s", "probe generation"),
+                        ("calibration_s", "reading and tokenizing the calibration text"),
+                        ("stats_s", "statistics"),
+                    )
                     if key in t
                 ),
                 ("time: slicing", f"{t['slice_s']:.2f} s" if not result.streaming else "(streamed: while saving)"),

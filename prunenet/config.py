@@ -16,6 +16,7 @@ takes the same dataclasses. Nothing here imports torch: ``prunenet --help`` stay
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -112,14 +113,33 @@ class PruneConfig:
         "triton is installed, torch otherwise",
         choices=REWARD_BACKENDS,
     )
-    probe_sequences: int = option(8, "self-generated probe sequences the model runs forward on")
+    probe_sequences: int = option(
+        8, "probe sequences the model runs forward on: self-generated, or windows of the --calibration text"
+    )
     probe_length: int = option(128, "tokens per probe sequence (at most the model's context)")
+    calibration: tuple[str, ...] | None = option(
+        None,
+        "score the neurons on your own text instead of self-generated probes: text files, or folders whose .txt, "
+        '.md and .jsonl files are read (a .jsonl line is one document, its "text" field); --probe-sequences '
+        "windows of --probe-length tokens, each from one document, drawn with --seed. The manifest records each "
+        "file's size and SHA-256",
+        type=str,
+        nargs="+",
+        metavar="PATH",
+    )
     modules: str = option(
         "ffn",
         "what to prune: the FFN only (the paper's default), or also whole key/value head groups of the attention at "
         "the same ratio (the families whose adapter describes their attention; costs much more quality)",
         choices=MODULES,
     )
+
+    def __post_init__(self) -> None:
+        # One path or several, str or os.PathLike: one form, a tuple of str (the manifest writes a JSON list).
+        if isinstance(self.calibration, str | os.PathLike):
+            self.calibration = (os.fspath(self.calibration),)
+        elif isinstance(self.calibration, list | tuple):
+            self.calibration = tuple(os.fspath(p) if isinstance(p, os.PathLike) else p for p in self.calibration)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag of the first bad value (no model needed). ``--method`` is the
@@ -136,6 +156,12 @@ class PruneConfig:
         check_number("--lr", self.lr, positive=True)
         if self.policy is not None and self.method != "prunenet":
             raise ValueError("--policy applies only to --method prunenet")
+        if self.calibration is not None:
+            if self.method != "selfcal":
+                raise ValueError("--calibration applies only to --method selfcal")
+            paths = self.calibration
+            if not isinstance(paths, tuple) or not paths or not all(isinstance(p, str) and p for p in paths):
+                raise ValueError(f"--calibration takes one or more paths, got {paths!r}")
 
     def train_config(self) -> TrainConfig:
         """The policy-training settings these options ask for."""

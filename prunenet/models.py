@@ -39,7 +39,7 @@ def load_model(
     path = resolve_model(spec)
     config = _read_config(path)
     _require_weights(path)
-    tokenizer = _read_tokenizer(path)
+    tokenizer = read_tokenizer(path)
     model = _read_weights(path, config, dtype)
     check_finite_weights(model, where=str(path))
     model.to(device)
@@ -65,7 +65,7 @@ def _require_weights(path: Path) -> None:
         )
 
 
-def _read_tokenizer(path: Path):
+def read_tokenizer(path: Path):
     """The folder's tokenizer."""
     from transformers import AutoTokenizer
 

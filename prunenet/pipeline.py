@@ -44,6 +44,7 @@ class PruneResult:
         policy: the PruneNet policy that chose them (``--method prunenet``), else ``None``.
         training: the policy-training trace (``None`` when nothing was trained).
         attention: the attention slicing's record (``--modules ffn+attn``), else ``None``.
+        selector_record: the selector's own manifest fields (``--calibration``: the text's files and windows).
     """
 
     config: PruneConfig
@@ -55,6 +56,7 @@ class PruneResult:
     policy: object = None
     training: dict | None = None
     attention: dict | None = None
+    selector_record: dict = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -69,7 +71,7 @@ class PruneResult:
             "ffn_width_before": self.ffn_width,
             "k": self.k,
             "method": c.method,
-            "method_options": {name: _json_value(getattr(c, name)) for name in SELECTORS[c.method].options},
+            "method_options": _method_options(c),
             "selection": c.selection if "selection" in SELECTORS[c.method].options else None,
             "seed": c.seed,
             "policy": POLICY_FILE if self.policy is not None else None,
@@ -80,19 +82,32 @@ class PruneResult:
             "kept_indices": kept_indices_to_json(self.keeps),
             "modules": c.modules,
             "attention": self.attention,
+            **self.selector_record,
         }
 
 
+def _method_options(config: PruneConfig) -> dict:
+    """The method's own options, for the manifest. ``calibration`` only when given: a run on self-generated
+    probes records what it always has."""
+    options = {name: _json_value(getattr(config, name)) for name in SELECTORS[config.method].options}
+    if "calibration" in options and options["calibration"] is None:
+        del options["calibration"]
+    return options
+
+
 def _json_value(value):
-    """Paths (``--policy``) as strings, for the manifest."""
+    """Paths (``--policy``) as strings and tuples (``--calibration``) as lists, for the manifest."""
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _prune(source: Source, config: PruneConfig, policy, dist: Distributed, progress: bool, timings: dict):
-    """Select on ``source`` and apply the choice (in place, or deferred to the shard writer)."""
+def _prune(source: Source, config: PruneConfig, prepared: dict, dist: Distributed, progress: bool, timings: dict):
+    """Select on ``source`` (``prepared``: what the selector's ``prepare`` returned) and apply the choice (in
+    place, or deferred to the shard writer)."""
     params_before, width = source.numel(), source.width  # before slicing changes the config's width
     tick = time.perf_counter()
-    selection: Selection = select(source, config, policy=policy, dist=dist, progress=progress)
+    selection: Selection = select(source, config, dist=dist, progress=progress, **prepared)
     timings["select_s"] = time.perf_counter() - tick  # training (if any) included
     timings.update(selection.timings)
     if selection.train_seconds is not None:
@@ -102,39 +117,44 @@ def _prune(source: Source, config: PruneConfig, policy, dist: Distributed, progr
     attention = writer.apply(selection.keeps, config, progress)
     k = selection.keeps[0].numel()
     result = PruneResult(config, source.config.model_type, width, selection.keeps, params_before,
-                         writer.params_after(k), selection.policy, selection.training, attention)  # fmt: skip
+                         writer.params_after(k), selection.policy, selection.training, attention,
+                         selection.manifest)  # fmt: skip
     timings["slice_s"] = time.perf_counter() - tick
     return result, writer
 
 
-def _prepare(config: PruneConfig, adapter, model_config, device) -> object:
-    """The selector's checks and loads that must come before any weights (e.g. ``--policy``)."""
+def _prepare(config: PruneConfig, adapter, model_config, device) -> dict:
+    """The selector's checks and loads that must come before any weights (e.g. ``--policy``, ``--calibration``):
+    keyword arguments for its ``choose``."""
     prepare = SELECTORS[config.method].prepare
     hidden, width = adapter.hidden_size(model_config), adapter.ffn_width(model_config)
-    return prepare(config, hidden, width, str(device)) if prepare is not None else None
+    return prepare(config, hidden, width, str(device)) if prepare is not None else {}
 
 
 def prune_(
     model: torch.nn.Module, ratio: float | None = None, *, config: PruneConfig | None = None, progress: bool = False,
-    **options,
+    tokenizer=None, **options,
 ) -> PruneResult:  # fmt: skip
     """Prune the FFN of every block of an in-memory ``transformers`` causal LM at ``ratio``, in place.
 
     ``options`` are :class:`~prunenet.config.PruneConfig` fields (``method="selfcal"``, ``seed=3``,
-    ``episodes=5``, ``modules="ffn+attn"``, ...), applied over ``config``. The model's config afterwards
-    holds the new FFN width, so ``model.save_pretrained`` writes a model stock ``transformers`` reloads.
+    ``episodes=5``, ``modules="ffn+attn"``, ...), applied over ``config``. ``tokenizer``: the model's, which
+    ``calibration=`` needs to cut its text into token windows. The model's config afterwards holds the new
+    FFN width, so ``model.save_pretrained`` writes a model stock ``transformers`` reloads.
 
     Raises:
         ValueError (and its subclasses): the same one-line errors as the command line.
     """
     config = config_from(PruneConfig, config, **({"ratio": ratio} if ratio is not None else {}), **options)
     selector_of(config)  # an unknown --method, before any work
+    if config.calibration is not None and tokenizer is None:
+        raise ValueError("calibration= needs the model's tokenizer to cut the text into tokens: pass tokenizer=")
     check_finite_weights(model)  # a folder's model is checked by load_model; the caller's here
-    source = ModelSource(model)
+    source = ModelSource(model, tokenizer=tokenizer)
     check_prunable(config, source.adapter, source.config)
     device = next(model.parameters()).device
-    policy = _prepare(config, source.adapter, source.config, device)
-    result, _ = _prune(source, config, policy, Distributed(), progress, {})
+    prepared = _prepare(config, source.adapter, source.config, device)
+    result, _ = _prune(source, config, prepared, Distributed(), progress, {})
     return result
 
 
@@ -222,7 +242,7 @@ def _compress_into(
     Returns what was kept and whether the source was streamed; the model itself is not kept alive.
     """
     plan = plan_source(path, config, dist)
-    policy = _prepare(config, plan.adapter, plan.config, config.device)
+    prepared = _prepare(config, plan.adapter, plan.config, config.device)
     needed = plan.output_bytes_at_least() if target is not None else None
     if needed is not None:
         target.ensure_space(needed)
@@ -230,7 +250,7 @@ def _compress_into(
     timings["load_s"] = time.perf_counter() - tick
     log.info("selecting with --method %s at ratio %s (%s)", config.method, config.ratio,
              "streaming" if source.streaming else "in memory")  # fmt: skip
-    result, writer = _prune(source, config, policy, dist, progress, timings)
+    result, writer = _prune(source, config, prepared, dist, progress, timings)
     log.info("writing %s", out)
     manifest = {
         "prunenet_version": __version__,

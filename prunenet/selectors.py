@@ -52,6 +52,7 @@ class Selection:
         training: the training trace for the manifest (``None`` when nothing was trained).
         train_seconds: time spent training (``None`` when nothing was trained).
         timings: seconds of the selector's own phases (e.g. ``{"probe_s": ..., "stats_s": ...}``).
+        manifest: the selector's own manifest fields (e.g. ``{"calibration": ...}``: the text it ran on).
     """
 
     keeps: list[torch.Tensor]
@@ -59,6 +60,7 @@ class Selection:
     training: dict | None = None
     train_seconds: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,10 @@ class Selector:
         summary: one line for ``--help`` and the docs.
         needs: a key of :data:`NEEDS`.
         options: the :class:`~prunenet.config.PruneConfig` fields only this selector reads.
-        choose: ``(source, k, config, policy=, dist=, progress=) -> Selection``.
-        prepare: ``(config, hidden, width, device) -> policy or None``, run before any weights are loaded
-            (to fail early on a bad ``--policy``); ``None`` when there is nothing to prepare.
+        choose: ``(source, k, config, dist=, progress=, **prepared) -> Selection``.
+        prepare: ``(config, hidden, width, device) -> prepared``, run before any weights are loaded (to fail
+            early on a bad ``--policy`` or ``--calibration``): a dict of keyword arguments for ``choose``
+            (``{"policy": ...}``, ``{"calibration": ...}``); ``None`` when there is nothing to prepare.
     """
 
     name: str
@@ -169,20 +172,20 @@ def _choose_magnitude(source: Source, k: int, config: PruneConfig, *, dist=None,
     return Selection(magnitude_keeps(source.states(), k, dist))
 
 
-def _prepare_policy(config: PruneConfig, hidden: int, width: int, device: str):
+def _prepare_policy(config: PruneConfig, hidden: int, width: int, device: str) -> dict:
     """Before any weights are loaded: ``--policy`` loaded and shape-checked, or else the reward backend
     checked for ``device`` (e.g. triton without CUDA is refused here, not after loading a model)."""
     from .ops import resolve_reward_backend
 
     if config.policy is None:
         resolve_reward_backend(config.reward_backend, device)
-        return None
+        return {"policy": None}
     from .checkpoint import load_policy
     from .policy import check_policy_shape
 
     policy = load_policy(config.policy)
     check_policy_shape(policy, hidden, width)
-    return policy
+    return {"policy": policy}
 
 
 def _choose_prunenet(source: Source, k: int, config: PruneConfig, *, policy=None, dist=None, progress=True):
@@ -211,27 +214,49 @@ def _choose_prunenet(source: Source, k: int, config: PruneConfig, *, policy=None
     return Selection(keeps, policy=policy, training=training, train_seconds=seconds)
 
 
-def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, dist=None, **_) -> Selection:
-    """Self-calibration, on any source: the model runs with every block resident, or offloaded block by block.
+def _prepare_selfcal(config: PruneConfig, hidden: int, width: int, device: str) -> dict:
+    """Before any weights are loaded: the ``--calibration`` text read and checked (a missing path, a binary
+    file, a bad ``.jsonl`` line fail here), or nothing to prepare for self-generated probes."""
+    if config.calibration is None:
+        return {}
+    from .calibration import read_calibration
+
+    return {"calibration": read_calibration(config.calibration)}
+
+
+def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, calibration=None, dist=None, **_) -> Selection:
+    """Self-calibration, on any source: the model runs with every block resident, or offloaded block by block,
+    on probes it generates itself or on windows of the ``--calibration`` text (``calibration``, read by
+    :func:`_prepare_selfcal`).
 
     Under ``torchrun`` rank 0 runs it and broadcasts the choice: the forward passes are sequential over
     blocks and decoding steps, so other ranks could only repeat them (or idle in a pipeline) and would
-    read the weights again.
+    read the weights again. Every rank cuts the windows (a few tokenizer calls), so a text too short for
+    them fails on every rank with the same line.
     """
     import torch
 
     from .selfcal import selfcal_keeps
 
     dist, timings = _dist(dist), {}
+    windows = None
+    if calibration is not None:
+        from .calibration import calibration_windows
+
+        tick = time.perf_counter()
+        length = source.adapter.capped_length(source.config, config.probe_length)  # as probes are capped
+        windows = calibration_windows(calibration, source.tokenizer, config.probe_sequences, length, config.seed)
+        timings["calibration_s"] = calibration.read_seconds + time.perf_counter() - tick
     keeps = None
     if dist.is_main:
         with source.run_model() as model:
             keeps = selfcal_keeps(model, k, seed=config.seed, sequences=config.probe_sequences,
-                                  length=config.probe_length, timings=timings)  # fmt: skip
+                                  length=config.probe_length, timings=timings,
+                                  ids=windows.ids if windows is not None else None)  # fmt: skip
     if dist.active:
         table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_units, k, dtype=torch.int64)
         keeps = list(dist.broadcast(table, 0))
-    return Selection(keeps, timings=timings)
+    return Selection(keeps, timings=timings, manifest={"calibration": windows.record} if windows is not None else {})
 
 
 SELECTORS: dict[str, Selector] = {
@@ -249,11 +274,12 @@ SELECTORS: dict[str, Selector] = {
         Selector("magnitude", "largest L2 norm of the state-matrix rows", needs="weights", choose=_choose_magnitude),
         Selector(
             "selfcal",
-            "run the model forward on text it generates itself (no dataset; seeded) and keep the neurons "
-            "contributing most to each FFN's output",
+            "run the model forward on text it generates itself (no dataset; seeded), or on your own text with "
+            "--calibration, and keep the neurons contributing most to each FFN's output",
             needs="model",
             choose=_choose_selfcal,
-            options=("probe_sequences", "probe_length"),
+            options=("probe_sequences", "probe_length", "calibration"),
+            prepare=_prepare_selfcal,
         ),
     )
 }
@@ -276,15 +302,17 @@ def owner_of(option: str) -> str | None:
     return next((s.name for s in SELECTORS.values() if option in s.options), None)
 
 
-def select(source: Source, config: PruneConfig, *, policy=None, dist=None, progress: bool = True) -> Selection:
-    """Run ``config.method`` on ``source`` at ``config.ratio``; a ratio that keeps every neuron selects nothing."""
+def select(source: Source, config: PruneConfig, *, dist=None, progress: bool = True, **prepared) -> Selection:
+    """Run ``config.method`` on ``source`` at ``config.ratio``; a ratio that keeps every neuron selects nothing.
+
+    ``prepared``: what the selector's ``prepare`` returned (e.g. ``policy=``, a ``--policy`` loaded)."""
     import torch
 
     k = source.adapter.kept_width(config.ratio, source.width)
     if k == source.width:
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
-        return Selection([torch.arange(source.width)] * source.num_units, policy=policy)
-    return selector_of(config).choose(source, k, config, policy=policy, dist=dist, progress=progress)
+        return Selection([torch.arange(source.width)] * source.num_units, policy=prepared.get("policy"))
+    return selector_of(config).choose(source, k, config, dist=dist, progress=progress, **prepared)
 
 
 def markdown_table() -> str:

@@ -1,9 +1,11 @@
 """Self-calibration (``--method selfcal``): score FFN neurons by their contribution on self-generated probes.
 
 The model is run forward on probe sequences *it generates itself* from its BOS token -- never a dataset
-(:mod:`prunenet.probes`) -- and each neuron is scored from its activation statistics
+(:mod:`prunenet.probes`), unless the user hands over text of their own (``--calibration``, windows cut by
+:mod:`prunenet.calibration`) -- and each neuron is scored from its activation statistics
 (:mod:`prunenet.activations`) by its contribution to the FFN output, in the manner of Wanda (Sun et al.
-2023, arXiv 2306.11695: ``|W| * ||x||``). It is calibration *data*-free, not forward-free: the name says so.
+2023, arXiv 2306.11695: ``|W| * ||x||``). By default it is calibration *data*-free, not forward-free: the name
+says so.
 
 Research variants: FLAP's fluctuation score (An et al. 2024, arXiv 2312.11983: ``Var(x_j) * ||W_:,j||^2``,
 ``score="flap"``) and uniformly random probe ids (``probe="random"``) are what the selection study measured
@@ -71,19 +73,26 @@ def selfcal_keeps(
     sequences: int = PruneConfig.probe_sequences,
     length: int = PruneConfig.probe_length,
     timings: dict[str, float] | None = None,
+    ids: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """The ``selfcal`` method: kept neurons per FFN unit (sorted ``(k,)`` int64 CPU) from self-generated probes.
+    """The ``selfcal`` method: kept neurons per FFN unit (sorted ``(k,)`` int64 CPU) from self-generated probes,
+    or from the token ids ``ids`` ``(B, T)`` when given (windows of ``--calibration`` text,
+    :func:`prunenet.calibration.calibration_windows`; ``seed``, ``probe``, ``sequences`` and ``length`` are
+    then unused).
 
     ``seed`` fixes the probe sequences, hence the result. ``probe`` and ``score`` select the research
     variants (:data:`prunenet.probes.PROBES`, :data:`SCORES`). ``model`` may have its blocks offloaded
     (:mod:`prunenet.offload`). ``timings``, when given, receives the seconds of the two phases:
-    ``probe_s`` (generating ``sequences x length`` tokens, one decoding step per token) and ``stats_s``
-    (one forward pass over them). Measured costs: docs/methods.md and docs/large-models.md.
+    ``probe_s`` (generating ``sequences x length`` tokens, one decoding step per token; not with ``ids``) and
+    ``stats_s`` (one forward pass over them). Measured costs: docs/methods.md and docs/large-models.md.
     """
     timings = {} if timings is None else timings
-    tick = time.perf_counter()
-    ids = self_probes(model, kind=probe, sequences=sequences, length=length, seed=seed)
-    timings["probe_s"] = time.perf_counter() - tick
+    if ids is None:
+        tick = time.perf_counter()
+        ids = self_probes(model, kind=probe, sequences=sequences, length=length, seed=seed)
+        timings["probe_s"] = time.perf_counter() - tick
+    else:  # where the ids go: the embeddings' device (an offloaded model's blocks are elsewhere)
+        ids = ids.to(model.get_input_embeddings().weight.device)
     tick = time.perf_counter()
     stats = activation_stats(model, ids)
     timings["stats_s"] = time.perf_counter() - tick

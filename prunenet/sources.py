@@ -16,6 +16,7 @@ forward passes), not whether it can run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -37,11 +38,13 @@ log = logging.getLogger(__name__)
 
 class Source:
     """Common interface. Attributes: ``config`` (the model's ``PretrainedConfig``), ``adapter``, ``streaming``,
-    ``spill_grams`` (training keeps ``W^T W`` in a file), ``memory_plan`` (``None`` in memory)."""
+    ``spill_grams`` (training keeps ``W^T W`` in a file), ``memory_plan`` (``None`` in memory), ``tokenizer``
+    (the model's, for selectors that read text; ``None`` where none was given)."""
 
     streaming = False
     spill_grams = False
     memory_plan: MemoryPlan | None = None
+    tokenizer = None
 
     def __init__(self, config, adapter: ModelAdapter):
         self.config, self.adapter = config, adapter
@@ -136,6 +139,13 @@ class CheckpointStream(Source):
 
     def numel(self) -> int:
         return self.checkpoint.numel()
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The checkpoint folder's tokenizer, loaded on first use (only selectors that read text need it)."""
+        from .models import read_tokenizer
+
+        return read_tokenizer(self.checkpoint.folder)
 
     def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         from .offload import OffloadedModel
