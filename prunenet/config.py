@@ -46,9 +46,14 @@ def flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def field_of(cls, name: str) -> dataclasses.Field:
+    """Field ``name`` of the config dataclass ``cls``."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
 def flag_of(cls, name: str) -> str:
     """The flag of field ``name`` of the config dataclass ``cls``."""
-    return flag(next(f for f in dataclasses.fields(cls) if f.name == name))
+    return flag(field_of(cls, name))
 
 
 def check_ratio(ratio: float) -> None:
@@ -354,10 +359,6 @@ class FinetuneError(ValueError):
     """Fine-tuning cannot run: ``peft`` is missing, or the text is too short for the requested windows."""
 
 
-def _help_of(cls, name: str) -> str:
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
-
-
 @dataclass
 class FinetuneRun:
     """``prunenet finetune``'s options besides its operands ``--model`` and ``--out``: what the model learns from,
@@ -377,7 +378,7 @@ class FinetuneRun:
     )
     device: str = option("auto", "torch device ('auto': cuda when available, else cpu)")
     dtype: str = option("fp32", "weight dtype to train and save", choices=DTYPES)
-    overwrite: bool = option(False, _help_of(CompressConfig, "overwrite"))  # one output rule, one text
+    overwrite: bool = option(False, field_of(CompressConfig, "overwrite").metadata["help"])  # one output rule, one text
 
     def __post_init__(self) -> None:
         if self.config is None:
