@@ -103,7 +103,7 @@ ext_modules = [] if os.environ.get("PRUNENET_SKIP_EXT") == "1" else [CMakeExtens
 
 setup(
     packages=["prunenet", "prunenet.adapters", "prunenet.kernels"],
-    package_dir={"prunenet.kernels": "kernels"},
+    package_dir={"prunenet.kernels": "prunenet_kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -199,9 +199,9 @@ def inference_cost_subprocess(
     options = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch_size": batch_size, "repeats": repeats,
                "device": device, "progress": progress}  # fmt: skip
     args = {"model": model, "text_file": text_file, "dtype": dtype, "options": options}
-    # `python -c` puts the current folder first on sys.path: a folder there named like a package (a checkout's
-    # kernels/, which Hugging Face's kernels package that transformers imports would resolve to) must not
-    # shadow the installed one, so the child drops that entry before importing anything.
+    # `python -c` puts the current folder first on sys.path: a folder there named like an installed package
+    # (a user's own `prunenet/` or `kernels/`) must not shadow it, so the child drops that entry before
+    # importing anything.
     code = ("import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
             "from prunenet.inference_cost import _cost_worker; _cost_worker(sys.argv[1])")  # fmt: skip
     proc = subprocess.run(

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-# The repository root is no import root: its kernels/ folder is installed as prunenet.kernels, and seen as
-# a top-level `kernels` it shadows Hugging Face's `kernels` package, which transformers (>= 5.25 depends on
-# it) imports at load time. `python -m pytest` and `python -m prunenet` put the current folder first on
-# sys.path: drop it here, and keep it off for the subprocesses the tests start (PYTHONSAFEPATH, Python 3.11+).
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-os.environ["PYTHONSAFEPATH"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Without a GPU the Triton kernels (tests/test_kernels.py) run in Triton's interpreter, on CPU

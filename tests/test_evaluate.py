@@ -267,7 +267,7 @@ def test_a_package_in_the_current_folder_does_not_shadow_the_installed_one(tmp_p
     (cwd / "prunenet").mkdir(parents=True)
     (cwd / "prunenet" / "__init__.py").write_text("raise ImportError('the current folder shadowed prunenet')\n")
     monkeypatch.chdir(cwd)
-    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)  # what a user's shell has; the tests set it
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)  # what a user's shell has
     cost = inference_cost_subprocess(str(folder), prompt_tokens=8, new_tokens=2, repeats=1, progress=False)
     assert cost["parameters"] > 0
 

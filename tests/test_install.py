@@ -48,8 +48,12 @@ WHEEL_LINE = "pip install dist/prunenet-*.whl"
 CHECK = r"""
 import importlib.metadata, json
 import torch
+import importlib.util
 import prunenet, prunenet.ops as ops
 from prunenet.slicing import slice_ffn_
+
+# The Triton kernels ship as prunenet.kernels (their modules import triton, which a CPU torch lacks: found, not run).
+assert all(importlib.util.find_spec(f"prunenet.kernels.{op}") for op in ("gram", "ks"))
 
 assert ops.available(), ops.import_error()
 w, b, o = torch.randn(6, 4), torch.randn(6), torch.randn(4, 6)
@@ -165,7 +169,7 @@ def test_sdist_holds_what_a_build_needs_and_nothing_else(dists):
     with tarfile.open(dists["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     needed = {"setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE", "build_backend/prunenet_build.py"}
-    needed |= {str(p.relative_to(ROOT)) for d in ("csrc", "kernels", "prunenet") for p in (ROOT / d).rglob("*")
+    needed |= {str(p.relative_to(ROOT)) for d in ("csrc", "prunenet_kernels", "prunenet") for p in (ROOT / d).rglob("*")
                if p.suffix in {".cpp", ".cu", ".h", ".py"} and "__pycache__" not in p.parts}  # fmt: skip
     assert needed <= names, f"missing from the sdist: {sorted(needed - names)}"
     unneeded = ("tests/", "benchmarks/", "docs/", "tools/", ".")
@@ -174,7 +178,8 @@ def test_sdist_holds_what_a_build_needs_and_nothing_else(dists):
     with zipfile.ZipFile(dists["wheel"]) as whl:
         files = whl.namelist()
     assert any(re.fullmatch(r"prunenet/_C\..*\.so", f) for f in files), "the wheel has no native extension"
-    assert "prunenet/kernels/ks.py" in files and not any(f.startswith(("tests/", "kernels/", "csrc/")) for f in files)
+    assert "prunenet/kernels/ks.py" in files
+    assert not any(f.startswith(("tests/", "prunenet_kernels/", "csrc/")) for f in files)
 
 
 def test_isolated_install_stops_at_once_with_one_line(venv, dists):

@@ -88,7 +88,7 @@ def unpack_wheels(folder: Path, target: Path) -> list[str]:
 
 
 def make_overlay(check: Check) -> Path:
-    """(Re)build WORK/pythonpath/prunenet: links to every entry of the checkout's prunenet/, kernels/ as
+    """(Re)build WORK/pythonpath/prunenet: links to every entry of the checkout's prunenet/, prunenet_kernels/ as
     prunenet.kernels (setup.py's package_dir mapping, which a plain PYTHONPATH lacks), and the extension
     module the build step made (else the checkout's own, if one was built for this interpreter)."""
     base = check.work / "pythonpath"
@@ -101,7 +101,7 @@ def make_overlay(check: Check) -> Path:
         if entry.name == "__pycache__" or (entry.name.startswith("_C.") and entry.suffix == ".so"):
             continue
         (package / entry.name).symlink_to(entry)
-    (package / "kernels").symlink_to(ROOT / "kernels")
+    (package / "kernels").symlink_to(ROOT / "prunenet_kernels")
     module = check.built_module or ROOT / "prunenet" / f"_C{suffix}"
     if module.is_file():
         (package / module.name).symlink_to(module)
