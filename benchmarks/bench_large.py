@@ -4,7 +4,12 @@
     python benchmarks/bench_large.py --episodes 20 --device cuda
     python benchmarks/bench_large.py --shape tiny --episodes 2 # seconds: a smoke run
     python benchmarks/bench_large.py --method selfcal          # self-calibration, run block by block
+    python benchmarks/bench_large.py --method selfcal --layers 4 --calibration words --compensate --skip-in-memory
     python benchmarks/bench_large.py --shape qwen3-30b-a3b --layers 4  # a mixture of experts, 4 real-size blocks
+
+``--compensate`` adds the refit of the kept out-projection columns (``prunenet.compensation``) and
+``--calibration`` the user's text (``words``: a text of the checkpoint's own made-up words, written into the work
+folder); those rows go to ``large_compensation_<device>.csv``.
 
 ``--method selfcal`` runs ``streaming`` (the model offloaded block by block under ``--max-memory``) and
 ``in-memory`` (where it fits), each with its phases (probe generation, statistics, writing), its forward
@@ -133,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--method", default="prunenet", choices=["prunenet", "selfcal"], help="the selector to time")
     parser.add_argument("--probe-sequences", type=int, default=8, help="--method selfcal: probe sequences")
     parser.add_argument("--probe-length", type=int, default=128, help="--method selfcal: tokens per sequence")
+    parser.add_argument("--calibration", default=None, help="--method selfcal: a text file, or 'words' (see above)")
+    parser.add_argument("--compensate", action="store_true", help="--method selfcal: refit the kept columns")
     parser.add_argument("--episodes", type=int, default=1, help="policy episodes of the streaming run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-memory", default="3GiB", help="--max-memory of the streaming runs")
@@ -243,13 +250,31 @@ def row_tail(name: str, result: dict, check: dict, identical: str) -> dict:
     }
 
 
+def calibration_text(spec: str, ckpt: Path, work: Path) -> Path:
+    """``spec`` itself, or for ``words`` a file of 200 lines of 64 words drawn (seeded) from the checkpoint's
+    tokenizer vocabulary: text its word-level tokenizer reads without unknown words."""
+    if spec != "words":
+        return Path(spec)
+    from transformers import AutoTokenizer
+
+    vocab = sorted(w for w in AutoTokenizer.from_pretrained(ckpt).get_vocab() if w.startswith("w"))
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(vocab), (200, 64), generator=generator).tolist()
+    path = work / "calibration-words.txt"
+    path.write_text("\n".join(" ".join(vocab[i] for i in line) for line in picks) + "\n")
+    return path
+
+
 def bench_selfcal(args, ckpt: Path, size: int) -> int:
     """``--method selfcal``: streaming (block by block) and in-memory, side by side."""
     from prunenet.validate import parse_size
 
     work = Path(args.workdir)
     common = dict(model=str(ckpt), ratio=args.ratio, device=args.device, seed=0, overwrite=True, method="selfcal",
-                  probe_sequences=args.probe_sequences, probe_length=args.probe_length)  # fmt: skip
+                  probe_sequences=args.probe_sequences, probe_length=args.probe_length,
+                  compensate=args.compensate)  # fmt: skip
+    if args.calibration:
+        common["calibration"] = [str(calibration_text(args.calibration, ckpt, work))]
     outs = {name: work / f"out-selfcal-{name}" for name in ("streaming", "in-memory")}
     runs = [("streaming", dict(common, out=str(outs["streaming"]), streaming=True, max_memory=args.max_memory), None)]
     if not args.skip_in_memory:
@@ -271,7 +296,9 @@ def bench_selfcal(args, ckpt: Path, size: int) -> int:
         same, count = same_tensors(outs["streaming"], outs["in-memory"])
         identical = f"{same and kept['streaming'] == kept['in-memory']} ({count} tensors)"
         print("streaming and in-memory outputs identical:", identical, flush=True)
-    csv_path = Path(args.csv) if args.csv else HERE / "results" / f"large_selfcal_{torch.device(args.device).type}.csv"
+    kind = "compensation" if args.compensate else "selfcal"
+    csv_path = Path(args.csv) if args.csv else HERE / "results" / f"large_{kind}_{torch.device(args.device).type}.csv"
+    extra = {"calibration": args.calibration or "", "compensate_s": ""} if args.compensate else {}
     csv_rows = [
         {
             **row_head(args, size),
@@ -287,6 +314,7 @@ def bench_selfcal(args, ckpt: Path, size: int) -> int:
             "stats_s": round(r.get("stats_s", float("nan")), 1),
             "select_s": round(r.get("select_s", float("nan")), 1),
             "save_s": round(r.get("save_s", float("nan")), 1),
+            **{**extra, **({"compensate_s": round(r.get("compensate_s", float("nan")), 1)} if extra else {})},
             **row_tail(name, r, check, identical),
         }
         for name, kwargs, r, plan in rows

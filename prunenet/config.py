@@ -132,6 +132,19 @@ class PruneConfig:
         nargs="+",
         metavar="PATH",
     )
+    compensate: bool = option(
+        True,
+        "after choosing each FFN's neurons, refit the kept columns of its out-projection so that its output on the "
+        "probe tokens (or the --calibration windows) is preserved: damped least squares on the dense model's "
+        "activations, one more forward pass (more where the memory plan splits the layers); the shapes stay stock. "
+        "--no-compensate leaves the kept weights as they are",
+        action="boolean-optional",
+    )
+    damping: float = option(
+        1.0,
+        "compensation's ridge damping, in units of the kept neurons' mean activation energy (mean diag H_KK): "
+        "larger stays closer to the dense weights",
+    )
     modules: str = option(
         "ffn",
         "what to prune: the FFN only (the paper's default), or also whole key/value head groups of the attention at "
@@ -159,6 +172,9 @@ class PruneConfig:
         check_seed(self.seed)
         check_number("--kl", self.kl_weight, minimum=0.0)
         check_number("--lr", self.lr, positive=True)
+        check_number("--damping", self.damping, positive=True)
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"--compensate is on or off (True or False), got {self.compensate!r}")
         if self.policy is not None and self.method != "prunenet":
             raise ValueError("--policy applies only to --method prunenet")
         if self.calibration is not None:

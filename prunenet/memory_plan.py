@@ -16,6 +16,7 @@ import os
 import torch
 
 from .adapters import ModelAdapter
+from .compensation import layer_bytes, solve_bytes
 from .ops import gram_side, keeps_full_grams
 from .reward import CHUNK_BYTES
 from .streaming import CheckpointSource
@@ -165,6 +166,10 @@ class ForwardPlan:
         block_bytes: the largest block; kv_bytes: the key/value cache of the probe batch at full length;
         activation_bytes: the largest activations of one block on the probe batch, and the logits.
         estimate: the plan's estimated peak on the device.
+        compensation_layers: how many layers' compensation one forward pass accumulates (``--compensate``; 0
+            without it): as many as the budget holds beside the rest, each ``compensation_bytes`` (every
+            unit's ``H`` and out-projection copy), plus one unit's solve.
+        compensation_bytes: one layer's compensation (0 without it).
     """
 
     budget: int
@@ -175,6 +180,8 @@ class ForwardPlan:
     kv_bytes: int
     activation_bytes: int
     estimate: int
+    compensation_layers: int = 0
+    compensation_bytes: int = 0
 
     def describe(self) -> str:
         where = {"device": f"all in {self.device} memory", "host": "in host memory, each moved to the device to run",
@@ -186,11 +193,14 @@ class ForwardPlan:
             f"KV cache {format_bytes(self.kv_bytes)}; activations {format_bytes(self.activation_bytes)};",
             f"estimated peak {format_bytes(self.estimate)}",
         ]
+        if self.compensation_layers:
+            parts[-1] += (f"; compensation {self.compensation_layers} layer(s) per pass "
+                          f"({format_bytes(self.compensation_bytes)} each)")  # fmt: skip
         return " ".join(parts)
 
 
 def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget: int, device: str | torch.device,
-                 sequences: int, length: int) -> ForwardPlan:  # fmt: skip
+                 sequences: int, length: int, compensate_k: int | None = None) -> ForwardPlan:  # fmt: skip
     """Choose where the blocks of a model run forward on ``sequences x length`` probe tokens live.
 
     The estimate counts what stays on the device (every tensor outside the blocks: embeddings, final
@@ -202,8 +212,13 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
     runs. Measured on the LLaMA-2-7B shape (fp16, 8 x 128 probes, CPU): 2.19 GiB peak for a 2.36 GiB
     estimate (``benchmarks/bench_large.py --method selfcal``).
 
+    With ``compensate_k`` (``--compensate`` keeping that many neurons) the compensation passes run without the
+    key/value cache, and hold as many layers' ``H`` as fit beside the blocks and the rest
+    (:func:`compensation_layers`); the blocks are placed so that at least one layer's fits, where any placement
+    lets it.
+
     Raises:
-        ValueError: the budget cannot hold even one block with the rest.
+        ValueError: the budget cannot hold even one block with the rest (or, compensating, one layer's ``H``).
     """
     device = torch.device(device)
     resident, block_bytes, largest = _tensor_bytes(source, adapter, config)
@@ -219,7 +234,45 @@ def plan_forward(source: CheckpointSource, adapter: ModelAdapter, config, budget
             f"block {format_bytes(max(block_bytes))}, KV cache {format_bytes(kv)}, activations "
             f"{format_bytes(activations)}); raise --max-memory or lower --probe-sequences / --probe-length"
         )
-    return ForwardPlan(budget, str(device), blocks, resident, max(block_bytes), kv, activations, estimate)
+    if compensate_k is not None:
+        itemsize = source.state_dtype(adapter, config).itemsize
+        # The compensation passes hold one layer's H and solve beside the blocks (no KV cache). Where that is more
+        # than the selection pass holds, blocks kept all on the device could leave no room for it on a budget that
+        # fits it with the blocks read one at a time: place them for the larger of the two.
+        one_layer = layer_bytes(adapter, config, itemsize) + solve_bytes(adapter, config, compensate_k)
+        least = resident + activations + one_layer
+        if least > fixed:
+            placed, _ = _place_blocks(least, block_bytes, budget, device)
+            if placed is not None and placed != blocks:
+                blocks = placed
+                estimate = fixed + (sum(block_bytes) if blocks == "device" else max(block_bytes))
+    plan = ForwardPlan(budget, str(device), blocks, resident, max(block_bytes), kv, activations, estimate)
+    if compensate_k is not None:
+        left = budget - (resident + activations + (sum(block_bytes) if blocks == "device" else max(block_bytes)))
+        plan.compensation_layers = compensation_layers(adapter, config, compensate_k, itemsize, left)
+        plan.compensation_bytes = layer_bytes(adapter, config, itemsize)
+        plan.estimate = max(estimate, budget - left + plan.compensation_layers * plan.compensation_bytes
+                            + solve_bytes(adapter, config, compensate_k))  # fmt: skip
+    return plan
+
+
+def compensation_layers(adapter: ModelAdapter, config, k: int, itemsize: int, available: int) -> int:
+    """How many layers' compensation (:mod:`prunenet.compensation`) fit in ``available`` bytes: each holds every
+    unit's ``H`` and out-projection copy (:func:`~prunenet.compensation.layer_bytes`), and one unit's solve
+    runs beside them (at most every layer).
+
+    Raises:
+        ValueError: not even one layer fits.
+    """
+    per_layer, solve = layer_bytes(adapter, config, itemsize), solve_bytes(adapter, config, k)
+    fits = (available - solve) // per_layer
+    if fits < 1:
+        raise ValueError(
+            f"compensation needs {format_bytes(per_layer + solve)} for one layer (the n x n float64 H of each of its "
+            f"FFN units, a copy of its out-projection, the solve) and {format_bytes(max(available, 0))} are left: "
+            "raise --max-memory or pass --no-compensate"
+        )
+    return min(int(fits), adapter.num_layers(config))
 
 
 def _tensor_bytes(source: CheckpointSource, adapter: ModelAdapter, config) -> tuple[int, list[int], int]:

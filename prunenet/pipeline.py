@@ -104,7 +104,10 @@ def _json_value(value):
 
 def _prune(source: Source, config: PruneConfig, prepared: dict, dist: Distributed, progress: bool, timings: dict):
     """Select on ``source`` (``prepared``: what the selector's ``prepare`` returned) and apply the choice (in
-    place, or deferred to the shard writer)."""
+    place, or deferred to the shard writer).
+
+    Returns ``(result, writer)``; the caller closes the writer once it has written (or failed to): it holds the
+    refitted columns (``--compensate``), spilled to a temporary folder when streaming."""
     params_before, width = source.numel(), source.width  # before slicing changes the config's width
     tick = time.perf_counter()
     selection: Selection = select(source, config, dist=dist, progress=progress, **prepared)
@@ -113,8 +116,12 @@ def _prune(source: Source, config: PruneConfig, prepared: dict, dist: Distribute
     if selection.train_seconds is not None:
         timings["train_s"] = selection.train_seconds
     tick = time.perf_counter()
-    writer = writer_for(source)
-    attention = writer.apply(selection.keeps, config, progress)
+    writer = writer_for(source, selection.columns)
+    try:
+        attention = writer.apply(selection.keeps, config, progress)
+    except BaseException:
+        writer.close()
+        raise
     k = selection.keeps[0].numel()
     result = PruneResult(config, source.config.model_type, width, selection.keeps, params_before,
                          writer.params_after(k), selection.policy, selection.training, attention,
@@ -154,7 +161,8 @@ def prune_(
     check_prunable(config, source.adapter, source.config)
     device = next(model.parameters()).device
     prepared = _prepare(config, source.adapter, source.config, device)
-    result, _ = _prune(source, config, prepared, Distributed(), progress, {})
+    result, writer = _prune(source, config, prepared, Distributed(), progress, {})
+    writer.close()  # the refitted columns are in the model now
     return result
 
 
@@ -251,17 +259,20 @@ def _compress_into(
     log.info("selecting with --method %s at ratio %s (%s)", config.method, config.ratio,
              "streaming" if source.streaming else "in memory")  # fmt: skip
     result, writer = _prune(source, config, prepared, dist, progress, timings)
-    log.info("writing %s", out)
-    manifest = {
-        "prunenet_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(model),
-        "source_path": str(path),
-        **result.manifest(),
-        "streaming": source.streaming,
-        "memory_plan": dataclasses.asdict(source.memory_plan) if source.memory_plan is not None else None,
-    }
-    _write(target, out, writer, result, manifest, dist, progress, timings)
+    try:
+        log.info("writing %s", out)
+        manifest = {
+            "prunenet_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source_model": str(model),
+            "source_path": str(path),
+            **result.manifest(),
+            "streaming": source.streaming,
+            "memory_plan": dataclasses.asdict(source.memory_plan) if source.memory_plan is not None else None,
+        }
+        _write(target, out, writer, result, manifest, dist, progress, timings)
+    finally:
+        writer.close()  # the refitted columns' temporary folder, on every rank
     return result, source.streaming
 
 

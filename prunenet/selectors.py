@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from .compensation import ColumnStore
     from .config import PruneConfig
     from .distributed import Distributed
     from .policy import SparsityPredictor
@@ -53,6 +54,8 @@ class Selection:
         train_seconds: time spent training (``None`` when nothing was trained).
         timings: seconds of the selector's own phases (e.g. ``{"probe_s": ..., "stats_s": ...}``).
         manifest: the selector's own manifest fields (e.g. ``{"calibration": ...}``: the text it ran on).
+        columns: the refitted out-projection columns of every unit (``--compensate``), which the writer puts in
+            place of the sliced ones; ``None`` when the kept weights stay as they are.
     """
 
     keeps: list[torch.Tensor]
@@ -61,6 +64,7 @@ class Selection:
     train_seconds: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
+    columns: ColumnStore | None = None
 
 
 @dataclass(frozen=True)
@@ -224,22 +228,29 @@ def _prepare_selfcal(config: PruneConfig, hidden: int, width: int, device: str) 
     return {"calibration": read_calibration(config.calibration)}
 
 
-def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, calibration=None, dist=None, **_) -> Selection:
+def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, calibration=None, dist=None, progress=True,
+                    **_) -> Selection:  # fmt: skip
     """Self-calibration, on any source: the model runs with every block resident, or offloaded block by block,
     on probes it generates itself or on windows of the ``--calibration`` text (``calibration``, read by
-    :func:`_prepare_selfcal`).
+    :func:`_prepare_selfcal`); with ``--compensate`` the kept out-projection columns are then refitted on the
+    same tokens (:mod:`prunenet.compensation`).
 
-    Under ``torchrun`` rank 0 runs it and broadcasts the choice: the forward passes are sequential over
-    blocks and decoding steps, so other ranks could only repeat them (or idle in a pipeline) and would
-    read the weights again. Every rank cuts the windows (a few tokenizer calls), so a text too short for
-    them fails on every rank with the same line.
+    Under ``torchrun`` rank 0 runs it and broadcasts the choice (and the refitted columns, unit by unit): the
+    forward passes are sequential over blocks and decoding steps, so other ranks could only repeat them (or
+    idle in a pipeline) and would read the weights again. Every rank cuts the windows (a few tokenizer calls),
+    so a text too short for them fails on every rank with the same line.
+
+    A ``k`` that keeps every neuron refits nothing (there is no dropped neuron to compensate for): the weights
+    stay bit-identical and the manifest records no compensation.
     """
     import torch
 
+    from .probes import self_probes
     from .selfcal import selfcal_keeps
 
-    dist, timings = _dist(dist), {}
-    windows = None
+    dist, timings, manifest = _dist(dist), {}, {}
+    compensating = config.compensate and k < source.width
+    ids = None
     if calibration is not None:
         from .calibration import calibration_windows
 
@@ -247,16 +258,68 @@ def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, calibration=
         length = source.adapter.capped_length(source.config, config.probe_length)  # as probes are capped
         windows = calibration_windows(calibration, source.tokenizer, config.probe_sequences, length, config.seed)
         timings["calibration_s"] = calibration.read_seconds + time.perf_counter() - tick
-    keeps = None
+        manifest["calibration"], ids = windows.record, windows.ids
+    keeps = columns = None
     if dist.is_main:
         with source.run_model() as model:
-            keeps = selfcal_keeps(model, k, seed=config.seed, sequences=config.probe_sequences,
-                                  length=config.probe_length, timings=timings,
-                                  ids=windows.ids if windows is not None else None)  # fmt: skip
+            if ids is None:
+                tick = time.perf_counter()
+                ids = self_probes(model, sequences=config.probe_sequences, length=config.probe_length, seed=config.seed)
+                timings["probe_s"] = time.perf_counter() - tick
+            ids = ids.to(model.get_input_embeddings().weight.device)  # an offloaded model's blocks are elsewhere
+            keeps = selfcal_keeps(model, k, ids=ids, timings=timings)
+            if compensating:
+                columns, manifest["compensation"] = _compensate(source, model, ids, keeps, config, timings, progress)
     if dist.active:
-        table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_units, k, dtype=torch.int64)
-        keeps = list(dist.broadcast(table, 0))
-    return Selection(keeps, timings=timings, manifest={"calibration": windows.record} if windows is not None else {})
+        try:
+            table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_units, k, dtype=torch.int64)
+            keeps = list(dist.broadcast(table, 0))
+            if compensating:
+                columns = _broadcast_columns(source, columns, k, dist)
+        except BaseException:
+            if columns is not None:  # rank 0's store: its spill folder must not outlive the run
+                columns.close()
+            raise
+    return Selection(keeps, timings=timings, manifest=manifest, columns=columns)
+
+
+def _compensate(source: Source, model, ids, keeps, config: PruneConfig, timings: dict, progress: bool):
+    """``(columns, record)``: the refitted columns of every unit (:func:`prunenet.compensation.compensate`, the
+    layers in the groups the memory allows) and the manifest's record of how."""
+    from .compensation import ColumnStore, compensate
+
+    tick = time.perf_counter()
+    per_pass = source.compensation_layers(keeps[0].numel())
+    store = ColumnStore(spill=source.streaming)
+    try:
+        compensate(model, ids, keeps, config.damping, store, layers_per_pass=per_pass, progress=progress)
+    except BaseException:
+        store.close()
+        raise
+    timings["compensate_s"] = time.perf_counter() - tick
+    passes = -(-source.num_layers // per_pass)
+    return store, {"damping": config.damping, "tokens": ids.numel(), "layers_per_pass": per_pass, "passes": passes}
+
+
+def _broadcast_columns(source: Source, columns, k: int, dist) -> ColumnStore:
+    """Rank 0's refitted columns on every rank, one unit at a time (each rank keeps its own copy to write from)."""
+    import torch
+
+    from .compensation import ColumnStore
+
+    store = columns if dist.is_main else ColumnStore(spill=source.streaming)
+    shape, dtype = (source.adapter.hidden_size(source.config), k), source.out_dtype
+    try:
+        for unit in range(source.num_units):
+            buffer = store.get(unit).contiguous() if dist.is_main else torch.empty(shape, dtype=dtype)
+            dist.broadcast(buffer, 0)
+            if not dist.is_main:
+                store.put(unit, buffer)
+    except BaseException:
+        if not dist.is_main:  # rank 0's own store is closed by its caller
+            store.close()
+        raise
+    return store
 
 
 SELECTORS: dict[str, Selector] = {
@@ -278,7 +341,7 @@ SELECTORS: dict[str, Selector] = {
             "--calibration, and keep the neurons contributing most to each FFN's output",
             needs="model",
             choose=_choose_selfcal,
-            options=("probe_sequences", "probe_length", "calibration"),
+            options=("probe_sequences", "probe_length", "calibration", "compensate", "damping"),
             prepare=_prepare_selfcal,
         ),
     )

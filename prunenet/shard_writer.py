@@ -2,7 +2,8 @@
 
 What each tensor keeps is a :data:`Slices` (:func:`ffn_slices` for the FFN tensors, :func:`attention_slices`
 for the attention projections with ``--modules ffn+attn``). :func:`write_pruned_checkpoint` writes the
-source's shards with those tensors compacted in place (:func:`prunenet.slicing.slice_ffn_`) and every other
+source's shards with those tensors compacted in place (:func:`prunenet.slicing.slice_ffn_`), the out-projections'
+kept columns replaced by refitted ones where compensation gave them (:data:`Columns`), and every other
 tensor's bytes copied unchanged; :func:`finish_checkpoint` writes the index and config around them and
 copies the tokenizer and other small files. Each finished shard is renamed into place, so a run killed
 half-way can be resumed (see :func:`resume_key`). Peak host memory is about one sliced tensor.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelAdapter
+from .compensation import ColumnStore, replace_columns_
 from .progress import progress_bar
 from .safetensors_io import SafetensorsFormatError, StreamingWriter, TensorSpec, read_header
 from .slicing import slice_experts_, slice_ffn_, validate_keeps
@@ -43,6 +45,13 @@ has several groups); an attention projection keeps the rows of its kept KV group
 tensor of ``E`` experts has a 2-D ``keep`` ``(E, k)``: expert ``e`` keeps ``keep[e]``."""
 
 
+Columns = dict[str, tuple[int, list[int]]]
+"""``{out-projection tensor name: (axis, units)}``: the tensors whose kept columns are replaced by the refitted
+ones of a :class:`~prunenet.compensation.ColumnStore` (:func:`out_columns`). ``axis`` is the neuron axis within
+one unit's matrix; ``units`` the FFN units the tensor holds: one, or a fused tensor's ``E`` experts along its
+leading axis (``(E, d, n)`` / ``(E, n, d)``)."""
+
+
 def ffn_slices(source: CheckpointSource, adapter: ModelAdapter, config, keeps: Sequence[torch.Tensor]) -> Slices:
     """What every neuron-indexed FFN tensor of the checkpoint keeps, for ``keeps`` (one ``(k,)`` per FFN unit).
 
@@ -56,6 +65,17 @@ def ffn_slices(source: CheckpointSource, adapter: ModelAdapter, config, keeps: S
         keep = keeps[unit] if unit is not None else torch.stack(list(keeps[layer * experts : (layer + 1) * experts]))
         slices[name] = (spec.stored_axis, keep, width)
     return slices
+
+
+def out_columns(source: CheckpointSource, adapter: ModelAdapter, config) -> Columns:
+    """Every out-projection weight of the checkpoint, as stored, and the FFN units whose columns it holds."""
+    experts = adapter.num_experts(config)
+    columns: Columns = {}
+    for name, (unit, layer, spec) in source.ffn_tensors(adapter, config).items():
+        if spec.role == "out" and not name.endswith("bias"):
+            units = [unit] if unit is not None else list(range(layer * experts, (layer + 1) * experts))
+            columns[name] = (spec.axis, units)
+    return columns
 
 
 def attention_slices(source: CheckpointSource, adapter: ModelAdapter, config, kept_groups) -> Slices:
@@ -78,12 +98,15 @@ def attention_slices(source: CheckpointSource, adapter: ModelAdapter, config, ke
     return slices
 
 
-def resume_key(source: CheckpointSource, slices: Slices) -> str:
-    """A digest of everything the written tensors depend on: the source shards and what each tensor keeps.
+def resume_key(source: CheckpointSource, slices: Slices, columns_digest: str | None = None) -> str:
+    """A digest of everything the written tensors depend on: the source shards, what each tensor keeps and the
+    refitted columns written over the out-projections (``columns_digest``: their
+    :attr:`~prunenet.compensation.ColumnStore.digest`; ``None`` without compensation).
 
     The streaming writer's temporary folder is named after it, so a run killed half-way (power
     loss, ``SIGKILL``) and started again with the same inputs finds its finished shards and skips
-    them; a run with other inputs never mistakes another's shards for its own.
+    them; a run with other inputs (other columns included: another --damping, other probes) never mistakes
+    another's shards for its own.
     """
     h = hashlib.sha256()
     for path in source.shards:
@@ -93,6 +116,8 @@ def resume_key(source: CheckpointSource, slices: Slices) -> str:
         axis, keep, width = slices[name]
         h.update(f"{name}:{axis}:{width}:".encode())
         h.update(keep.to(torch.int64).numpy().tobytes())
+    if columns_digest is not None:
+        h.update(f"columns:{columns_digest}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -117,13 +142,16 @@ def _shard_is_complete(path: Path, specs: list[TensorSpec]) -> bool:
     return [(n, e.dtype, e.shape) for n, e in entries.items()] == [(s.name, s.dtype, s.shape) for s in specs]
 
 
-def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slices, progress_bar=None) -> int:
+def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slices, progress_bar=None,
+                columns: Columns | None = None, store: ColumnStore | None = None) -> int:  # fmt: skip
     """Write the pruned version of source shard ``shard`` into ``folder``; returns its tensor bytes.
 
     Sliced tensors are read one at a time, compacted in place to what they keep
     (:func:`prunenet.slicing.slice_ffn_`: the native op's few MiB of scratch, or one ``index_select``)
     and written; every other tensor's bytes are copied file to file (``copy_file_range``), so they
-    are bit-identical. The shard is written as ``NAME.partial`` and renamed when complete and synced.
+    are bit-identical. An out-projection in ``columns`` then gets each of its units' refitted columns ``(d, k)``
+    from ``store`` in place of its sliced ones. The shard is written as ``NAME.partial`` and renamed when
+    complete and synced.
     """
     specs = _output_specs(source, shard, slices)
     final = folder / shard
@@ -145,6 +173,8 @@ def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slic
                 else:
                     rows, cols = ([tensor], []) if axis == 0 else ([], [tensor])
                     slice_ffn_(rows, cols, keep, width)
+                if columns is not None and spec.name in columns:
+                    _replace_columns(tensor, *columns[spec.name], store)
                 writer.write(spec.name, tensor)
                 del tensor
             else:  # checked finite as it passes (a failure leaves NAME.partial, never NAME)
@@ -156,6 +186,16 @@ def write_shard(source: CheckpointSource, shard: str, folder: Path, slices: Slic
     return sum(s.nbytes for s in specs)
 
 
+def _replace_columns(tensor: torch.Tensor, axis: int, units: list[int], store: ColumnStore) -> None:
+    """Overwrite the sliced out-projection ``tensor`` (one unit's ``(d, k)`` / ``(k, d)``, or ``E`` experts'
+    stacked first) with its units' refitted columns from ``store``."""
+    if len(units) == 1 and tensor.dim() == 2:
+        replace_columns_(tensor, store.get(units[0]), axis)
+        return
+    for expert, unit in enumerate(units):
+        replace_columns_(tensor[expert], store.get(unit), axis)
+
+
 def write_pruned_checkpoint(
     source: CheckpointSource,
     slices: Slices,
@@ -163,6 +203,8 @@ def write_pruned_checkpoint(
     *,
     shards: Sequence[str] | None = None,
     progress: bool = True,
+    columns: Columns | None = None,
+    store: ColumnStore | None = None,
 ) -> None:
     """Write the shards of the checkpoint pruned as ``slices`` says into ``folder`` (an existing, private
     temporary folder); :func:`finish_checkpoint` then writes the files around them.
@@ -171,13 +213,17 @@ def write_pruned_checkpoint(
         source: the dense checkpoint.
         slices: what each sliced tensor keeps (:func:`ffn_slices`, :func:`attention_slices`).
         shards: write only these source shards (default: all); distributed runs split them.
+        columns, store: the out-projections whose kept columns are replaced (:func:`out_columns`) and the
+            refitted columns (``--compensate``); ``None`` leaves the sliced columns as they are.
     """
+    if (columns is None) != (store is None):
+        raise TypeError("write_pruned_checkpoint: pass both columns= and store=, or neither")
     folder = Path(folder)
     names = list(source.shard_entries) if shards is None else list(shards)
     total = sum(source.entries[t].nbytes for s in names for t in source.shard_entries[s])
     with progress_bar(total=total, unit="B", unit_scale=True, desc="writing shards", enabled=progress) as bar:
         for shard in names:
-            write_shard(source, shard, folder, slices, bar)
+            write_shard(source, shard, folder, slices, bar, columns, store)
 
 
 def pruned_numel(source: CheckpointSource, slices: Slices) -> int:

@@ -28,7 +28,15 @@ from .adapters import ModelAdapter, get_adapter
 from .config import CompressConfig, PruneConfig
 from .distributed import Distributed
 from .dtypes import TORCH_DTYPES
-from .memory_plan import ForwardPlan, MemoryPlan, bound_heap_growth, free_memory, plan_forward, plan_memory
+from .memory_plan import (
+    ForwardPlan,
+    MemoryPlan,
+    bound_heap_growth,
+    compensation_layers,
+    free_memory,
+    plan_forward,
+    plan_memory,
+)
 from .selectors import SELECTORS
 from .streaming import CheckpointError, CheckpointSource, CheckpointStates, CheckpointUnreadable
 from .validate import parse_size
@@ -75,6 +83,19 @@ class Source:
         """``with source.run_model() as model:`` a model that runs forward (for selectors that need ``"model"``)."""
         raise NotImplementedError
 
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The dtype the model runs its out-projections in (that of refitted columns, ``--compensate``)."""
+        raise NotImplementedError
+
+    def compensation_layers(self, k: int) -> int:
+        """How many layers' compensation one forward pass may accumulate, keeping ``k`` neurons per unit.
+
+        Raises:
+            ValueError: memory cannot hold even one layer's.
+        """
+        raise NotImplementedError
+
     def close(self) -> None:
         """Drop the state matrices (and any reader threads)."""
 
@@ -104,6 +125,15 @@ class ModelSource(Source):
 
     def run_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         return contextlib.nullcontext(self.model)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.model.get_parameter(self.adapter.block_prefix(0) + self.adapter.out_projection.name).dtype
+
+    def compensation_layers(self, k: int) -> int:
+        """Half of what the model's device has free now (the forward passes' activations take some)."""
+        device = next(self.model.parameters()).device
+        return compensation_layers(self.adapter, self.config, k, self.out_dtype.itemsize, free_memory(device) // 2)
 
     def close(self) -> None:
         self._states = None  # views of weights that slicing replaces
@@ -156,6 +186,14 @@ class CheckpointStream(Source):
         # non-finite output, not as the tensor that holds it (a pass over the weights, against one per token).
         self.checkpoint.check_finite()
         return OffloadedModel(self.checkpoint.folder, self.config, self.adapter, self.device, dtype, blocks)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.checkpoint.state_dtype(self.adapter, self.config)  # the offloaded model runs as stored
+
+    def compensation_layers(self, k: int) -> int:
+        """The forward plan's (:func:`~prunenet.memory_plan.plan_forward`)."""
+        return self.memory_plan.compensation_layers
 
     def close(self) -> None:
         if self._states is not None:
@@ -314,8 +352,9 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
             "drop --dtype (or pass --dtype auto), or use --no-streaming"
         )
     if SELECTORS[settings.method].needs == "model":
+        compensate_k = k if settings.method == "selfcal" and settings.compensate and k < width else None
         plan = plan_forward(checkpoint, adapter, config, budget, settings.device, settings.probe_sequences,
-                            settings.probe_length)  # fmt: skip
+                            settings.probe_length, compensate_k)  # fmt: skip
     else:
         from .ops import resolve_reward_backend
 

@@ -8,7 +8,9 @@
   the other bytes are copied unchanged. Under ``torchrun`` each rank writes its share of the shards; a
   killed run resumes.
 
-Both slice through the one in-place op, ``torch.ops.prunenet.slice_ffn_`` (or its PyTorch reference).
+Both slice through the one in-place op, ``torch.ops.prunenet.slice_ffn_`` (or its PyTorch reference). Given
+refitted out-projection columns (``--compensate``: a :class:`~prunenet.compensation.ColumnStore`), both write
+them over the sliced ones; :meth:`close` then releases the store (its spill folder).
 """
 
 from __future__ import annotations
@@ -19,27 +21,44 @@ from pathlib import Path
 
 import torch
 
+from .compensation import ColumnStore
 from .config import PruneConfig
 from .distributed import Distributed
 from .sources import CheckpointStream, ModelSource, Source
 
 
-class ModelWriter:
+class _Writer:
+    """What both writers share: the refitted out-projection columns, if any, and their release."""
+
+    def __init__(self, columns: ColumnStore | None = None):
+        self.columns = columns
+
+    def close(self) -> None:
+        """Release the refitted columns (a spilled store's temporary folder); the writer writes no more."""
+        if self.columns is not None:
+            self.columns.close()
+
+
+class ModelWriter(_Writer):
     """Slices a model in memory; :meth:`save` writes it."""
 
-    def __init__(self, source: ModelSource):
+    def __init__(self, source: ModelSource, columns: ColumnStore | None = None):
+        super().__init__(columns)
         self.source = source
 
     def apply(self, keeps: Sequence[torch.Tensor], config: PruneConfig, progress: bool = True) -> dict | None:
-        """Slice the FFNs (and with ``--modules ffn+attn`` the attention) in place; returns the attention's
-        manifest entry (``None`` for the FFN only)."""
+        """Slice the FFNs (and with ``--modules ffn+attn`` the attention) in place, the refitted columns in place
+        of the out-projections' sliced ones; returns the attention's manifest entry (``None`` for the FFN only)."""
         from .attention import slice_attention_by_ratio_
+        from .compensation import write_columns_
         from .slicing import slice_model_
 
         model, adapter = self.source.model, self.source.adapter
         self.source.close()  # its state matrices are views of the weights slicing replaces
         if keeps[0].numel() < self.source.width:  # keeping every neuron changes nothing
             slice_model_(model, adapter, keeps, progress=progress)
+            if self.columns is not None:
+                write_columns_(model, self.columns)
         if config.modules == "ffn+attn":
             return slice_attention_by_ratio_(model, adapter, config.ratio, progress)
         return None
@@ -55,10 +74,12 @@ class ModelWriter:
         self.source.tokenizer.save_pretrained(folder)
 
 
-class ShardWriter:
-    """Writes a streamed checkpoint shard by shard, slicing the FFN (and attention) tensors on the way."""
+class ShardWriter(_Writer):
+    """Writes a streamed checkpoint shard by shard, slicing the FFN (and attention) tensors on the way and
+    writing the refitted columns (if any) over the out-projections' sliced ones."""
 
-    def __init__(self, source: CheckpointStream):
+    def __init__(self, source: CheckpointStream, columns: ColumnStore | None = None):
+        super().__init__(columns)
         self.source = source
         self.slices = None
         self.config = None  # the pruned model's config
@@ -92,18 +113,23 @@ class ShardWriter:
 
     def resume_key(self, keeps: Sequence[torch.Tensor]) -> str:
         """A run killed half-way (SIGKILL, power loss) leaves its finished shards in a folder named after its
-        inputs, and the same command resumes from them."""
+        inputs (the refitted columns included), and the same command resumes from them."""
         from .shard_writer import resume_key
 
-        return resume_key(self.source.checkpoint, self.slices)
+        digest = self.columns.digest if self.columns is not None else None
+        return resume_key(self.source.checkpoint, self.slices, digest)
 
     def save(self, folder: Path, keeps: Sequence[torch.Tensor], dist: Distributed, progress: bool = True) -> None:
-        from .shard_writer import finish_checkpoint, write_pruned_checkpoint
+        from .shard_writer import finish_checkpoint, out_columns, write_pruned_checkpoint
 
         checkpoint = self.source.checkpoint
         shards = dist.owned_shards(list(checkpoint.shard_entries))
+        columns = None
+        if self.columns is not None:  # every rank holds every unit's columns (broadcast by the selector)
+            columns = out_columns(checkpoint, self.source.adapter, self.source.config)
         try:
-            write_pruned_checkpoint(checkpoint, self.slices, folder, shards=shards, progress=progress)
+            write_pruned_checkpoint(checkpoint, self.slices, folder, shards=shards, progress=progress,
+                                    columns=columns, store=self.columns)  # fmt: skip
         except BaseException:
             with contextlib.suppress(Exception):  # the group may be broken already
                 dist.agree(False, "writing shards")
@@ -113,6 +139,8 @@ class ShardWriter:
             finish_checkpoint(checkpoint, self.slices, self.config, folder)
 
 
-def writer_for(source: Source) -> ModelWriter | ShardWriter:
-    """The writer of ``source``'s kind."""
-    return ShardWriter(source) if isinstance(source, CheckpointStream) else ModelWriter(source)
+def writer_for(source: Source, columns: ColumnStore | None = None) -> ModelWriter | ShardWriter:
+    """The writer of ``source``'s kind; ``columns``: the refitted out-projection columns it writes (and
+    releases on :meth:`~_Writer.close`), ``None`` for the sliced ones."""
+    kind = ShardWriter if isinstance(source, CheckpointStream) else ModelWriter
+    return kind(source, columns)

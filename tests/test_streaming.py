@@ -20,6 +20,7 @@ import prunenet.shard_writer as shard_writer
 import prunenet.streaming as streaming
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import PARTIAL_MARKER, read_manifest
+from prunenet.compensation import layer_bytes, solve_bytes
 from prunenet.config import kept_width
 from prunenet.memory_plan import plan_forward, plan_memory
 from prunenet.model_errors import ModelLoadError
@@ -71,28 +72,39 @@ def test_streaming_equals_in_memory_for_every_family(family, tmp_path):
     assert (tmp_path / "stream" / "tokenizer.json").is_file()
 
 
-def forward_plan_budget(source, blocks: str) -> int:
-    """A --max-memory under which a stream runs selfcal with its blocks placed as ``blocks`` says."""
+def forward_plan_budget(source, blocks: str, compensate_ratio: float | None = None) -> int:
+    """A --max-memory under which a stream runs selfcal (8 x 128 probes) with its blocks placed as ``blocks`` says;
+    with ``compensate_ratio``, refitting the columns kept at that ratio too (for ``"disk"``, the least the plan
+    allows: one layer's compensation, or the selection's KV cache where that is larger)."""
     config = transformers.AutoConfig.from_pretrained(source)
-    adapter = get_adapter(config)
-    plan = plan_forward(CheckpointSource(source), adapter, config, 2**40, "cpu", 8, 128)
-    fixed = plan.resident_bytes + plan.kv_bytes + plan.activation_bytes
-    return plan.estimate if blocks == "device" else fixed + plan.block_bytes + 1
+    adapter, checkpoint = get_adapter(config), CheckpointSource(source)
+    k = adapter.kept_width(compensate_ratio, adapter.ffn_width(config)) if compensate_ratio is not None else None
+    plan = plan_forward(checkpoint, adapter, config, 2**40, "cpu", 8, 128, k)
+    if blocks == "device":
+        return plan.estimate
+    beside = plan.kv_bytes  # the selection pass's; the compensation passes hold one layer's H and solve instead
+    if k is not None:
+        itemsize = checkpoint.state_dtype(adapter, config).itemsize
+        beside = max(beside, layer_bytes(adapter, config, itemsize) + solve_bytes(adapter, config, k))
+    return plan.resident_bytes + plan.activation_bytes + beside + plan.block_bytes + 1
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_streaming_selfcal_equals_in_memory_selfcal(family, tmp_path, one_thread):
     """The model run block by block (offloaded to the checkpoint, or every block resident) gives the same
-    probes and statistics as the model in memory: the same kept neurons and output tensors."""
+    probes and statistics as the model in memory, and the same refitted columns (the layers in as many passes
+    as the plan says): the same kept neurons and output tensors."""
     source = tmp_path / "src"
     save_sharded(family, source)
-    run(source, tmp_path / "mem", streaming=False, method="selfcal", seed=2)
+    run(source, tmp_path / "mem", streaming=False, method="selfcal", seed=2, compensate=True)
     expected, mem = read_manifest(tmp_path / "mem")["kept_indices"], all_tensors(tmp_path / "mem")
     for blocks in ("disk", "device"):
         out = tmp_path / blocks
-        run(source, out, streaming=True, method="selfcal", seed=2, max_memory=forward_plan_budget(source, blocks))
+        budget = forward_plan_budget(source, blocks, compensate_ratio=0.25)
+        run(source, out, streaming=True, method="selfcal", seed=2, compensate=True, max_memory=budget)
         manifest = read_manifest(out)
         assert manifest["memory_plan"]["blocks"] == blocks and manifest["kept_indices"] == expected
+        assert manifest["compensation"]["layers_per_pass"] == manifest["memory_plan"]["compensation_layers"] >= 1
         stream = all_tensors(out)
         assert all(torch.equal(tensor, stream[name]) for name, tensor in mem.items())
 
@@ -314,8 +326,21 @@ def test_the_forward_plan_bounds_the_measured_peak_of_a_streaming_selfcal_run(tm
     process's peak resident memory stays below the forward plan's estimate, runtime included."""
     source = six_block_checkpoint(tmp_path / "src")
     budget = forward_plan_budget(source, "disk")
-    peak, plan = peak_of_compress(source, tmp_path / "out", ["--method", "selfcal", "--max-memory", str(budget)])
+    flags = ["--method", "selfcal", "--no-compensate", "--max-memory", str(budget)]
+    peak, plan = peak_of_compress(source, tmp_path / "out", flags)
     assert plan["blocks"] == "disk" and peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
+
+
+@pytest.mark.slow
+def test_the_forward_plan_bounds_the_measured_peak_of_a_compensating_run(tmp_path):
+    """Self-calibration and compensation on a 6-block checkpoint, its blocks read from disk and one layer's
+    ``H`` (128 MiB float64) and solve held per pass: the peak stays below the forward plan's estimate."""
+    source = six_block_checkpoint(tmp_path / "src")
+    budget = forward_plan_budget(source, "disk", compensate_ratio=0.3)
+    flags = ["--method", "selfcal", "--compensate", "--max-memory", str(budget)]
+    peak, plan = peak_of_compress(source, tmp_path / "out", flags)
+    assert (plan["blocks"], plan["compensation_layers"]) == ("disk", 1)
+    assert peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
 
 
 def test_parse_size():
