@@ -51,11 +51,12 @@ from prunenet.text import SPLITS, load_text, speech_files
 from prunenet.widths import kept_width
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, pyplot, run_tags  # noqa: E402
+from common import DOCS, RESULTS, append_csv, pyplot, run_tags, update_doc_block  # noqa: E402
 
 CSV = RESULTS / "compensation_study.csv"
 KEY = ("model", "probes", "budget", "seed", "ratio", "update", "damping")
 TEXTS = ("sotu", "pydoc")
+SHIPPED_DAMPING = "1"  # PruneConfig.damping, as the CSV writes it
 
 
 def pydoc_topics() -> tuple[list[str], list[str]]:
@@ -233,6 +234,39 @@ def read_rows() -> list[dict]:
         return list(csv.DictReader(f))
 
 
+PROBES = {"self": "self-generated", "sotu": "`sotu` text (same genre)", "pydoc": "`pydoc` text (other genre)"}
+
+
+def docs_table(med: dict, groups: dict) -> str:
+    """docs/methods.md's block: per model, ratio and probe source, the selection alone against the shipped
+    dampening and against 0.1, on both held-out texts; random selection as the floor."""
+
+    def change(values, base, text):
+        return f"{values[text]:.2f} ({100 * (values[text] / base[text] - 1):+.1f} %)"
+
+    rows = []
+    for (model, probes, budget, ratio, update, _), base in sorted(med.items()):
+        if update != "none":
+            continue
+        key = (model, probes, budget, ratio)
+        shipped, low = med.get((*key, "obs", SHIPPED_DAMPING)), med.get((*key, "obs", "0.1"))
+        rand = med.get((model, "-", "-", ratio, "random", "-"))
+        seeds = len(groups[(*key, "none", "-")])
+        rows.append([model, ratio, f"{PROBES.get(probes, probes)}, {budget}", seeds,
+                     *[f"{base[t]:.2f}" for t in TEXTS],
+                     *[change(shipped, base, t) if shipped else "-" for t in TEXTS],
+                     change(low, base, "sotu") if low else "-",
+                     *[f"{rand[t]:.1f}" if rand else "-" for t in TEXTS]])  # fmt: skip
+    header = ["model", "ratio", "probe tokens", "seeds", "`sotu`: selection alone", "`pydoc`: selection alone",
+              f"`sotu`: compensated (λ = {SHIPPED_DAMPING}, default)", f"`pydoc`: compensated (λ = {SHIPPED_DAMPING})",
+              "`sotu`: λ = 0.1", "random `sotu`", "random `pydoc`"]  # fmt: skip
+    return (
+        "Median held-out perplexity over the seeds (`python benchmarks/compensation_study.py`, "
+        "`benchmarks/results/compensation_study.csv`; every dampening in `compensation_study.md`).\n\n"
+        + markdown_table(header, rows)
+    )
+
+
 def report() -> None:
     """The table of medians over seeds (docs/methods.md takes it as it is) and the plot."""
     rows = read_rows()
@@ -258,24 +292,30 @@ def report() -> None:
         "neurons without compensation).\n\n" + markdown_table(header, table) + "\n"
     )
     print(out.read_text())
+    update_doc_block("compensation", docs_table(med, groups), DOCS / "methods.md")
     plt = pyplot("compensation_study.py")
     if plt is None:
         return
     models = sorted({key[0] for key in med})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    colors = {cell: f"C{i}" for i, cell in enumerate(sorted({(k[1], k[2]) for k in med if k[4] == "none"}))}
     for ax, model in zip(axes[0], models, strict=True):
-        for (m, probes, budget, ratio, update, damping), values in sorted(med.items()):
-            if m != model or update != "obs":
-                continue
-            base = med[(m, probes, budget, ratio, "none", "-")]["sotu"]
-            ax.scatter(float(ratio), values["sotu"] / base, label=f"{probes} {budget} λ={damping}", s=14)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"{model}: held-out sotu perplexity, compensated / not")
+        for probes, budget in sorted({(k[1], k[2]) for k in med if k[0] == model and k[4] == "none"}):
+            color = colors[(probes, budget)]
+            ratios = sorted({k[3] for k in med if k[:3] == (model, probes, budget)}, key=float)
+            for update, damping, style in (("none", "-", "--"), ("obs", SHIPPED_DAMPING, "-")):
+                points = [(float(r), med[(model, probes, budget, r, update, damping)]["sotu"]) for r in ratios
+                          if (model, probes, budget, r, update, damping) in med]  # fmt: skip
+                label = f"{probes} {budget}, " + ("no update" if update == "none" else f"compensated, λ={damping}")
+                ax.plot(*zip(*points, strict=True), style, color=color, marker="o", label=label)
+        floor = sorted((float(k[3]), v["sotu"]) for k, v in med.items() if k[0] == model and k[4] == "random")
+        if floor:
+            ax.plot(*zip(*floor, strict=True), ":", color="gray", label="random selection")
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: held-out sotu perplexity (median of seeds)")
         ax.set_xlabel("ratio")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    fig.legend(unique.values(), unique.keys(), fontsize=6, loc="lower center", ncol=4)
-    fig.tight_layout(rect=(0, 0.2, 1, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     fig.savefig(RESULTS / "compensation_study.png", dpi=120)
 
 

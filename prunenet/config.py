@@ -135,15 +135,18 @@ class PruneConfig:
     compensate: bool = option(
         True,
         "after choosing each FFN's neurons, refit the kept columns of its out-projection so that its output on the "
-        "probe tokens (or the --calibration windows) is preserved: damped least squares on the dense model's "
-        "activations, one more forward pass (more where the memory plan splits the layers); the shapes stay stock. "
-        "--no-compensate leaves the kept weights as they are",
+        "probe tokens (or the --calibration windows) changes least: the dampened OBS update, solved on the dense "
+        "model's activations; the shapes stay stock. Costs one more forward pass over the probes (one per group of "
+        "layers where --max-memory holds fewer layers' n x n statistics) and, streaming, memory for them. Measured "
+        "1-18 %% lower held-out perplexity on SmolLM2-135M and Gemma-3-270M at ratios 0.1-0.3 (docs/methods.md). --no-compensate "
+        "leaves the kept weights as they are",
         action="boolean-optional",
     )
     damping: float = option(
         1.0,
-        "compensation's ridge damping, in units of the kept neurons' mean activation energy (mean diag H_KK): "
-        "larger stays closer to the dense weights",
+        "--compensate's dampening, a positive number in units of the kept neurons' mean activation energy (mean "
+        "diag H_KK): larger keeps the update smaller. 1.0 never made perplexity worse in the measurements; 0.1 gains "
+        "a little with many more probe tokens than FFN neurons and loses with fewer",
     )
     modules: str = option(
         "ffn",

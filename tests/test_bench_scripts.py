@@ -131,3 +131,39 @@ def test_selection_study_calibration_summary_verdicts():
     pre, post = (line for line in table.splitlines() if line.startswith("| `m`"))
     assert "| 25.0 | 40.0 | 20.0 | 1.25 | yes | yes |" in pre  # beats other, within 30 % of same
     assert "| 31.0 | 30.0 | 20.0 | 1.55 | no | no |" in post
+
+
+def test_compensation_study_masks_as_slicing_and_compensating_would():
+    """compensation_study.py's H has the library's activation statistics on its diagonal, and its mask with the
+    refitted columns gives the logits of the model sliced and compensated by the library."""
+    import copy
+
+    from prunenet.activations import activation_stats
+    from prunenet.adapters import get_adapter
+    from prunenet.compensation import ColumnStore, compensated_columns, write_columns_
+    from prunenet.selfcal import top_k
+    from prunenet.slicing import slice_model_
+
+    study = load_benchmark("compensation_study")
+    model = tiny_model("llama")
+    adapter = get_adapter(model.config)
+    ids = torch.randint(3, 100, (4, 24), generator=torch.Generator().manual_seed(0))
+    hs = study.grams(model, ids)
+    stats = activation_stats(model, ids)
+    assert torch.allclose(torch.stack([h.diagonal() for h in hs]) / ids.numel(), stats.mean_square(), rtol=1e-9)
+    masker = study.Masker(model)
+    k = adapter.ffn_width(model.config) * 2 // 3
+    keeps = [top_k(h.diagonal(), k) for h in hs]
+    columns = [compensated_columns(h, w, keep, 1.0) for h, w, keep in zip(hs, masker.dense, keeps, strict=True)]
+    sliced = copy.deepcopy(model)
+    slice_model_(sliced, adapter, keeps, progress=False)
+    store = ColumnStore()
+    for unit, c in enumerate(columns):
+        store.put(unit, c)
+    write_columns_(sliced, store)
+    masker.apply(keeps, columns)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, sliced(ids).logits, atol=1e-5)
+        masker.restore()
+        assert all(torch.equal(p, d) for p, d in zip(masker.params, masker.dense, strict=True))
+        assert not torch.allclose(model(ids).logits, sliced(ids).logits, atol=1e-3)  # the dense model again

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_BYTES = 12 * 1024
-GENERATED_BLOCKS = ("quality", "large", "distributed", "methods", "keywords", "recovery", "families")
+GENERATED_BLOCKS = ("quality", "large", "distributed", "methods", "keywords", "recovery", "families", "compensation")
 
 FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
