@@ -3,8 +3,9 @@
     python benchmarks/compensation_precision.py --model smollm2-135m
     python benchmarks/compensation_precision.py --model ~/.cache/prunenet/gemma-3-270m --name gemma-3-270m
 
-On 32 x 256 tokens of the embedded corpus's ``train`` split, ``H`` is accumulated and the update solved
-(:func:`prunenet.compensation.compensated_columns`) once in float64 and once in float32, for the shipped
+On ``--sequences x --length`` tokens (default 32 x 256) of the embedded corpus's ``train`` split, ``H`` is
+accumulated and the update solved (:func:`prunenet.compensation.compensated_columns`) once in float64 and once
+in float32, for the shipped
 ``selfcal`` neurons at each ratio and dampening; the rows give the largest relative difference of the refitted
 columns over the layers and the held-out perplexity (``eval`` split, first 2048 tokens) of both.
 Results: ``benchmarks/results/compensation_precision.csv``.
@@ -56,13 +57,16 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--damping", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--sequences", type=int, default=32, help="calibration windows")
+    parser.add_argument("--length", type=int, default=256, help="tokens per window")
     args = parser.parse_args()
     model, tokenizer, _ = load_model(args.model)
     adapter = get_adapter(model.config)
     params = [model.get_parameter(adapter.block_prefix(i) + adapter.out_projection.name)
               for i in range(adapter.num_layers(model.config))]  # fmt: skip
     dense = [p.detach().clone() for p in params]
-    ids = calibration_windows(read_calibration(speech_files(SPLITS["train"])), tokenizer, 32, 256, 0).ids
+    text = read_calibration(speech_files(SPLITS["train"]))
+    ids = calibration_windows(text, tokenizer, args.sequences, args.length, 0).ids
     h64, h32 = grams(model, ids, torch.float64), grams(model, ids, torch.float32)
     norms = [w.double().norm(dim=0) for w in dense]
     text = load_text(None, "eval")

@@ -138,15 +138,16 @@ class PruneConfig:
         "probe tokens (or the --calibration windows) changes least: the dampened OBS update, solved on the dense "
         "model's activations; the shapes stay stock. Costs one more forward pass over the probes (one per group of "
         "layers where --max-memory holds fewer layers' n x n statistics) and, streaming, memory for them. Measured "
-        "1-18 %% lower held-out perplexity on SmolLM2-135M and Gemma-3-270M at ratios 0.1-0.3 (docs/methods.md). --no-compensate "
+        "0.8-18 %% lower median held-out perplexity on SmolLM2-135M (ratios 0.1-0.3) and Gemma-3-270M (0.2-0.3; "
+        "docs/methods.md). --no-compensate "
         "leaves the kept weights as they are",
         action="boolean-optional",
     )
     damping: float = option(
         1.0,
         "--compensate's dampening, a positive number in units of the kept neurons' mean activation energy (mean "
-        "diag H_KK): larger keeps the update smaller. 1.0 never made perplexity worse in the measurements; 0.1 gains "
-        "a little with many more probe tokens than FFN neurons and loses with fewer",
+        "diag H_KK): larger keeps the update smaller. 1.0 never made the median perplexity worse in the "
+        "measurements; 0.1 gains a little with many more probe tokens than FFN neurons and loses with fewer",
     )
     modules: str = option(
         "ffn",
@@ -178,6 +179,10 @@ class PruneConfig:
         check_number("--damping", self.damping, positive=True)
         if not isinstance(self.compensate, bool):
             raise ValueError(f"--compensate is on or off (True or False), got {self.compensate!r}")
+        changed = [flag_of(PruneConfig, name) for name in ("compensate", "damping")
+                   if getattr(self, name) != field_of(PruneConfig, name).default]  # fmt: skip
+        if changed and self.method != "selfcal":  # the only selector with compensation: it would do nothing
+            raise ValueError(f"{' and '.join(changed)} applies only to --method selfcal")
         if self.policy is not None and self.method != "prunenet":
             raise ValueError("--policy applies only to --method prunenet")
         if self.calibration is not None:

@@ -26,6 +26,7 @@ dies outright breaks the process group's connections, which makes the others' co
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -81,12 +82,14 @@ class Distributed:
     # -- collectives (no-ops in a single process) -------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.active:
-            torch.distributed.all_reduce(tensor)
+            with _on_backend_device(tensor) as moved:
+                torch.distributed.all_reduce(moved)
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if self.active:
-            torch.distributed.broadcast(tensor, src)
+            with _on_backend_device(tensor) as moved:
+                torch.distributed.broadcast(moved, src)
         return tensor
 
     def barrier(self) -> None:
@@ -115,6 +118,18 @@ def from_environment() -> Distributed:
     if world <= 1:
         return Distributed()
     return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def _on_backend_device(tensor: torch.Tensor):
+    """``tensor``, or for NCCL (which takes CUDA tensors only) a copy on this rank's GPU that is copied back into
+    ``tensor`` when the collective is done: the selectors' choices and refitted columns live on the CPU."""
+    if torch.distributed.get_backend() != "nccl" or tensor.is_cuda:
+        yield tensor
+        return
+    moved = tensor.to(f"cuda:{torch.cuda.current_device()}")
+    yield moved
+    tensor.copy_(moved.cpu())
 
 
 def init(device: str, timeout_s: float = 1800.0) -> tuple[Distributed, str]:

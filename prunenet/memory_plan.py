@@ -268,7 +268,7 @@ def compensation_layers(adapter: ModelAdapter, config, k: int, itemsize: int, av
     fits = (available - solve) // per_layer
     if fits < 1:
         raise ValueError(
-            f"compensation needs {format_bytes(per_layer + solve)} for one layer (the n x n float64 H of each of its "
+            f"compensation needs {format_bytes(per_layer + solve)} for one layer (the n x n float32 H of each of its "
             f"FFN units, a copy of its out-projection, the solve) and {format_bytes(max(available, 0))} are left: "
             "raise --max-memory or pass --no-compensate"
         )

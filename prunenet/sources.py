@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelAdapter, get_adapter
+from .compensation import layer_bytes, solve_bytes
 from .config import CompressConfig, PruneConfig
 from .distributed import Distributed
 from .dtypes import TORCH_DTYPES
@@ -108,9 +109,11 @@ class ModelSource(Source):
     into the output, whatever the selector reads).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, path: Path | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer=None, path: Path | None = None, budget: int | None = None):
+        """``budget``: the run's ``--max-memory`` in bytes, which the model's weights and compensation share
+        (``None``: what the device has free)."""
         super().__init__(model.config, get_adapter(model.config))
-        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.model, self.tokenizer, self.path, self.budget = model, tokenizer, path, budget
         self._states: list[torch.Tensor] | None = None
 
     def states(self) -> list[torch.Tensor]:
@@ -131,9 +134,18 @@ class ModelSource(Source):
         return self.model.get_parameter(self.adapter.block_prefix(0) + self.adapter.out_projection.name).dtype
 
     def compensation_layers(self, k: int) -> int:
-        """Half of what the model's device has free now (the forward passes' activations take some)."""
+        """Half of what the model's device has free now (the forward passes' activations take some), and no more
+        than ``--max-memory`` leaves beside the weights."""
         device = next(self.model.parameters()).device
-        return compensation_layers(self.adapter, self.config, k, self.out_dtype.itemsize, free_memory(device) // 2)
+        available = free_memory(device) // 2
+        if self.budget is not None:
+            available = min(available, self.budget - self.model_bytes())
+        return compensation_layers(self.adapter, self.config, k, self.out_dtype.itemsize, available)
+
+    def model_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def close(self) -> None:
         self._states = None  # views of weights that slicing replaces
@@ -259,7 +271,8 @@ class SourcePlan:
         dtype = self.settings.dtype
         dtype = TORCH_DTYPES[dtype] if dtype != "auto" else _stored_dtype(self.checkpoint, self.adapter, self.config)
         model, tokenizer, _ = load_model(str(self.path), device=device, dtype=dtype)
-        return ModelSource(model, tokenizer, self.path)
+        budget = parse_size(self.settings.max_memory) if self.settings.max_memory is not None else None
+        return ModelSource(model, tokenizer, self.path, budget)
 
 
 def _read_config(path: Path):
@@ -281,9 +294,9 @@ def _read_config(path: Path):
 
 
 def _streams(settings: CompressConfig, checkpoint: CheckpointSource | None, path: Path, budget: int,
-             dist: Distributed) -> bool:  # fmt: skip
+             dist: Distributed, beside: int = 0) -> bool:  # fmt: skip
     """Streaming or in-memory: forced by ``--streaming``/``--no-streaming`` (a distributed run always streams),
-    else streaming when the weights exceed ``budget``."""
+    else streaming when the weights and ``beside`` (bytes the selection holds besides them) exceed ``budget``."""
     streaming = True if dist.active else settings.streaming
     if streaming:
         if checkpoint is None:
@@ -292,7 +305,7 @@ def _streams(settings: CompressConfig, checkpoint: CheckpointSource | None, path
     if streaming is False or checkpoint is None:
         return False
     model_bytes = checkpoint.nbytes(_converted_to(settings.dtype))
-    if model_bytes <= budget:
+    if model_bytes + beside <= budget:
         return False
     log.info("the weights (%.2f GiB) exceed the memory budget (%.2f GiB): streaming", model_bytes / 2**30,
              budget / 2**30)  # fmt: skip
@@ -342,7 +355,15 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
     width = adapter.ffn_width(config)
     budget = parse_size(settings.max_memory) if settings.max_memory is not None else free_memory(settings.device)
     layers = dist.owned_layers(adapter.num_units(config))
-    if not _streams(settings, checkpoint, path, budget, dist):
+    compensates = "compensate" in SELECTORS[settings.method].options and settings.compensate
+    compensate_k = k if compensates and k < width else None
+    beside = 0
+    if compensate_k is not None and checkpoint is not None:  # in memory, one layer's compensation at least
+        itemsize = (_converted_to(settings.dtype) or checkpoint.state_dtype(adapter, config)).itemsize
+        beside = layer_bytes(adapter, config, itemsize) + solve_bytes(adapter, config, compensate_k)
+    if not _streams(settings, checkpoint, path, budget, dist, beside):
+        if beside and settings.max_memory is not None:  # --no-streaming: refused before the weights load
+            compensation_layers(adapter, config, k, itemsize, budget - checkpoint.nbytes(_converted_to(settings.dtype)))
         return SourcePlan(path, config, adapter, checkpoint, settings, None, layers)
     bound_heap_growth()  # the budget is a promise: freed blocks go back to the system
     stored = checkpoint.state_dtype(adapter, config)
@@ -352,7 +373,6 @@ def plan_source(path: str | os.PathLike, settings: CompressConfig, dist: Distrib
             "drop --dtype (or pass --dtype auto), or use --no-streaming"
         )
     if SELECTORS[settings.method].needs == "model":
-        compensate_k = k if settings.method == "selfcal" and settings.compensate and k < width else None
         plan = plan_forward(checkpoint, adapter, config, budget, settings.device, settings.probe_sequences,
                             settings.probe_length, compensate_k)  # fmt: skip
     else:

@@ -22,7 +22,7 @@ import prunenet.shard_writer as shard_writer
 import prunenet.writers as writers
 from prunenet.adapters import get_adapter
 from prunenet.checkpoint import PARTIAL_MARKER, read_manifest
-from prunenet.compensation import ColumnStore, compensate, compensated_columns, layer_bytes, solve_bytes
+from prunenet.compensation import GRAM_DTYPE, ColumnStore, compensate, compensated_columns, layer_bytes, solve_bytes
 from prunenet.config import PruneConfig
 from prunenet.memory_plan import plan_forward
 from prunenet.models import load_model
@@ -372,3 +372,41 @@ def test_torchrun_writes_the_single_process_columns(family, tmp_path):
     a, b = all_tensors(tmp_path / "one"), all_tensors(tmp_path / "two")
     assert b.keys() == all_tensors(source).keys() and all(torch.equal(t, b[name]) for name, t in a.items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "src", "two"]  # no partial folders
+
+
+@pytest.mark.parametrize("damping", [0.01, 1.0])
+def test_the_float32_solve_that_ships_is_within_2e_6_relative_of_the_float64_solution(damping):
+    """``H`` accumulated in float32 (:data:`GRAM_DTYPE`) and solved in float32, against the float64 ``lstsq`` of the
+    stacked system. Measured here: 2.1e-6 (damping 0.01) and 4.5e-7 (1.0) on columns of size up to 5.8."""
+    assert GRAM_DTYPE == torch.float32
+    g = torch.Generator().manual_seed(1)
+    h = activations(T, N)
+    weight = torch.randn(D, N, generator=g)
+    keep = torch.randperm(N, generator=g)[:K].sort().values
+    got = compensated_columns((h.t() @ h).to(GRAM_DTYPE), weight, keep, damping)
+    ref = reference_columns(h, weight, keep, damping)
+    assert (got.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
+    assert (ref - weight[:, keep].double()).abs().max() > 0.1 * ref.abs().max()  # the update is no no-op
+
+
+@pytest.mark.parametrize("flags", [["--no-compensate"], ["--damping", "0.5"], ["--no-compensate", "--damping", "2"]])
+def test_compensation_flags_with_a_method_that_does_not_compensate_are_one_line(tiny_dir, tmp_path, flags):
+    out = tmp_path / "out"
+    proc = run_cli("compress", "--model", str(tiny_dir), "--ratio", "0.25", "--method", "magnitude", "--out", str(out),
+                   *flags, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "applies only to --method selfcal" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_in_memory_budget_counts_one_layers_compensation(tiny_dir):
+    """With --no-streaming, a --max-memory that holds the weights but not one layer's compensation is refused
+    before any weights load (without --no-streaming such a run streams instead)."""
+    from prunenet.config import CompressConfig
+    from prunenet.sources import plan_source
+
+    checkpoint = CheckpointSource(tiny_dir)
+    weights = checkpoint.nbytes(None)
+    settings = dict(ratio=0.25, method="selfcal", device="cpu", max_memory=str(weights + 1))
+    with pytest.raises(ValueError, match="--no-compensate"):
+        plan_source(tiny_dir, CompressConfig(**settings, streaming=False))
+    assert plan_source(tiny_dir, CompressConfig(**settings, streaming=False, compensate=False)).memory_plan is None
