@@ -261,6 +261,7 @@ def _compress_summary(result) -> dict:
                         ("probe_s", "probe generation"),
                         ("calibration_s", "reading and tokenizing the calibration text"),
                         ("stats_s", "statistics"),
+                        ("compensate_s", "compensation (refitting the kept columns)"),
                     )
                     if key in t
                 ),

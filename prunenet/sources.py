@@ -139,13 +139,10 @@ class ModelSource(Source):
         device = next(self.model.parameters()).device
         available = free_memory(device) // 2
         if self.budget is not None:
-            available = min(available, self.budget - self.model_bytes())
-        return compensation_layers(self.adapter, self.config, k, self.out_dtype.itemsize, available)
+            from .model_size import weight_bytes
 
-    def model_bytes(self) -> int:
-        """Bytes of the model's parameters and buffers."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            available = min(available, self.budget - weight_bytes(self.model))
+        return compensation_layers(self.adapter, self.config, k, self.out_dtype.itemsize, available)
 
     def close(self) -> None:
         self._states = None  # views of weights that slicing replaces
