@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 # The first impression is the measured trade-off: dense vs the paper's policy vs self-calibration.
 demo: install
 	mkdir -p $(DEMO_OUT)
-	$(BIN)/prunenet compress --ratio $(DEMO_RATIO) --out $(DEMO_OUT)/prunenet --overwrite
+	$(BIN)/prunenet compress --ratio $(DEMO_RATIO) --method prunenet --out $(DEMO_OUT)/prunenet --overwrite
 	$(BIN)/prunenet compress --ratio $(DEMO_RATIO) --method selfcal --out $(DEMO_OUT)/selfcal --overwrite
 	@echo "== SmolLM2-135M, ratio $(DEMO_RATIO): perplexity on held-out text (lower is better) =="
 	$(BIN)/python tools/demo_table.py smollm2-135m $(DEMO_OUT)/prunenet $(DEMO_OUT)/selfcal

@@ -5,7 +5,8 @@
 
 Each run is the command a user types, in its own process:
 
-    prunenet compress --model smollm2-135m --ratio 0.3 --episodes E --out <tmp> --overwrite --json --quiet
+    prunenet compress --model smollm2-135m --ratio 0.3 --method prunenet --episodes E --out <tmp> --overwrite \
+        --json --quiet
 
 * ``fast``: as installed (native extension for slicing; ``--reward-backend auto``: Triton on CUDA);
 * ``torch``: ``PRUNENET_DISABLE_EXT=1`` and ``--reward-backend torch``, the pure-PyTorch path everywhere.
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[dict]] = {path: [] for path in args.paths}
         for path, _ in tqdm(runs, desc="compress runs", unit="run", disable=args.quiet):
             env, extra = PATHS[path]
-            cli = ["--model", args.model, "--ratio", str(args.ratio), "--episodes", str(episodes),
-                   "--device", args.device, "--out", str(Path(tmp) / path), "--overwrite"]  # fmt: skip
+            cli = ["--model", args.model, "--ratio", str(args.ratio), "--method", "prunenet",
+                   "--episodes", str(episodes), "--device", args.device, "--out", str(Path(tmp) / path),
+                   "--overwrite"]  # fmt: skip
             results[path].append(run_compress(cli + (extra if backend_flag else []), env))
     for path, res in results.items():
 

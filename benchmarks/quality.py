@@ -6,8 +6,9 @@
     python benchmarks/quality.py --extra-rows --pruned P --finetuned F --attn A   # only the section below, merged
 
 Recovery fine-tuning and attention slicing (``--extra-rows``): the rows "PruneNet + recovery fine-tuning"
-and "FFN + attention" are measured from folders the CLI wrote (``prunenet compress`` at one ratio and seed,
-``prunenet finetune`` of that folder, ``prunenet compress --modules ffn+attn`` with the same policy), next
+and "FFN + attention" are measured from folders the CLI wrote (``prunenet compress --method prunenet`` at one
+ratio and seed, ``prunenet finetune`` of that folder, ``prunenet compress --modules ffn+attn`` with the same
+policy), next
 to that pruned folder and the dense model, on the report's texts plus the held-out ``eval`` split. They
 are merged into the existing ``quality.csv`` (methods ``extra:*``; earlier ``extra:*`` rows replaced, the
 grid kept), so the 14-minute grid is not re-run; a full run keeps them too. The fine-tuned model is not
@@ -18,13 +19,13 @@ Grid: methods x ratios (default 0.05 0.1 0.2 0.3) x seeds (default 0-4), perplex
 no fine-tuning. Methods:
 
 * ``prunenet-sample``: a policy trained for ``--episodes`` on the weights alone (no text), seed ``s``, kept
-  rows drawn from it (the paper's rule) -- exactly ``prunenet compress --ratio R --seed s``;
+  rows drawn from it (the paper's rule) -- exactly ``prunenet compress --method prunenet --ratio R --seed s``;
 * ``prunenet-topk``: the *same* policy, keeping the rows of highest keep-probability -- exactly
-  ``prunenet compress --policy <that run> --selection topk --seed s``;
+  ``prunenet compress --method prunenet --policy <that run> --selection topk --seed s``;
 * ``random``: ``k`` rows uniformly at random, seed ``s``; ``magnitude``: the ``k`` rows of largest L2 norm
   (deterministic: one run per ratio);
 * ``reuse-sample``: the policy trained at one ratio applied (sampling, seed ``s``) at another, as
-  ``prunenet compress --policy <run at ratio A> --ratio B --seed s`` does (``--reuse``).
+  ``prunenet compress --method prunenet --policy <run at ratio A> --ratio B --seed s`` does (``--reuse``).
 
 Every pruned model is a copy of the dense model loaded once (the FFN tensors copied, the rest shared),
 sliced with the library's own functions (:mod:`prunenet.selectors`,
@@ -293,8 +294,8 @@ def markdown_report(rows: list[dict], meta: dict, image: str | None = "quality.p
         pairs = sorted({(float(r["train_ratio"]), float(r["ratio"])) for r in reuse})
         lines += [
             "**Policy reuse.** A policy trained at one ratio applied at another (sampling; as "
-            "`prunenet compress --policy <run at ratio A> --ratio B`), against the policy trained at B itself "
-            "(the sampling column above); median (min-max) over the seeds.",
+            "`prunenet compress --method prunenet --policy <run at ratio A> --ratio B`), against the policy trained "
+            "at B itself (the sampling column above); median (min-max) over the seeds.",
             "",
         ]
         table = []
@@ -407,11 +408,11 @@ def extra_report(rows: list[dict]) -> str:
     return "\n".join(
         [
             "**Recovery fine-tuning and attention slicing.** One pruned model (the ratio and seed below) measured "
-            "as saved by the CLI: `prunenet compress`, then `prunenet finetune` of that folder (LoRA merged), and "
-            "`prunenet compress --modules ffn+attn` with the same policy (whole key/value head groups removed as "
-            "well). Same token budget and windows as above; `eval` is the held-out split (1990 on), which "
-            "fine-tuning never sees. `-`: not measured, because the fine-tuning text (the `train` split, before "
-            "1990) contains that text.",
+            "as saved by the CLI: `prunenet compress --method prunenet`, then `prunenet finetune` of that folder "
+            "(LoRA merged), and `prunenet compress --modules ffn+attn` with the same policy (whole key/value head "
+            "groups removed as well). Same token budget and windows as above; `eval` is the held-out split (1990 "
+            "on), which fine-tuning never sees. `-`: not measured, because the fine-tuning text (the `train` split, "
+            "before 1990) contains that text.",
             "",
             markdown_table(["model", *(f"`{t}`" for t in texts), "what"], table),
             "",

@@ -26,10 +26,12 @@ from .config import (
     EvalConfig,
     FinetuneConfig,
     FinetuneRun,
+    field_of,
     finetune_config,
     flag,
+    parse_ratios,
 )
-from .selectors import NEEDS, SELECTORS, owner_of
+from .selectors import NEEDS, SELECTORS, owner_of, selector_of
 from .tables import format_table
 
 EPILOG = "Run `prunenet COMMAND --help` for the flags of a command."
@@ -43,8 +45,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _method_help() -> str:
+    """``--method``'s help: the field's own (which says why the default is what it is), then every method."""
     methods = "; ".join(f"'{s.name}': {s.summary} (needs {NEEDS[s.needs]})" for s in SELECTORS.values())
-    return f"how neurons are chosen: {methods}"
+    return f"{field_of(CompressConfig, 'method').metadata['help']}. The methods: {methods}"
 
 
 def add_config_arguments(
@@ -79,10 +82,22 @@ def add_config_arguments(
             kwargs.update(action="store_true")
         else:
             kwargs.update(default=f.default, type=cli.pop("type", type(f.default)))
+        if f.name == "ratio":
+            kwargs["type"] = _ratio_argument
         if other_defaults.get(f.name, f.default) != f.default:
             kwargs["help"] += f" (default: {f.default}; with {other_flag}: {other_defaults[f.name]})"
             kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(flag(f), **kwargs, **cli)
+
+
+def _ratio_argument(text: str) -> str:
+    """``--ratio``'s value checked as argparse reads it (:func:`prunenet.config.parse_ratios`): a bad list is a
+    usage error, refused before anything is imported or read."""
+    try:
+        parse_ratios(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--ratio ")) from None
+    return text
 
 
 def config_of(cls, args: argparse.Namespace):
@@ -133,11 +148,14 @@ def _add_compress(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="prune the FFN of every block and save a model stock transformers can load",
-        description="Choose the FFN neurons to keep in every block (by default with the paper's PruneNet policy, "
-        "trained on the model's FFN weights), remove the others (rows of the in-projections, columns of the "
-        "out-projection) and save the smaller model, its tokenizer, the policy and a prunenet.json manifest to "
-        "--out. Launched by torchrun (torchrun --nproc-per-node N -m prunenet compress ...), the layers are split "
-        "across the N processes (gloo on CPU, NCCL on GPUs) with the same result as one process.",
+        description="Choose the FFN neurons to keep in every block (by default with selfcal: the model runs on "
+        "text it writes itself and the neurons contributing most to each FFN's output are kept; --method prunenet "
+        "is the paper's learned policy), remove the others (rows of the in-projections, columns of the "
+        "out-projection) and save the smaller model, its tokenizer and a prunenet.json manifest to --out, with "
+        "selfcal's neuron scores (scores.safetensors, for --scores) or the paper's policy (policy.safetensors). "
+        "Several --ratio values write one model per ratio into --out/r<ratio>. Launched by torchrun (torchrun "
+        "--nproc-per-node N -m prunenet compress ...), the layers are split across the N processes (gloo on CPU, "
+        "NCCL on GPUs) with the same result as one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument(
@@ -206,24 +224,32 @@ def _add_finetune(sub) -> None:
 
 
 def _run_compress(args) -> dict:
+    ratios = parse_ratios(args.ratio)  # bad input is refused before torch is imported
+    args.ratio = ratios[0]
+    config = config_of(CompressConfig, args)
+    config.validate()
+    selector_of(config)
+
     from . import distributed
     from .pipeline import compress
     from .validate import resolve_device
 
-    config = config_of(CompressConfig, args)
-    config.validate()
     # Under torchrun: join the process group (gloo on CPU, NCCL on GPU LOCAL_RANK); else a no-op.
     dist, device = distributed.init(resolve_device(config.device))
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one rank reports
     try:
         config = dataclasses.replace(config, device=device)
-        result = compress(args.model, args.out, config=config, progress=not args.quiet and dist.is_main, dist=dist)
+        ratio = list(ratios) if len(ratios) > 1 else ratios[0]
+        result = compress(args.model, args.out, ratio, config=config, progress=not args.quiet and dist.is_main,
+                          dist=dist)  # fmt: skip
     finally:
         distributed.shutdown(dist)
     if not dist.is_main:
         args.json = False
         return {}
+    if isinstance(result, list):  # several ratios: one table each; --json prints them as "outputs"
+        return {"outputs": [_compress_summary(r) for r in result]}
     return _compress_summary(result)
 
 
@@ -232,6 +258,8 @@ def _compress_summary(result) -> dict:
     summary = {
         "out": str(result.out),
         "model_type": result.model_type,
+        "method": result.method,
+        "ratio": result.ratio,
         "ffn_width_before": result.ffn_width,
         "ffn_width_after": result.k,
         "params_before": result.params_before,
@@ -246,6 +274,7 @@ def _compress_summary(result) -> dict:
             [
                 ("output", str(result.out)),
                 ("model type", result.model_type),
+                ("method", result.method + (" (from --scores)" if result.scored_from is not None else "")),
                 ("FFN width", f"{result.ffn_width} -> {result.k}"),
                 (
                     "parameters",

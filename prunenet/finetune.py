@@ -36,7 +36,7 @@ from .distill import TeacherTargets, teacher_targets
 from .lora import merge_lora, require_peft
 from .output import OutputFolder, claim_output
 from .recovery_training import distill_lora, train_lora
-from .text import SPLITS, load_text
+from .text import SPLITS, load_text, load_text_file
 from .validate import check_device, resolve_device
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,11 @@ def finetune_into(
     _check_space(target, source, dtype)
     teacher_name, teacher_path = teacher
     eval_text = load_text(None, EVAL_SPLIT) if eval_tokens else None
-    text = targets = teacher_lm = teacher_vocab = None
-    if teacher_path is None:
-        text = load_text(text_file, TRAIN_SPLIT)
+    text = targets = teacher_lm = teacher_vocab = text_record = None
+    if teacher_path is None and text_file is not None:
+        text, text_record = load_text_file(text_file)
+    elif teacher_path is None:
+        text = load_text(None, TRAIN_SPLIT)
     else:
         targets, teacher_lm, teacher_vocab = _load_teacher_targets(
             teacher_path, cfg, device, dtype, progress, timings, tick
@@ -161,7 +163,7 @@ def finetune_into(
     lm = _timed(timings, "merge_s", merge_lora, peft_model)
     del peft_model
     ppl_after = _timed(timings, "eval_after_s", held_out, lm)
-    manifest = _describe(source, model=model, staged=staged, text_file=text_file, teacher=teacher, targets=targets,
+    manifest = _describe(source, model=model, staged=staged, text_file=text_record, teacher=teacher, targets=targets,
                          cfg=cfg, dtype=dtype, device=device, info=info, eval_tokens=eval_tokens,
                          eval_context=eval_context, perplexity=(ppl_before, ppl_after), timings=timings)  # fmt: skip
     _save(target, lm, tokenizer, source, manifest, timings)
@@ -261,7 +263,7 @@ def _describe(
     *,
     model: str,
     staged: bool,
-    text_file: str | None,
+    text_file: dict | None,
     teacher: tuple[str | None, Path | None],
     targets: TeacherTargets | None,
     cfg: FinetuneConfig,
@@ -300,9 +302,11 @@ def _describe(
     return manifest
 
 
-def _text_description(text_file: str | None) -> dict:
+def _text_description(text_file: dict | None) -> dict:
+    """The training text in the manifest: ``text_file``, the ``--text-file``'s record (its path as given, size,
+    SHA-256, encoding), or the default split's description."""
     if text_file is not None:
-        return {"source": str(Path(text_file).expanduser().resolve()), "split": None}
+        return {"source": text_file["path"], "split": None, "file": text_file}
     start, end = SPLITS[TRAIN_SPLIT]
     e_start, e_end = SPLITS[EVAL_SPLIT]
     return {

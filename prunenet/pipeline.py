@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,11 @@ import torch
 
 from . import __version__
 from .checkpoint import POLICY_FILE, kept_indices_to_json, save_policy, write_manifest
-from .config import DEFAULT_MODEL, CompressConfig, PruneConfig, config_from
+from .config import DEFAULT_MODEL, CompressConfig, PruneConfig, check_ratios, config_from
 from .distributed import Distributed
-from .output import OutputFolder, check_output_path, claim_output, partial_folder
+from .output import OutputFolder, check_existing_output, check_output_path, claim_output, partial_folder
 from .resolve import resolve_model
+from .scores import SCORES_FILE
 from .selectors import SELECTORS, Selection, select, selector_of
 from .sources import ModelSource, Source, check_prunable, plan_source
 from .validate import check_finite_weights, resolve_device
@@ -45,6 +47,8 @@ class PruneResult:
         training: the policy-training trace (``None`` when nothing was trained).
         attention: the attention slicing's record (``--modules ffn+attn``), else ``None``.
         selector_record: the selector's own manifest fields (``--calibration``: the text's files and windows).
+        scores: the activation scores the neurons were ranked by (``selfcal``; :class:`prunenet.scores.NeuronScores`,
+            ``scores.save(path)`` writes what ``scores=`` reads), else ``None``.
     """
 
     config: PruneConfig
@@ -57,6 +61,7 @@ class PruneResult:
     training: dict | None = None
     attention: dict | None = None
     selector_record: dict = field(default_factory=dict)
+    scores: object = None
 
     @property
     def k(self) -> int:
@@ -75,6 +80,7 @@ class PruneResult:
             "selection": c.selection if "selection" in SELECTORS[c.method].options else None,
             "seed": c.seed,
             "policy": POLICY_FILE if self.policy is not None else None,
+            "scores": SCORES_FILE if self.scores is not None else None,
             "policy_source": str(c.policy) if c.policy is not None else None,
             "training": self.training,
             "params_before": self.params_before,
@@ -125,17 +131,19 @@ def _prune(source: Source, config: PruneConfig, prepared: dict, dist: Distribute
     k = selection.keeps[0].numel()
     result = PruneResult(config, source.config.model_type, width, selection.keeps, params_before,
                          writer.params_after(k), selection.policy, selection.training, attention,
-                         selection.manifest)  # fmt: skip
+                         selection.manifest, selection.scores)  # fmt: skip
     timings["slice_s"] = time.perf_counter() - tick
     return result, writer
 
 
-def _prepare(config: PruneConfig, adapter, model_config, device) -> dict:
-    """The selector's checks and loads that must come before any weights (e.g. ``--policy``, ``--calibration``):
-    keyword arguments for its ``choose``."""
+def _prepare(config: PruneConfig, adapter, model_config, device, tokenizer) -> tuple[PruneConfig, dict]:
+    """The selector's checks and loads that must come before any weights (e.g. ``--policy``, ``--calibration``,
+    ``--scores``; ``tokenizer()`` loads the model's tokenizer, for a selector that reads text): the config to run
+    (with ``--scores``: the probe settings the scores were measured with) and keyword arguments for the
+    selector's ``choose``."""
     prepare = SELECTORS[config.method].prepare
-    hidden, width = adapter.hidden_size(model_config), adapter.ffn_width(model_config)
-    return prepare(config, hidden, width, str(device)) if prepare is not None else {}
+    prepared = prepare(config, adapter, model_config, str(device), tokenizer) if prepare is not None else {}
+    return prepared.pop("config", config), prepared
 
 
 def prune_(
@@ -160,7 +168,7 @@ def prune_(
     source = ModelSource(model, tokenizer=tokenizer)
     check_prunable(config, source.adapter, source.config)
     device = next(model.parameters()).device
-    prepared = _prepare(config, source.adapter, source.config, device)
+    config, prepared = _prepare(config, source.adapter, source.config, device, lambda: tokenizer)
     result, writer = _prune(source, config, prepared, Distributed(), progress, {})
     writer.close()  # the refitted columns are in the model now
     return result
@@ -180,13 +188,19 @@ class CompressResult:
     best_reward: float | None = None
     streaming: bool = False
     recovery: dict | None = None  # --recover: the self-distillation's record (steps, losses, timings)
+    method: str = ""
+    ratio: float = 0.0
+    scored_from: str | None = None  # --scores: the file the neurons were ranked from
 
 
 def compress(
-    model: str | Path = DEFAULT_MODEL, out: str | Path | None = None, ratio: float | None = None, *,
-    config: CompressConfig | None = None, progress: bool = True, dist: Distributed | None = None, **options,
-) -> CompressResult:  # fmt: skip
+    model: str | Path = DEFAULT_MODEL, out: str | Path | None = None, ratio: float | Sequence[float] | None = None,
+    *, config: CompressConfig | None = None, progress: bool = True, dist: Distributed | None = None, **options,
+) -> CompressResult | list[CompressResult]:  # fmt: skip
     """Prune ``model`` (the embedded model's name, a local folder or a hub id) at ``ratio`` into ``out``.
+
+    Several ratios (a list or tuple) write one complete model per ratio into ``out/r0.1``, ``out/r0.2``, ...
+    and return their results in the order given (:func:`_compress_ratios`).
 
     ``options`` are :class:`~prunenet.config.CompressConfig` fields, applied over ``config``. Everything,
     the output folder included (:mod:`prunenet.output`), is checked before any weights are loaded; the
@@ -199,6 +213,8 @@ def compress(
     """
     if out is None:
         raise TypeError("compress() needs out=, the folder to write the pruned model to")
+    if isinstance(ratio, list | tuple):
+        return _compress_ratios(model, out, check_ratios(ratio), config, progress, dist, options)
     config = config_from(CompressConfig, config, **({"ratio": ratio} if ratio is not None else {}), **options)
     selector_of(config)  # an unknown --method, before any work
     config = dataclasses.replace(config, device=resolve_device(config.device))
@@ -231,7 +247,61 @@ def compress(
             out = target.path
     best = result.training["best_reward"] if result.training else None
     return CompressResult(out, result.model_type, result.ffn_width, result.k, result.params_before,
-                          result.params_after, timings, best, streaming, recovery)  # fmt: skip
+                          result.params_after, timings, best, streaming, recovery, result.config.method,
+                          result.config.ratio, result.config.scores)  # fmt: skip
+
+
+def ratio_folder(ratio: float) -> str:
+    """The name of ratio ``ratio``'s output inside a several-ratio run's ``--out``: ``r0.1``."""
+    return f"r{float(ratio)}"
+
+
+def _compress_ratios(model, out, ratios: tuple[float, ...], config: CompressConfig | None, progress: bool,
+                     dist: Distributed | None, options: dict) -> list[CompressResult]:  # fmt: skip
+    """:func:`compress` at each of ``ratios`` into ``out/r<ratio>``, in the order given.
+
+    Everything is checked before any work (the options, and every output folder as :func:`compress` checks one).
+    With ``selfcal`` the first ratio that prunes scores the neurons and saves them in its output; every later
+    ratio is cut from those scores (``scores=``), so the model runs once (again only to compensate). Each output
+    is complete on its own: a ratio that fails is logged and the others go on; the first failure is raised at
+    the end, once every ratio has been tried. ``out`` is created if missing, and removed again if it stays empty.
+    """
+    base = config_from(CompressConfig, config, ratio=ratios[0], **options)
+    selector_of(base)
+    dist = dist or Distributed()
+    path = resolve_model(model)
+    out = check_output_path(out, [path])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder: several ratios need a folder to hold r0.1, ...")
+    for ratio in ratios:
+        if dist.is_main and out.is_dir():
+            check_existing_output(check_output_path(out / ratio_folder(ratio), [path]), base.overwrite)
+    created = dist.is_main and not out.exists()
+    if dist.is_main:
+        out.mkdir(exist_ok=True)
+    dist.barrier()  # the folder exists on every rank
+    results, failures = [], []
+    scores = base.scores
+    try:
+        for ratio in ratios:
+            target = out / ratio_folder(ratio)
+            try:
+                result = compress(model, target, config=dataclasses.replace(base, ratio=ratio, scores=scores),
+                                  progress=progress, dist=dist)  # fmt: skip
+            except Exception as err:  # noqa: BLE001 (the other ratios' outputs still come; raised below)
+                log.error("ratio %s failed, %s not written: %s", ratio, target, err)
+                failures.append(err)
+                continue
+            results.append(result)
+            if scores is None and (result.out / SCORES_FILE).is_file():
+                scores = str(result.out / SCORES_FILE)
+                log.info("the other ratios are cut from the scores in %s", scores)
+    finally:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    if failures:
+        raise failures[0]
+    return results
 
 
 def _compress_into(
@@ -250,7 +320,9 @@ def _compress_into(
     Returns what was kept and whether the source was streamed; the model itself is not kept alive.
     """
     plan = plan_source(path, config, dist)
-    prepared = _prepare(config, plan.adapter, plan.config, config.device)
+    from .models import read_tokenizer
+
+    config, prepared = _prepare(config, plan.adapter, plan.config, config.device, lambda: read_tokenizer(path))
     needed = plan.output_bytes_at_least() if target is not None else None
     if needed is not None:
         target.ensure_space(needed)
@@ -308,6 +380,8 @@ def _write(target, out: Path, writer, result: PruneResult, manifest: dict, dist:
             if result.policy is not None:
                 metadata = {"source_model": manifest["source_model"], "ratio": str(result.config.ratio)}
                 save_policy(result.policy, tmp / POLICY_FILE, metadata)
+            if result.scores is not None:
+                result.scores.save(tmp / SCORES_FILE)
             timings["save_s"] = time.perf_counter() - tick
             write_manifest(tmp, {**manifest, "timings_s": timings})
     dist.barrier()  # every rank returns with the output in place

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .config import PruneConfig
     from .distributed import Distributed
     from .policy import SparsityPredictor
+    from .scores import NeuronScores
     from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Selection:
         manifest: the selector's own manifest fields (e.g. ``{"calibration": ...}``: the text it ran on).
         columns: the refitted out-projection columns of every unit (``--compensate``), which the writer puts in
             place of the sliced ones; ``None`` when the kept weights stay as they are.
+        scores: the activation scores the neurons were ranked by (``selfcal``; on rank 0 of a distributed run),
+            which the output keeps as ``scores.safetensors``; ``None`` for the other methods.
     """
 
     keeps: list[torch.Tensor]
@@ -65,6 +68,7 @@ class Selection:
     timings: dict[str, float] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
     columns: ColumnStore | None = None
+    scores: NeuronScores | None = None
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,11 @@ class Selector:
         needs: a key of :data:`NEEDS`.
         options: the :class:`~prunenet.config.PruneConfig` fields only this selector reads.
         choose: ``(source, k, config, dist=, progress=, **prepared) -> Selection``.
-        prepare: ``(config, hidden, width, device) -> prepared``, run before any weights are loaded (to fail
-            early on a bad ``--policy`` or ``--calibration``): a dict of keyword arguments for ``choose``
-            (``{"policy": ...}``, ``{"calibration": ...}``); ``None`` when there is nothing to prepare.
+        prepare: ``(config, adapter, model_config, device, tokenizer) -> prepared``, run before any weights are
+            loaded (to fail early on a bad ``--policy``, ``--calibration`` or ``--scores``; ``tokenizer()`` loads
+            the model's tokenizer): a dict of keyword arguments for ``choose`` (``{"policy": ...}``,
+            ``{"windows": ...}``), and under ``"config"`` the config to run with if it is another (``--scores``'s
+            probe settings); ``None`` when there is nothing to prepare.
     """
 
     name: str
@@ -176,11 +182,12 @@ def _choose_magnitude(source: Source, k: int, config: PruneConfig, *, dist=None,
     return Selection(magnitude_keeps(source.states(), k, dist))
 
 
-def _prepare_policy(config: PruneConfig, hidden: int, width: int, device: str) -> dict:
+def _prepare_policy(config: PruneConfig, adapter, model_config, device: str, tokenizer) -> dict:
     """Before any weights are loaded: ``--policy`` loaded and shape-checked, or else the reward backend
     checked for ``device`` (e.g. triton without CUDA is refused here, not after loading a model)."""
     from .ops import resolve_reward_backend
 
+    hidden, width = adapter.hidden_size(model_config), adapter.ffn_width(model_config)
     if config.policy is None:
         resolve_reward_backend(config.reward_backend, device)
         return {"policy": None}
@@ -218,69 +225,131 @@ def _choose_prunenet(source: Source, k: int, config: PruneConfig, *, policy=None
     return Selection(keeps, policy=policy, training=training, train_seconds=seconds)
 
 
-def _prepare_selfcal(config: PruneConfig, hidden: int, width: int, device: str) -> dict:
-    """Before any weights are loaded: the ``--calibration`` text read and checked (a missing path, a binary
-    file, a bad ``.jsonl`` line fail here), or nothing to prepare for self-generated probes."""
-    if config.calibration is None:
-        return {}
-    from .calibration import read_calibration
+def _prepare_selfcal(config: PruneConfig, adapter, model_config, device: str, tokenizer) -> dict:
+    """Before any weights are loaded: the model's fingerprint (for the scores file), ``--scores`` read and
+    checked against the model (its probe settings then the run's: ``"config"``), and the ``--calibration`` text
+    read, checked and cut into windows with the model's tokenizer (``tokenizer()``): a missing path, a binary
+    file, a bad ``.jsonl`` line or a text too short fail here, in a moment."""
+    from .scores import load_scores, model_fingerprint
 
-    return {"calibration": read_calibration(config.calibration)}
+    prepared = {"fingerprint": model_fingerprint(adapter, model_config), "windows": None, "scores": None}
+    if config.scores is not None:
+        scores = prepared["scores"] = load_scores(config.scores)
+        scores.check_model(prepared["fingerprint"], config.scores)
+        if scores.method != config.method:
+            raise ValueError(f"--scores {config.scores} holds {scores.method} scores, not {config.method}")
+        from_text = scores.calibration is not None
+        if config.calibration is not None and not from_text:
+            raise ValueError(f"--scores {config.scores} were measured on self-generated probes, not on --calibration "
+                             "text: drop --calibration")  # fmt: skip
+        if from_text and config.calibration is None and config.compensate:
+            raise ValueError(f"--scores {config.scores} were measured on --calibration text, which compensation "
+                             "refits on: give the same --calibration again, or --no-compensate")  # fmt: skip
+        config = prepared["config"] = with_probe_settings(config, scores.probes)
+    if config.calibration is not None:
+        from .calibration import calibration_windows, read_calibration
+        from .scores import ids_sha256
+
+        tick = time.perf_counter()
+        text = read_calibration(config.calibration)
+        length = adapter.capped_length(model_config, config.probe_length)  # as probes are capped
+        windows = calibration_windows(text, tokenizer(), config.probe_sequences, length, config.seed)
+        prepared["windows"], prepared["calibration_seconds"] = windows, time.perf_counter() - tick
+        scores = prepared["scores"]
+        if scores is not None and ids_sha256(windows.ids) != scores.ids_sha256:
+            raise ValueError(f"--calibration is not the text --scores {config.scores} were measured on: its "
+                             f"{config.probe_sequences} windows of {length} tokens differ")  # fmt: skip
+    return prepared
 
 
-def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, calibration=None, dist=None, progress=True,
+def with_probe_settings(config: PruneConfig, probes: dict) -> PruneConfig:
+    """``config`` with the probe settings of a scores file: a setting left at its default takes the file's; one
+    set to a third value is refused (the scores were not measured with it)."""
+    import dataclasses
+
+    from .config import field_of, flag_of
+
+    changes = {}
+    for name, key in (("seed", "seed"), ("probe_sequences", "sequences"), ("probe_length", "length")):
+        given, measured = getattr(config, name), probes[key]
+        if given == measured:
+            continue
+        if given != field_of(type(config), name).default:
+            raise ValueError(f"{flag_of(type(config), name)} {given} differs from the {measured} the --scores were "
+                             "measured with: drop it, or measure new scores")  # fmt: skip
+        changes[name] = measured
+    return dataclasses.replace(config, **changes)
+
+
+def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, fingerprint: dict | None = None, windows=None,
+                    calibration_seconds: float = 0.0, scores=None, dist=None, progress=True,
                     **_) -> Selection:  # fmt: skip
     """Self-calibration, on any source: the model runs with every block resident, or offloaded block by block,
-    on probes it generates itself or on windows of the ``--calibration`` text (``calibration``, read by
+    on probes it generates itself or on windows of the ``--calibration`` text (``windows``, cut by
     :func:`_prepare_selfcal`); with ``--compensate`` the kept out-projection columns are then refitted on the
     same tokens (:mod:`prunenet.compensation`).
 
     Under ``torchrun`` rank 0 runs it and broadcasts the choice (and the refitted columns, unit by unit): the
     forward passes are sequential over blocks and decoding steps, so other ranks could only repeat them (or
     idle in a pipeline) and would read the weights again. Every rank cuts the windows (a few tokenizer calls),
-    so a text too short for them fails on every rank with the same line.
+    so a text too short for them fails on every rank with the same line, before any weights load.
 
     A ``k`` that keeps every neuron refits nothing (there is no dropped neuron to compensate for): the weights
     stay bit-identical and the manifest records no compensation.
+
+    With ``scores`` (``--scores``, read by :func:`_prepare_selfcal`) the neurons are the ``k`` highest of those
+    scores, on every rank, and the model runs only to compensate, on the probes the file holds (or the
+    ``--calibration`` windows, checked to be the ones the scores were measured on, before any weights load). The
+    selection carries the
+    scores it used, for the output's ``scores.safetensors`` (:mod:`prunenet.scores`).
     """
     import torch
 
     from .probes import self_probes
-    from .selfcal import selfcal_keeps
+    from .scores import NeuronScores, ids_sha256, model_fingerprint
+    from .selfcal import selfcal_scores, top_k
 
+    fingerprint = fingerprint or model_fingerprint(source.adapter, source.config)  # called without prepare
     dist, timings, manifest = _dist(dist), {}, {}
     compensating = config.compensate and k < source.width
     ids = None
-    if calibration is not None:
-        from .calibration import calibration_windows
-
-        tick = time.perf_counter()
-        length = source.adapter.capped_length(source.config, config.probe_length)  # as probes are capped
-        windows = calibration_windows(calibration, source.tokenizer, config.probe_sequences, length, config.seed)
-        timings["calibration_s"] = calibration.read_seconds + time.perf_counter() - tick
+    if windows is not None:
+        timings["calibration_s"] = calibration_seconds
         manifest["calibration"], ids = windows.record, windows.ids
+    elif scores is not None:
+        ids = scores.probe_ids
     keeps = columns = None
-    if dist.is_main:
+    if scores is not None:  # every rank ranks the scores itself: nothing to broadcast
+        keeps = scores.keeps(k)
+        manifest["scores_source"] = {"path": str(config.scores), "sha256": scores.file_sha256}
+    if dist.is_main and (scores is None or compensating):
         with source.run_model() as model:
             if ids is None:
                 tick = time.perf_counter()
                 ids = self_probes(model, sequences=config.probe_sequences, length=config.probe_length, seed=config.seed)
                 timings["probe_s"] = time.perf_counter() - tick
             ids = ids.to(model.get_input_embeddings().weight.device)  # an offloaded model's blocks are elsewhere
-            keeps = selfcal_keeps(model, k, ids=ids, timings=timings)
+            if scores is None:
+                unit_scores = selfcal_scores(model, ids, timings=timings)
+                keeps = [top_k(row, k) for row in unit_scores]
+                probes = {"sequences": config.probe_sequences, "length": config.probe_length, "seed": config.seed}
+                scores = NeuronScores(unit_scores, config.method, "wanda", probes, ids_sha256(ids), fingerprint,
+                                      probe_ids=ids.cpu() if windows is None else None,
+                                      calibration=manifest.get("calibration"))  # fmt: skip
             if compensating:
                 columns, manifest["compensation"] = _compensate(source, model, ids, keeps, config, timings, progress)
     if dist.active:
         try:
-            table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_units, k, dtype=torch.int64)
-            keeps = list(dist.broadcast(table, 0))
+            if config.scores is None:
+                table = torch.stack(keeps) if keeps is not None else torch.zeros(source.num_units, k, dtype=torch.int64)
+                keeps = list(dist.broadcast(table, 0))
             if compensating:
                 columns = _broadcast_columns(source, columns, k, dist)
         except BaseException:
             if columns is not None:  # rank 0's store: its spill folder must not outlive the run
                 columns.close()
             raise
-    return Selection(keeps, timings=timings, manifest=manifest, columns=columns)
+    return Selection(keeps, timings=timings, manifest=manifest, columns=columns, scores=scores)
 
 
 def _compensate(source: Source, model, ids, keeps, config: PruneConfig, timings: dict, progress: bool):
@@ -341,7 +410,7 @@ SELECTORS: dict[str, Selector] = {
             "--calibration, and keep the neurons contributing most to each FFN's output",
             needs="model",
             choose=_choose_selfcal,
-            options=("probe_sequences", "probe_length", "calibration", "compensate", "damping"),
+            options=("probe_sequences", "probe_length", "calibration", "scores", "compensate", "damping"),
             prepare=_prepare_selfcal,
         ),
     )
@@ -353,10 +422,22 @@ def selector_of(config: PruneConfig) -> Selector:
     """The selector ``config.method`` names.
 
     Raises:
-        ValueError: no selector has that name.
+        ValueError: no selector has that name, or an option of another selector is set away from its default:
+            it would do nothing (``--episodes 5`` without ``--method prunenet`` trains nothing), and silently
+            is the worst way to say so.
     """
+    import dataclasses
+
+    from .config import PruneConfig, flag
+
     if config.method not in SELECTORS:
         raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(SELECTORS)}")
+    others = [(f, owner_of(f.name)) for f in dataclasses.fields(PruneConfig)
+              if owner_of(f.name) not in (None, config.method) and getattr(config, f.name) != f.default]  # fmt: skip
+    if others:
+        owner = others[0][1]
+        flags = " and ".join(flag(f) for f, o in others if o == owner)
+        raise ValueError(f"{flags} applies only to --method {owner} (this run's method is {config.method})")
     return SELECTORS[config.method]
 
 
@@ -374,7 +455,10 @@ def select(source: Source, config: PruneConfig, *, dist=None, progress: bool = T
     k = source.adapter.kept_width(config.ratio, source.width)
     if k == source.width:
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
-        return Selection([torch.arange(source.width)] * source.num_units, policy=prepared.get("policy"))
+        windows = prepared.get("windows")  # the text was read and checked all the same: recorded
+        manifest = {"calibration": windows.record} if windows is not None else {}
+        return Selection([torch.arange(source.width)] * source.num_units, policy=prepared.get("policy"),
+                         manifest=manifest)  # fmt: skip
     return selector_of(config).choose(source, k, config, dist=dist, progress=progress, **prepared)
 
 

@@ -93,7 +93,19 @@ def selfcal_keeps(
         timings["probe_s"] = time.perf_counter() - tick
     else:  # where the ids go: the embeddings' device (an offloaded model's blocks are elsewhere)
         ids = ids.to(model.get_input_embeddings().weight.device)
+    return [top_k(unit_scores, k) for unit_scores in selfcal_scores(model, ids, score, timings)]
+
+
+def selfcal_scores(
+    model: torch.nn.Module, ids: torch.Tensor, score: str = "wanda", timings: dict[str, float] | None = None
+) -> torch.Tensor:
+    """``(U, n)`` float32 CPU scores of every FFN neuron of every unit, from one forward pass over ``ids``
+    ``(B, T)`` (on the embeddings' device). Rounded to float32 *before* anyone ranks them: a run that selects
+    and one that reads the saved scores (:mod:`prunenet.scores`) then keep the same neurons, bit for bit.
+    ``timings``, when given, receives ``stats_s``."""
     tick = time.perf_counter()
     stats = activation_stats(model, ids)
-    timings["stats_s"] = time.perf_counter() - tick
-    return [top_k(layer_scores, k).cpu() for layer_scores in neuron_scores(stats, score)]
+    scores = neuron_scores(stats, score).float().cpu()
+    if timings is not None:
+        timings["stats_s"] = time.perf_counter() - tick
+    return scores

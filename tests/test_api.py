@@ -20,10 +20,11 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 @pytest.mark.parametrize("method", ["prunenet", "random", "magnitude", "selfcal"])
 def test_prune_in_memory_equals_compress_of_the_same_model(tiny_dir, tmp_path, one_thread, method):
-    prunenet.compress(tiny_dir, tmp_path / "out", 0.3, method=method, seed=4, episodes=2, progress=False)
+    policy = {"episodes": 2} if method == "prunenet" else {}
+    prunenet.compress(tiny_dir, tmp_path / "out", 0.3, method=method, seed=4, progress=False, **policy)
     manifest = json.loads((tmp_path / "out" / "prunenet.json").read_text())
     model = tiny_model("llama")
-    result = prunenet.prune_(model, 0.3, method=method, seed=4, episodes=2)
+    result = prunenet.prune_(model, 0.3, method=method, seed=4, **policy)
     assert [keep.tolist() for keep in result.keeps] == manifest["kept_indices"]
     assert result.k == kept_width(0.3, WIDTH) == model.config.intermediate_size  # in place, config too
     assert result.ffn_width == WIDTH and result.params_after == sum(p.numel() for p in model.parameters())

@@ -1,15 +1,22 @@
-"""Self-calibration on the user's own text (``--calibration PATH``): what is read, the refusals (one line, exit 2,
-before any weights load, nothing written), the windows, the kept neurons against a hand computation on every
-path, and the manifest's record of the files."""
+"""Self-calibration on the user's own text (``--calibration PATH``): what is read and how it is indexed, the
+encodings, the refusals (one line, exit 2, before any weights load, nothing written), the windows (checked against
+each document read and tokenized here with plain Python), how they spread over a large text and how little of it
+is read for them, the kept neurons against a hand computation on every path, and the manifest's record of the
+files."""
 
 from __future__ import annotations
 
+import bisect
+import codecs
+import collections
 import errno
 import functools
 import hashlib
 import json
 import os
+import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +33,9 @@ from prunenet.checkpoint import read_manifest
 from prunenet.config import PruneConfig, kept_width
 from prunenet.memory_plan import plan_forward
 from prunenet.perplexity import document_prefix
+from prunenet.selectors import selector_of
 from prunenet.streaming import CheckpointSource
+from prunenet.text import load_text
 
 RATIO = 0.25
 K = kept_width(RATIO, WIDTH)
@@ -34,12 +43,23 @@ CONTEXT = 64  # the tiny models' max_position_embeddings: --probe-length 128 is 
 run = functools.partial(compress_quietly, ratio=RATIO, method="selfcal", seed=4)
 
 
-def write_texts(folder, documents: dict[str, str]) -> None:
-    """Each ``relative path: content`` written under ``folder``."""
+class Link:
+    """A symbolic link to ``target`` (relative to the link's folder), for :func:`write_texts`."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+
+def write_texts(folder, documents: dict) -> None:
+    """Each ``relative path: content`` written under ``folder`` (str as UTF-8, bytes as they are, a :class:`Link`
+    as a symbolic link)."""
     for name, content in documents.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
+        if isinstance(content, Link):
+            path.symlink_to(content.target)
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
 @pytest.fixture
@@ -61,34 +81,90 @@ def bos_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return tokenizer
 
 
-def document_tokens(text, record: dict) -> dict[tuple[str, int | None], list[int]]:
-    """Every document's whole tokenization (the tiny tokenizer: word ``wN`` is id ``N``), by (file, line)."""
-    files = {f.resolved: f.path for f in text.files}
-    assert set(files.values()) == {f["path"] for f in record["files"]}
-    return {
-        (text.files[d.file].path, d.line): [int(word[1:]) for word in d.text.split()] for d in text.documents
-    }  # fmt: skip
+# -- the reference: a document read and tokenized here, not by prunenet.calibration --------------------------
+
+
+def read_document(file: str, line: int | None) -> tuple[str, str | None]:
+    """The text of the document a window names, read with plain Python, and the encoding family its byte offsets
+    count in (``None`` for a ``.jsonl`` document, whose offsets count characters of its text)."""
+    data = Path(file).read_bytes()
+    if line is not None:
+        return json.loads(data.decode("utf-8-sig").split("\n")[line - 1])["text"], None
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: UTF-32-LE's mark begins so
+        return data.decode("utf-32"), "utf-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16"), "utf-16"
+    return data.decode("utf-8-sig"), "utf-8"
+
+
+def char_at(text: str, family: str | None, offset: int) -> int:
+    """The first character of ``text`` that begins at or after ``offset`` (a byte offset in ``family``, after the
+    byte-order mark; a character offset for ``None``)."""
+    if family is None:
+        return offset
+    codec = {"utf-8": "utf-8", "utf-16": "utf-16-le", "utf-32": "utf-32-le"}[family]
+    starts, at = [], 0
+    for ch in text:
+        starts.append(at)
+        at += len(ch.encode(codec))
+    return bisect.bisect_left(starts, offset)
+
+
+def text_tokens(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """``text``'s ids as the model reads a document's text (no special tokens added, none read from the text) and
+    the character each begins at."""
+    encoding = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
+
+
+def check_window(tokenizer, ids: list[int], window: dict) -> int:
+    """That ``ids`` are consecutive tokens of the document ``window`` names, where its ``offset`` says: beginning
+    with the first or second token at or after it, or, where fewer tokens than a window follow it, the document's
+    last ``len(ids)`` tokens. Returns the index of the window's first token in the document."""
+    text, family = read_document(window["file"], window["line"])
+    tokens, starts = text_tokens(tokenizer, text)
+    width = len(ids)
+    found = [i for i in range(len(tokens) - width + 1) if tokens[i] == ids[0] and tokens[i : i + width] == ids]
+    assert found, f"{window}: not consecutive tokens of its document"
+    first = bisect.bisect_left(starts, char_at(text, family, window["offset"]))  # the first token at or after it
+    at = [i for i in found if first <= i <= first + 1]
+    at += [i for i in found if i == len(tokens) - width and len(tokens) - first <= width]
+    assert at, f"{window}: its tokens are at {found}, not at its offset (token {first} of {len(tokens)})"
+    return at[0]
 
 
 # -- reading -------------------------------------------------------------------------------------------------
 
 
-def test_a_folder_gives_its_txt_md_and_jsonl_documents_in_path_order(tmp_path):
+@pytest.mark.parametrize("chunk", [7, None], ids=["7-byte-chunks", "1MiB-chunks"])
+def test_a_folder_is_indexed_into_its_txt_md_and_jsonl_documents_in_path_order(chunk, tmp_path, monkeypatch):
+    if chunk is not None:  # every line and character then straddles a chunk's edge somewhere
+        monkeypatch.setattr(calibration, "CHUNK_BYTES", chunk)
     folder = tmp_path / "corpus"
+    jsonl = '{"text": "w7 \\n w7b"}\n\n{"text": "w8 w9", "n": 2}\r\n{"n": 3, "text": "w10"}'  # no final line break
     write_texts(folder, {
-        "b.md": "w5 w6", "a.txt": "w3 w4", "sub/c.jsonl": '{"text": "w7"}\n\n{"text": "w8 w9", "n": 2}\n',
+        "b.md": "w5 w6\n", "a.txt": "\ufeffw3 caf\u00e9 w4", "sub/c.jsonl": jsonl,
         "x.bin": "w10", "README": "w11", ".hidden/d.txt": "w12", ".e.txt": "w13", "sub/.cache/f.md": "w14",
     })  # fmt: skip
     (folder / "weights.bin").write_bytes(b"\0\1\2")
     text = read_calibration([str(folder)])
-    assert [os.path.relpath(f.path, folder) for f in text.files] == ["a.txt", "b.md", os.path.join("sub", "c.jsonl")]
-    assert [(d.text, d.file, d.line) for d in text.documents] == [
-        ("w3 w4", 0, None), ("w5 w6", 1, None), ("w7", 2, 1), ("w8 w9", 2, 3),
-    ]  # fmt: skip
-    assert [f.documents for f in text.files] == [1, 1, 2]
-    # A file named directly is read whatever its name; one reached twice is read once.
+    files = [folder / "a.txt", folder / "b.md", folder / "sub" / "c.jsonl"]
+    assert [f.path for f in text.files] == [str(p) for p in files]
+    assert (list(text.doc_file), list(text.doc_line)) == ([0, 1, 2, 2, 2], [0, 0, 1, 3, 4])
+    assert text.documents == 5 and [f.documents for f in text.files] == [1, 1, 3]
+    # Each document's bytes, located in its file: the whole text after the byte-order mark, or its line.
+    located = [
+        files[f].read_bytes()[o : o + n] for f, o, n in zip(text.doc_file, text.doc_offset, text.doc_bytes, strict=True)
+    ]
+    lines = jsonl.encode().split(b"\n")
+    assert located == ["w3 caf\u00e9 w4".encode(), b"w5 w6\n", lines[0], lines[2], lines[3]]
+    for f, path in zip(text.files, files, strict=True):
+        data = path.read_bytes()
+        assert (f.bytes, f.sha256, f.encoding) == (len(data), hashlib.sha256(data).hexdigest(), "utf-8")
+    # A file named directly is read whatever its name; one reached twice is read once, where first reached.
     again = read_calibration([folder / "README", folder, str(folder / "a.txt")])
     assert [os.path.basename(f.path) for f in again.files] == ["README", "a.txt", "b.md", "c.jsonl"]
+    assert again.documents == 6
 
 
 def test_calibration_is_a_tuple_of_paths_in_the_config(tmp_path):
@@ -100,7 +176,57 @@ def test_calibration_is_a_tuple_of_paths_in_the_config(tmp_path):
     with pytest.raises(ValueError, match="--calibration takes one or more paths"):
         PruneConfig(ratio=0.1, method="selfcal", calibration=3).validate()
     with pytest.raises(ValueError, match="--calibration applies only to --method selfcal"):
-        PruneConfig(ratio=0.1, method="magnitude", calibration="a.txt").validate()
+        selector_of(PruneConfig(ratio=0.1, method="magnitude", calibration="a.txt"))
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path):
+    write_texts(tmp_path, {
+        "a.jsonl": '{"text": ""}\n{"text": "w3 w4"}\n{"text": " \\n\\t "}\n\n{"text": "w5"}\n',
+        "b.txt": " \n\t\n", "c.md": "w6 w7",
+    })  # fmt: skip
+    text = read_calibration([tmp_path])
+    assert (list(text.doc_file), list(text.doc_line)) == ([0, 0, 2], [2, 5, 0])
+    record = text.record()
+    assert [(f["documents"], f["empty_documents_skipped"]) for f in record["files"]] == [(2, 2), (0, 1), (1, 0)]
+    assert (record["documents"], record["empty_documents_skipped"]) == (3, 3)
+    # eval/finetune --text-file: the documents' texts, one per paragraph, the empty ones left out.
+    assert load_text(tmp_path / "a.jsonl") == "w3 w4\n\nw5"
+    with pytest.raises(CalibrationError, match="holds no text: it is empty, or only whitespace"):
+        read_calibration([tmp_path / "b.txt"])
+    write_texts(tmp_path, {"d/e.jsonl": '{"text": ""}\n{"text": "  "}\n', "d/f.md": "\n"})
+    with pytest.raises(CalibrationError, match="d/e.jsonl, .*d/f.md holds no text: it is empty, or only whitespace"):
+        read_calibration([tmp_path / "d"])
+
+
+# A text of several encodings' characters (a word of the tiny vocabulary between them, so that windows are
+# recognisable): 2-, 3- and 4-byte UTF-8, a UTF-16 surrogate pair.
+NON_ASCII = ("caf\u00e9", "\u65e5\u672c", "\U0001f600")
+ENCODED = " ".join(f"{word} {NON_ASCII[i % 3]}" if i % 4 == 0 else word
+                   for i, word in enumerate(tiny_text(600, seed=7).split()))  # fmt: skip
+ENCODINGS = {
+    "utf-8": b"", "utf-8-bom": codecs.BOM_UTF8, "utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+    "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [7, None], ids=["7-byte-chunks", "1MiB-chunks"])
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_utf16_and_utf32_with_a_byte_order_mark_are_read_as_the_same_text(encoding, chunk, tmp_path, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(calibration, "CHUNK_BYTES", chunk)
+    codec = encoding.removesuffix("-bom")
+    bom = ENCODINGS[encoding]
+    path = tmp_path / "text.txt"
+    path.write_bytes(bom + ENCODED.encode(codec))
+    text = read_calibration([path])
+    assert (text.files[0].encoding, text.files[0].start) == (codec, len(bom))
+    assert (text.documents, text.doc_offset[0], text.doc_bytes[0]) == (1, len(bom), len(ENCODED.encode(codec)))
+    assert load_text(path) == ENCODED
+    tokenizer = tiny_tokenizer()
+    windows = calibration_windows(text, tokenizer, sequences=40, length=24, seed=1)
+    starts = [check_window(tokenizer, row, w) for row, w in zip(windows.ids.tolist(), windows.record["windows"],
+                                                                 strict=True)]  # fmt: skip
+    assert len(set(starts)) > 30  # drawn all over the text, not one window again and again
 
 
 # -- refusals ------------------------------------------------------------------------------------------------
@@ -110,27 +236,30 @@ BAD_TEXTS = {
     "missing": ({}, "nothing.txt", "nothing.txt does not exist"),
     "no-text-files": ({"folder/model.bin": "w3 w4"}, "folder", "holds no .txt, .md or .jsonl files"),
     "nul-bytes": ({"bin.txt": "w3\0w4"}, "bin.txt", "bin.txt is a binary file (it holds NUL bytes)"),
-    "not-utf8": ({"latin1.txt": b"w3 caf\xe9 w4"}, "latin1.txt", "latin1.txt is not UTF-8 text"),
-    "whitespace": ({"blank.md": " \n\t\n"}, "blank.md", "blank.md holds no text (it is empty or only whitespace)"),
-    "empty-folder-file": ({"d/empty.txt": ""}, "d", "empty.txt holds no text"),
+    "utf16-without-bom": ({"u.txt": "w3 w4".encode("utf-16-le")}, "u.txt", "u.txt is a binary file (it holds NUL"),
+    "not-utf8": ({"latin1.txt": b"w3 caf\xe9 w4"}, "latin1.txt", "latin1.txt is not UTF-8 text (byte 6:"),
+    "whitespace": ({"blank.md": " \n\t\n"}, "blank.md", "blank.md holds no text: it is empty, or only whitespace"),
+    "empty-folder-file": ({"d/empty.txt": ""}, "d", "empty.txt holds no text: it is empty, or only whitespace"),
+    "broken-link": ({"d/a.txt": "w3", "d/gone.txt": Link("nowhere.txt")}, "d", "gone.txt is a broken symbolic link"),
     "jsonl-not-json": ({"bad.jsonl": '{"text": "w3"}\n{"text": w4}\n'}, "bad.jsonl", "bad.jsonl line 2 is not JSON"),
     "jsonl-no-text": ({"c.jsonl": '{"content": "w3"}\n'}, "c.jsonl", 'c.jsonl line 1 has no string "text" field'),
     "jsonl-text-not-str": ({"c.jsonl": '{"text": 3}\n'}, "c.jsonl", 'c.jsonl line 1 has no string "text" field'),
-    "jsonl-empty-text": ({"c.jsonl": '{"text": "w3"}\n{"text": "  "}\n'}, "c.jsonl", 'c.jsonl line 2: its "text" is'),
+    "jsonl-empty-texts": ({"c.jsonl": '{"text": ""}\n{"text": "  "}\n'}, "c.jsonl", "c.jsonl holds no text: it is"),
+    "jsonl-utf16": ({"u.jsonl": codecs.BOM_UTF16_LE + '{"text": "w3"}\n'.encode("utf-16-le")}, "u.jsonl",
+                    "u.jsonl is UTF-16-LE JSON Lines; JSON is UTF-8"),
     "unreadable": ({"secret.txt": "w3 w4"}, "secret.txt", "secret.txt cannot be read: permission denied"),
-}
+    "too-short": ({"short.txt": tiny_text(40)}, "short.txt", "the --calibration text is too short: 0 of 8 windows of "
+                  f"{CONTEXT} tokens of one document each (--probe-length {CONTEXT}) could be drawn from its 1 "
+                  "document(s)"),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("case", sorted(BAD_TEXTS))
-def test_unusable_text_is_refused_in_one_line_before_any_weights_load(case, tiny_dir, tmp_path, capsys,
-                                                                      monkeypatch):  # fmt: skip
-    files, given, message = BAD_TEXTS[case]
+def bad_text(case: str, tmp_path, monkeypatch) -> Path:
+    """The inputs of ``BAD_TEXTS[case]`` written under ``tmp_path``; returns the path to pass."""
+    files, given, _ = BAD_TEXTS[case]
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    for name, content in files.items():
-        path = inputs / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    write_texts(inputs, files)
     if case == "unreadable":
         (inputs / given).chmod(0)
         if os.access(inputs / given, os.R_OK):  # root reads anything: let the read fail as it would for a user
@@ -142,22 +271,82 @@ def test_unusable_text_is_refused_in_one_line_before_any_weights_load(case, tiny
                 return real_open(file, *args, **kwargs)
 
             monkeypatch.setattr(calibration, "open", denied, raising=False)
-    monkeypatch.setattr("prunenet.sources.SourcePlan.open", lambda self: pytest.fail("loaded the weights"))
+    return inputs / given
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading weights, in memory or streamed, fails the test: a refusal must come before it."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr("prunenet.sources.SourcePlan.open", loaded)
+    monkeypatch.setattr("prunenet.models.load_model", loaded)
+    monkeypatch.setattr("prunenet.sources.CheckpointStream.run_model", loaded)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TEXTS))
+def test_unusable_text_is_refused_in_one_line_before_any_weights_load(case, tiny_dir, tmp_path, capsys, monkeypatch,
+                                                                      no_weights):  # fmt: skip
+    given = bad_text(case, tmp_path, monkeypatch)
     argv = ["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--ratio", "0.25", "--quiet",
-            "--method", "selfcal", "--calibration", str(inputs / given)]  # fmt: skip
+            "--method", "selfcal", "--calibration", str(given)]  # fmt: skip
     line = refused(argv, capsys, tmp_path)
-    assert message in line and "--calibration" in line
+    assert BAD_TEXTS[case][2] in line and "--calibration" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_a_text_shorter_than_one_window_is_refused_saying_both_counts(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+@pytest.mark.parametrize("case", ["missing", "nul-bytes", "jsonl-not-json", "too-short"])
+def test_compress_refuses_before_the_weights_load_on_either_path(case, streaming, tiny_dir, tmp_path, monkeypatch,
+                                                                 no_weights):  # fmt: skip
+    given = bad_text(case, tmp_path, monkeypatch)
+    memory = {"max_memory": "1GiB"} if streaming else {}
+    with pytest.raises(CalibrationError, match=re.escape(BAD_TEXTS[case][2])):
+        run(tiny_dir, tmp_path / "out", calibration=str(given), streaming=streaming, **memory)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"w3 w4 w5 w6 w7 w8\0w9", "is a binary file (it holds NUL bytes)"),
+    (b"w3 w4 w5 w6 w7 w8 w9 \xff w10", "is not UTF-8 text (byte 21: invalid start byte)"),
+    (b"w3 w4 w5 w6 w7 \xe6\x97", "is not UTF-8 text (it ends inside a character)"),
+    (codecs.BOM_UTF16_LE + "w3 w4 w5 w6".encode("utf-16-le") + b"\0", "is not UTF-16-LE text (it ends inside a"),
+    (b'{"text": "w3 w4"}\n{"text": "w5 w6"}\n{"text": w7}\n', "line 3 is not JSON"),
+], ids=["nul", "not-utf8", "cut-utf8", "cut-utf16", "jsonl-line"])  # fmt: skip
+def test_a_fault_past_the_first_chunk_is_found(content, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "CHUNK_BYTES", 7)
+    path = tmp_path / ("text.jsonl" if content.startswith(b"{") else "text.txt")
+    path.write_bytes(content)
+    with pytest.raises(CalibrationError, match=re.escape(f"--calibration {path} {message}")):
+        read_calibration([path])
+
+
+def test_the_cli_refusal_is_one_line_in_a_subprocess(tiny_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text(tiny_text(40))
-    argv = ["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--ratio", "0.25", "--quiet",
-            "--method", "selfcal", "--calibration", str(short)]  # fmt: skip
-    line = refused(argv, capsys, tmp_path)
-    assert f"its longest document has 40 tokens, and a window needs {CONTEXT} tokens" in line
+    proc = run_cli("compress", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--ratio", "0.25", "--quiet",
+                   "--method", "selfcal", "--calibration", str(short), check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "prunenet compress: error: the --calibration text is too short: 0 of 8 windows of 64 tokens of one document "
+        "each (--probe-length 64) could be drawn from its 1 document(s); give more text, or lower --probe-length or "
+        "--probe-sequences"
+    ]  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ratio_that_keeps_every_neuron_still_reads_and_records_the_text(tiny_dir, text_dir, tmp_path, monkeypatch):
+    run(tiny_dir, tmp_path / "out", ratio=0.0, calibration=str(text_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    windows = calibration_windows(read_calibration([text_dir]), tokenizer, PruneConfig.probe_sequences, CONTEXT, 4)
+    assert read_manifest(tmp_path / "out")["calibration"] == windows.record
+    short = tmp_path / "short.txt"
+    short.write_text(tiny_text(40))
+    with pytest.raises(CalibrationError, match="the --calibration text is too short"):
+        run(tiny_dir, tmp_path / "out0", ratio=0.0, calibration=str(short))
+    assert not (tmp_path / "out0").exists()
 
 
 def test_calibration_with_another_method_is_refused(tiny_dir, text_dir, tmp_path, capsys):
@@ -169,14 +358,6 @@ def test_calibration_with_another_method_is_refused(tiny_dir, text_dir, tmp_path
         prunenet.prune_(tiny_model("llama"), RATIO, method="random", calibration=str(text_dir))
 
 
-def test_the_cli_refusal_is_one_line_in_a_subprocess(tiny_dir, tmp_path):
-    proc = run_cli("compress", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--ratio", "0.25",
-                   "--method", "selfcal", "--calibration", str(tmp_path / "nope"), check=False)  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"prunenet compress: error: --calibration {tmp_path / 'nope'} does not exist" in proc.stderr
-    assert not (tmp_path / "out").exists()
-
-
 def test_prune_needs_the_tokenizer_for_calibration(text_dir):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="calibration= needs the model's tokenizer"):
@@ -184,29 +365,81 @@ def test_prune_needs_the_tokenizer_for_calibration(text_dir):
     assert get_adapter(model.config).ffn_width(model.config) == WIDTH  # untouched
 
 
+# -- symbolic links ------------------------------------------------------------------------------------------
+
+
+def test_symbolic_links_to_folders_are_followed_once_each(tmp_path):
+    corpus = tmp_path / "corpus"
+    write_texts(tmp_path, {"elsewhere/b.md": "w5 w6", "corpus/a.txt": "w3 w4", "corpus/sub/c.md": "w7 w8",
+                           "corpus/linked": Link("../elsewhere"), "corpus/sub/loop": Link(".."),
+                           "corpus/z.txt": Link("a.txt")})  # fmt: skip
+    text = read_calibration([corpus])
+    # The linked folder's file under the link's path; the loop back to the corpus ends; a.txt once.
+    assert [f.path for f in text.files] == [str(corpus / "a.txt"), str(corpus / "linked" / "b.md"),
+                                            str(corpus / "sub" / "c.md")]  # fmt: skip
+    assert text.documents == 3 and text.files[1].sha256 == hashlib.sha256(b"w5 w6").hexdigest()
+
+
 # -- windows -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tokenizer, prefix", [(tiny_tokenizer, []), (bos_tokenizer, [1])], ids=["none", "bos"])
-def test_windows_are_seeded_slices_of_one_document_after_the_document_prefix(tokenizer, prefix, text_dir):
+def test_windows_are_seeded_runs_of_one_document_after_the_document_prefix(tokenizer, prefix, text_dir):
     tokenizer = tokenizer()
     assert document_prefix(tokenizer) == prefix
     text = read_calibration([text_dir])
-    first = calibration_windows(text, tokenizer, sequences=12, length=40, seed=3)
-    again = calibration_windows(text, tokenizer, sequences=12, length=40, seed=3)
-    other = calibration_windows(text, tokenizer, sequences=12, length=40, seed=4)
+    first = calibration_windows(text, tokenizer, sequences=40, length=40, seed=3)
+    again = calibration_windows(read_calibration([text_dir]), tokenizer, sequences=40, length=40, seed=3)
+    other = calibration_windows(text, tokenizer, sequences=40, length=40, seed=4)
     assert torch.equal(first.ids, again.ids) and first.record == again.record
     assert not torch.equal(first.ids, other.ids)
-    assert first.ids.shape == (12, 40) and first.ids.dtype == torch.int64
-    documents = document_tokens(text, first.record)
-    body = 40 - len(prefix)
+    assert first.ids.shape == (40, 40) and first.ids.dtype == torch.int64
     for row, window in zip(first.ids.tolist(), first.record["windows"], strict=True):
-        assert row[: len(prefix)] == prefix
-        tokens = documents[(window["file"], window["line"])]
-        assert row[len(prefix) :] == tokens[window["start"] : window["start"] + body]  # contiguous, in one document
+        assert row[: len(prefix)] == prefix and set(window) == {"file", "line", "offset"}
+        check_window(tokenizer, row[len(prefix) :], window)
+    # Every document is drawn from (the 90-word one, 1 in 9 of the text, too), each named by file and line.
+    assert {(os.path.relpath(w["file"], text_dir), w["line"]) for w in first.record["windows"]} == {
+        ("a.txt", None), ("c.jsonl", 1), ("c.jsonl", 2), (os.path.join("notes", "b.md"), None)}  # fmt: skip
     record = first.record
-    assert record["documents"] == 4 and record["window_tokens"] == 40 and record["tokens"] == 12 * 40
-    assert record["prefix_tokens"] == len(prefix)
+    assert (record["documents"], record["empty_documents_skipped"]) == (4, 0)
+    assert (record["window_tokens"], record["prefix_tokens"], record["tokens"]) == (40, len(prefix), 40 * 40)
+
+
+def test_a_window_needs_one_document_of_as_many_tokens(tmp_path):
+    body = 39  # --probe-length 40 after the BOS
+    words = tiny_text(2 * body, seed=3).split()
+    write_texts(tmp_path, {"short.txt": " ".join(words[: body - 1]), "exact.txt": " ".join(words[body:])})
+    tokenizer = bos_tokenizer()
+    windows = calibration_windows(read_calibration([tmp_path]), tokenizer, sequences=5, length=body + 1, seed=0)
+    exact = [1, *tokenize_words(words[body:])]
+    assert windows.ids.tolist() == [exact] * 5  # never the shorter document, never a token past a document
+    assert {os.path.basename(w["file"]) for w in windows.record["windows"]} == {"exact.txt"}
+    with pytest.raises(CalibrationError) as refusal:
+        calibration_windows(read_calibration([tmp_path / "short.txt"]), tokenizer, sequences=3, length=body + 1,
+                            seed=0)  # fmt: skip
+    assert str(refusal.value) == (
+        "the --calibration text is too short: 0 of 3 windows of 39 tokens of one document each (--probe-length 40 "
+        "after the tokenizer's 1-token document prefix) could be drawn from its 1 document(s); give more text, or "
+        "lower --probe-length or --probe-sequences"
+    )  # fmt: skip
+
+
+def tokenize_words(words: list[str]) -> list[int]:
+    """The tiny tokenizer's ids of its words ``wN``: ``N``."""
+    return [int(word[1:]) for word in words]
+
+
+def test_special_token_strings_in_the_text_are_text(tmp_path):
+    tokenizer = bos_tokenizer()
+    words = tiny_text(500, seed=5).split()
+    text = " ".join(f"{w} <s>" if i % 7 == 0 else f"{w}</s>" if i % 7 == 3 else w for i, w in enumerate(words))
+    (tmp_path / "a.txt").write_text(text)
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    assert special <= set(tokenizer(text, add_special_tokens=False)["input_ids"])  # read as control tokens so
+    windows = calibration_windows(read_calibration([tmp_path]), tokenizer, sequences=30, length=24, seed=2)
+    for row, window in zip(windows.ids.tolist(), windows.record["windows"], strict=True):
+        assert row[0] == tokenizer.bos_token_id and not special & set(row[1:])
+        check_window(tokenizer, row[1:], window)
 
 
 def test_documents_are_drawn_in_proportion_to_their_usable_length(tmp_path):
@@ -214,16 +447,108 @@ def test_documents_are_drawn_in_proportion_to_their_usable_length(tmp_path):
     text = read_calibration([tmp_path])
     windows = calibration_windows(text, tiny_tokenizer(), sequences=1000, length=21, seed=0).record["windows"]
     short = sum(w["file"].endswith("short.txt") for w in windows)
-    # 40 of the 980 + 40 window starts lie in the short document: about 39 of 1000 windows (sd 6).
-    assert 15 <= short <= 65
+    # 1 byte of 17.7 is the short document's: about 57 of 1000 windows (sd 7).
+    assert 25 <= short <= 90
 
 
-def test_a_large_text_is_not_tokenized_whole(tmp_path):
-    write_texts(tmp_path, {f"doc{i:03d}.txt": tiny_text(200, seed=i) for i in range(300)})
-    text = read_calibration([tmp_path])
-    windows = calibration_windows(text, tiny_tokenizer(), sequences=2, length=16, seed=0)
-    # 16 windows' worth per window needed (calibration.POOL_WINDOWS): 2 x 16 x 16 tokens, 3 documents of 200.
-    assert windows.record["documents"] == 300 and windows.record["documents_tokenized"] == 3
+# -- a large text: spread over all of it, read a little ------------------------------------------------------
+
+NUMBERED = 500_000
+"""Words in the numbered corpora: more than 1000 windows of 16 tokens times 16 (a pool of text drawn from only
+its beginning would then cover half of it)."""
+
+
+def number(i: int) -> str:
+    """Word ``i`` of the numbered corpora: 7 characters, so that with its space word ``i`` of a document of
+    consecutive words from ``j`` begins at byte ``8 (i - j)``."""
+    return f"n{i:06d}"
+
+
+@pytest.fixture(scope="module")
+def numbered_tokenizer():
+    """A word-level tokenizer whose word ``number(i)`` is id ``i + 3``: a window's ids say where in the text it is."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{number(i): i + 3 for i in range(NUMBERED)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory) -> dict[str, tuple[Path, list[int], int]]:
+    """The words ``number(0)`` ... in order, as one 4 MB file and as a folder of 2000 files of 25 to 475 words
+    (increasing: a draw by file rather than by size would crowd the first tenth); each with the first word of
+    its files and the number of words."""
+    root = tmp_path_factory.mktemp("numbered")
+    (root / "one.txt").write_text(" ".join(number(i) for i in range(NUMBERED)))
+    folder, firsts, at = root / "many", [], 0
+    folder.mkdir()
+    for i in range(2000):
+        size = 25 + 450 * i // 1999
+        (folder / f"doc{i:04d}.txt").write_text(" ".join(number(j) for j in range(at, at + size)))
+        firsts.append(at)
+        at += size
+    return {"one-file": (root / "one.txt", [0], NUMBERED), "many-files": (folder, firsts, at)}
+
+
+@pytest.mark.parametrize("corpus", ["one-file", "many-files"])
+def test_windows_spread_over_the_whole_text(corpus, numbered, numbered_tokenizer):
+    path, firsts, total = numbered[corpus]
+    text = read_calibration([path])
+    width = 16
+    windows = calibration_windows(text, numbered_tokenizer, sequences=1000, length=width, seed=0)
+    names = [f.path for f in text.files]
+    tenths = collections.Counter()
+    for row, window in zip(windows.ids.tolist(), windows.record["windows"], strict=True):
+        first = row[0] - 3
+        assert row == list(range(row[0], row[0] + width))  # consecutive words
+        doc = names.index(window["file"])
+        begins, ends = firsts[doc], firsts[doc + 1] if doc + 1 < len(firsts) else total
+        assert begins <= first and first + width <= ends  # of the document the record names
+        at, after = first - begins, -(-window["offset"] // 8)  # the word at or after the recorded offset
+        assert after <= at <= after + 1 or (at == ends - begins - width and ends - begins - after <= width)
+        tenths[first * 10 // total] += 1
+    # 100 windows a tenth, sd 9.5.
+    assert all(50 <= tenths[i] <= 150 for i in range(10)), sorted(tenths.items())
+
+
+def test_a_large_text_is_read_and_tokenized_a_slice_a_window(numbered, numbered_tokenizer, monkeypatch):
+    path, _, _ = numbered["one-file"]
+    text = read_calibration([path])
+    width, sequences = 16, 50
+    tokenized, read = [], []
+    tokenize = transformers.PreTrainedTokenizerFast.__call__
+
+    def counted_tokenize(self, text, *args, **kwargs):
+        tokenized.append(len(text) if isinstance(text, str) else sum(map(len, text)))
+        return tokenize(self, text, *args, **kwargs)
+
+    class Counted:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def read(self, *args):
+            data = self.file.read(*args)
+            read.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "__call__", counted_tokenize)
+    monkeypatch.setattr(calibration, "open", lambda *args, **kwargs: Counted(open(*args, **kwargs)), raising=False)
+    windows = calibration_windows(text, numbered_tokenizer, sequences=sequences, length=width, seed=0)
+    assert windows.ids.shape == (sequences, width) and tokenized and read
+    bound = 64 * width * 16  # characters (bytes) of the 4 MB document
+    assert max(tokenized) <= bound and sum(read) <= sequences * bound, (max(tokenized), sum(read))
 
 
 # -- the kept neurons ----------------------------------------------------------------------------------------
@@ -256,22 +581,16 @@ def reference_keeps(model, ids: torch.Tensor, k: int) -> list[list[int]]:
     return keeps
 
 
-def windows_of(manifest: dict, text_dir) -> torch.Tensor:
-    """The ``(B, T)`` ids the manifest says were used, rebuilt from the files themselves."""
-    record = manifest["calibration"]
-    documents = document_tokens(read_calibration([text_dir]), record)
-    body = record["window_tokens"] - record["prefix_tokens"]
-    rows = [documents[(w["file"], w["line"])][w["start"] : w["start"] + body] for w in record["windows"]]
-    return torch.tensor(rows)
-
-
 def test_the_kept_neurons_equal_a_hand_computation_on_the_same_windows(tiny_dir, text_dir, tmp_path):
     result = run(tiny_dir, tmp_path / "out", calibration=str(text_dir), streaming=False)
     manifest = read_manifest(tmp_path / "out")
-    ids = windows_of(manifest, text_dir)
-    assert ids.shape == (PruneConfig.probe_sequences, CONTEXT)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    windows = calibration_windows(read_calibration([text_dir]), tokenizer, PruneConfig.probe_sequences, CONTEXT, 4)
+    assert manifest["calibration"] == windows.record  # the windows compress ran on: the seed's, at the context
+    for row, window in zip(windows.ids.tolist(), windows.record["windows"], strict=True):
+        check_window(tokenizer, row, window)
     dense = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    assert manifest["kept_indices"] == reference_keeps(dense, ids, K)
+    assert manifest["kept_indices"] == reference_keeps(dense, windows.ids, K)
     assert "calibration_s" in result.timings and "probe_s" not in result.timings and "stats_s" in result.timings
 
 
@@ -326,22 +645,26 @@ def test_torchrun_keeps_the_same_neurons_as_one_process(text_dir, tmp_path):
 # -- the manifest --------------------------------------------------------------------------------------------
 
 
-def test_the_manifest_records_each_file_with_its_size_and_sha256(tiny_dir, text_dir, tmp_path):
-    extra = tmp_path / "extra.txt"
-    extra.write_text(tiny_text(120, seed=9))
-    run(tiny_dir, tmp_path / "out", calibration=[str(text_dir), str(extra)])
+def test_the_manifest_records_each_file_as_given_with_its_size_and_sha256(tiny_dir, text_dir, tmp_path, monkeypatch):
+    (tmp_path / "extra.txt").write_text(tiny_text(120, seed=9))
+    monkeypatch.chdir(tmp_path)
+    run(tiny_dir, tmp_path / "out", calibration=["text", "extra.txt"])
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["method_options"]["calibration"] == [str(text_dir), str(extra)]  # a JSON list, as given
+    assert manifest["method_options"]["calibration"] == ["text", "extra.txt"]  # a JSON list, as given
     record = manifest["calibration"]
-    expected = [text_dir / "a.txt", text_dir / "c.jsonl", text_dir / "notes" / "b.md", extra]
-    assert [f["path"] for f in record["files"]] == [str(p) for p in expected]
+    expected = [os.path.join("text", "a.txt"), os.path.join("text", "c.jsonl"), os.path.join("text", "notes", "b.md"),
+                "extra.txt"]  # fmt: skip
+    assert [f["path"] for f in record["files"]] == expected
     for entry, path in zip(record["files"], expected, strict=True):
-        data = path.read_bytes()
+        data = (tmp_path / path).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
-        assert entry["resolved"] == str(path.resolve())
+        assert entry["encoding"] == "utf-8" and entry["empty_documents_skipped"] == 0
     assert [f["documents"] for f in record["files"]] == [1, 2, 1, 1] and record["documents"] == 5
     assert len(record["windows"]) == PruneConfig.probe_sequences
+    assert {w["file"] for w in record["windows"]} <= set(expected)
     assert record["tokens"] == PruneConfig.probe_sequences * CONTEXT and record["window_tokens"] == CONTEXT
+    # Where the user keeps their text (their home folder, their user name) is not the manifest's to show.
+    assert str(tmp_path) not in json.dumps(record) and os.path.realpath(tmp_path) not in json.dumps(record)
 
 
 def test_the_summary_names_the_calibration_time(tiny_dir, text_dir, tmp_path):
@@ -360,11 +683,7 @@ def test_without_calibration_selfcal_records_what_it_always_did(tiny_dir, tmp_pa
     assert "calibration" not in options and "calibration" not in manifest and "probe_s" in manifest["timings_s"]
 
 
-def test_reading_writes_nothing(text_dir):
+def test_reading_and_cutting_windows_write_nothing(text_dir):
     before = {p: p.stat().st_mtime_ns for p in text_dir.rglob("*")}
-    read_calibration([text_dir])
+    calibration_windows(read_calibration([text_dir]), tiny_tokenizer(), sequences=4, length=16, seed=0)
     assert {p: p.stat().st_mtime_ns for p in text_dir.rglob("*")} == before
-
-
-def test_a_calibration_error_is_a_value_error():
-    assert issubclass(CalibrationError, ValueError)

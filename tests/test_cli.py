@@ -38,7 +38,8 @@ def test_console_script_and_module_are_the_same_program():
 
 def test_compress_then_eval_with_json(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--episodes", "2",
+    proc = run_cli("compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--method", "prunenet",
+                   "--episodes", "2",
                    "--json", "--quiet")  # fmt: skip
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ffn_width_after"] == 51 and summary["params_after"] < summary["params_before"]
@@ -57,7 +58,7 @@ def test_compress_then_eval_with_json(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["compress", "--ratio", "1.2", "--out", "{tmp}/o"], "--ratio must be in [0, 1)"),
+        (["compress", "--ratio", "1.2", "--out", "{tmp}/o"], "--ratio: must be in [0, 1)"),
         (["compress", "--model", "{tmp}/nope", "--ratio", "0.2", "--out", "{tmp}/o"], "{tmp}/nope"),
         (["compress", "--model", "{model}", "--ratio", "0.2", "--out", "{model}"], "source model"),
         (["eval", "--model", "{model}", "--text-file", "{tmp}/missing.txt"], "missing.txt"),
@@ -90,7 +91,7 @@ def test_main_returns_2_on_non_empty_out(tiny_dir, tmp_path, capsys):
 def test_triton_reward_backend_without_cuda_exits_2(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest enables the interpreter for the kernel tests
     args = ["compress", "--model", str(tiny_dir), "--ratio", "0.1", "--out", str(tmp_path / "o"), "--quiet"]
-    code = main([*args, "--device", "cpu", "--reward-backend", "triton"])
+    code = main([*args, "--method", "prunenet", "--device", "cpu", "--reward-backend", "triton"])
     assert code == 2 and "--reward-backend" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -105,7 +106,8 @@ def test_eval_help_documents_evaluation_flags():
 def test_eval_baseline_tasks_and_cost_side_by_side(tiny_dir, tmp_path, capsys):
     """One `eval` with every measurement on a pruned tiny model against its dense source."""
     out = tmp_path / "pruned"
-    assert main(["compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--episodes", "1",
+    assert main(["compress", "--model", str(tiny_dir), "--ratio", "0.3", "--out", str(out), "--method", "prunenet",
+                 "--episodes", "1",
                  "--quiet"]) == 0  # fmt: skip
     capsys.readouterr()
     text = tmp_path / "text.txt"

@@ -18,7 +18,7 @@ from prunenet.checkpoint import POLICY_FILE, read_manifest
 from prunenet.distributed import Distributed
 from prunenet.pipeline import compress
 
-KW = dict(ratio=0.25, episodes=3, seed=5, progress=False, streaming=True)
+KW = dict(ratio=0.25, method="prunenet", episodes=3, seed=5, progress=False, streaming=True)
 
 
 def free_port() -> int:
@@ -121,12 +121,16 @@ def test_torchrun_command_line(source, tmp_path, method):
     runs the model (offloaded block by block) and the other rank writes its shards with the same choice."""
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     args = ["compress", "--model", str(source), "--out", str(tmp_path / "out"), "--ratio", "0.25"]
-    args += ["--episodes", "3", "--seed", "5", "--device", "cpu", "--quiet", "--method", method]
+    args += ["--seed", "5", "--device", "cpu", "--quiet", "--method", method]
+    args += ["--episodes", "3"] if method == "prunenet" else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = run_cli(*args, launcher=torchrun, check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("FFN width") == 1  # one rank reports
-    compress(model=str(source), out=tmp_path / "one", **{**KW, "method": method})
+    options = {**KW, "method": method}
+    if method != "prunenet":
+        del options["episodes"]  # the policy's option: refused with another method
+    compress(model=str(source), out=tmp_path / "one", **options)
     assert read_manifest(tmp_path / "out")["kept_indices"] == read_manifest(tmp_path / "one")["kept_indices"]
     a, b = all_tensors(tmp_path / "one"), all_tensors(tmp_path / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -25,7 +25,7 @@ PROMPT = "The state of the union is strong, and our economy"
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded") / "r03"
-    result = compress(model="smollm2-135m", ratio=0.3, out=out, episodes=20, progress=False)
+    result = compress(model="smollm2-135m", ratio=0.3, out=out, method="prunenet", episodes=20, progress=False)
     assert result.k == 1075 and result.ffn_width == 1536
     return out
 

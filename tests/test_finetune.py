@@ -3,6 +3,7 @@ computes what the unmerged PEFT model computed; on the embedded model it lowers 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def test_finetune_writes_a_stock_loadable_folder_with_an_extended_manifest(tmp_p
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["ratio"] == 0.2 and manifest["k"] == 10  # the source manifest is kept
     ft = manifest["finetune"]
-    assert ft["text"]["source"] == str(text.resolve()) and ft["config"]["steps"] == TINY["steps"]
+    assert ft["text"]["source"] == str(text) and ft["config"]["steps"] == TINY["steps"]  # the path as given
+    data = text.read_bytes()
+    assert ft["text"]["file"]["sha256"] == hashlib.sha256(data).hexdigest() and ft["text"]["file"]["bytes"] == len(data)
     assert ft["history"][0]["step"] == 0 and ft["best_val_loss"] <= ft["val_loss_before"]
     assert (out / POLICY_FILE).read_bytes() == b"policy"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -34,7 +34,7 @@ from prunenet.cli import main
 from prunenet.output import OutputFolderError, claim_output, lock_path
 
 HIDDEN = 32
-LONG_RUN = ["--episodes", "200000"]  # a compress of the tiny model that runs until it is stopped
+LONG_RUN = ["--method", "prunenet", "--episodes", "200000"]  # a compress of the tiny model that runs until stopped
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def work(tmp_path, monkeypatch) -> Path:
 
 
 C = ["compress", "--model", "{inputs}/model", "--ratio", "0.5", "--method", "random", "--quiet"]
-CP = ["compress", "--model", "{inputs}/model", "--ratio", "0.5", "--episodes", "1", "--quiet"]  # the policy
+CP = ["compress", "--model", "{inputs}/model", "--ratio", "0.5", "--quiet", "--method", "prunenet", "--episodes", "1"]
 E = ["eval", "--model", "{inputs}/model", "--text-file", "{inputs}/text.txt", "--quiet"]
 F = ["finetune", "--model", "{inputs}/model", "--out", "ft", "--quiet"]
 
@@ -147,8 +147,8 @@ BAD_INPUTS = [
     pytest.param([*CP, "--out", "o", "--lr", "0"], "--lr must be positive", id="lr-0"),
     pytest.param([*C, "--out", "o", "--seed", "-1"], "--seed must be at least 0", id="seed-negative"),
     pytest.param([*C, "--out", "o", "--seed", "12345678901234567890123"], "--seed must be at most", id="seed-huge"),
-    pytest.param([*C, "--out", "o", "--ratio", "nan"], "--ratio must be in [0, 1)", id="ratio-nan"),
-    pytest.param([*C, "--out", "o", "--ratio", "1"], "--ratio must be in [0, 1)", id="ratio-1"),
+    pytest.param([*C, "--out", "o", "--ratio", "nan"], "--ratio: must be in [0, 1)", id="ratio-nan"),
+    pytest.param([*C, "--out", "o", "--ratio", "1"], "--ratio: must be in [0, 1)", id="ratio-1"),
     pytest.param(
         [*C, "--out", "o", "--method", "selfcal", "--probe-length", "1"],
         "--probe-length must be at least 2",
@@ -393,7 +393,7 @@ def test_kill_9_while_saving_leaves_an_orphan_the_next_run_removes(inputs, tmp_p
         "p.save_policy = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from prunenet.cli import main\n"
         f"main(['compress', '--model', {str(inputs / 'model')!r}, '--ratio', '0.5', '--out', 'out', "
-        "'--episodes', '1', '--quiet'])\n"
+        "'--method', 'prunenet', '--episodes', '1', '--quiet'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True)
     assert proc.returncode == -signal.SIGKILL

@@ -87,7 +87,11 @@ def work(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-METHODS = {"random": ["--method", "random"], "magnitude": ["--method", "magnitude"], "prunenet": ["--episodes", "1"]}
+METHODS = {
+    "random": ["--method", "random"],
+    "magnitude": ["--method", "magnitude"],
+    "prunenet": ["--method", "prunenet", "--episodes", "1"],
+}
 PATHS = {"in-memory": ["--no-streaming"], "streaming": ["--streaming"]}
 
 

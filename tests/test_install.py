@@ -134,7 +134,7 @@ def installed_works(ctx: dict, tiny: Path, version: str, compress: bool = True) 
     if compress:
         out = ctx["base"] / "pruned"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = f"prunenet compress --model {tiny} --ratio 0.3 --out {out} --episodes 1 --json --quiet"
+        cmd = f"prunenet compress --model {tiny} --ratio 0.3 --out {out} --method prunenet --episodes 1 --json --quiet"
         proc = sh(ctx, cmd, cwd=ctx["base"])
         assert proc.returncode == 0, proc.stdout[-3000:]
         summary = json.loads(proc.stdout.strip().splitlines()[-1])

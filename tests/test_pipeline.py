@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import transformers
-from running import compress_quietly
+from running import compress_policy_quietly, compress_quietly
 from tiny_models import WIDTH, sample_inputs, save_tiny_model
 from untouched import leftovers
 
@@ -23,8 +23,9 @@ from prunenet.dtypes import TORCH_DTYPES
 from prunenet.model_errors import ModelLoadError, ModelNotFoundError
 from prunenet.output import OutputFolderError
 
-# The default method trains a policy: three episodes, a real training run that is short on a tiny model.
-run = functools.partial(compress_quietly, ratio=0.25, episodes=3)
+# The paper's policy unless a test names another method: three episodes, a real training run that is short on a
+# tiny model.
+run = functools.partial(compress_policy_quietly, ratio=0.25, episodes=3)
 
 
 def test_kept_width_is_floor_and_robust_to_rounding():
@@ -90,7 +91,7 @@ def test_policy_reuse_skips_training_and_rejects_other_shapes(tiny_dir, tmp_path
     other = tmp_path / "other"
     save_tiny_model("gpt2", other)  # (d, n) = (32, 128): a different FFN width
     with pytest.raises(ValueError, match=r"n=74, d=32.*n=128, d=32"):
-        compress_quietly(other, tmp_path / "x", ratio=0.2, policy=tmp_path / "trained")
+        compress_quietly(other, tmp_path / "x", ratio=0.2, method="prunenet", policy=tmp_path / "trained")
 
 
 def test_ratio_zero_keeps_everything_and_logits_are_unchanged(tiny_dir, tmp_path):

@@ -82,7 +82,7 @@ def test_compress_into_a_log_reports_training_unless_quiet(tiny_dir, tmp_path, m
     """Through the command line, stderr not a terminal: policy training reports in log lines (every 0 s here)."""
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
     caplog.set_level(logging.INFO)
-    argv = ["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--episodes", "3",
+    argv = ["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--method", "prunenet", "--episodes", "3",
             "--out", str(tmp_path / "out")] + (["--quiet"] if quiet else [])  # fmt: skip
     assert main(argv) == 0
     # "policy episodes: 1/3 ep (33%), <rate> ep/s, reward=..., best=...": the count is what is exact

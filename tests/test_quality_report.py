@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 from bench_loader import load_benchmark
-from running import compress_quietly
+from running import compress_policy_quietly
 from tiny_models import save_tiny_model, tiny_text
 
 from prunenet.models import load_model
@@ -33,7 +33,7 @@ def grid(tmp_path_factory):
 
 
 def _cli_perplexity(folder, tokenizer, out, **compress_args) -> float:
-    compress_quietly(folder, out, episodes=2, **compress_args)  # the grid's episodes
+    compress_policy_quietly(folder, out, episodes=2, **compress_args)  # the grid's episodes
     pruned, _, _ = load_model(str(out))
     return perplexity(pruned, tokenizer, tiny_text(1500), progress=False, **PPL)["perplexity"]
 

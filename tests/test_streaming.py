@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import transformers
-from running import compress_quietly
+from running import compress_policy_quietly
 from safetensors import safe_open
 from tiny_models import CONFIGS, WIDTH, all_tensors, auto_class, sample_inputs, save_sharded, tiny_tokenizer
 
@@ -30,7 +30,7 @@ from prunenet.validate import parse_size
 
 # Two training episodes, one fewer than test_pipeline's: the tests over every family compress each one on
 # both paths (in memory and streamed), and two episodes already compare their training past the first.
-run = functools.partial(compress_quietly, ratio=0.25, episodes=2)
+run = functools.partial(compress_policy_quietly, ratio=0.25, episodes=2)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -316,7 +316,9 @@ def test_the_memory_plan_bounds_the_measured_peak_of_a_streaming_run(tmp_path):
     """A fresh process streams a 6-layer checkpoint (150 MB; states held in memory, W^T W too at ratio 0.3):
     its peak resident memory (VmHWM, which exec resets) stays below the plan's estimate, runtime included."""
     source = six_block_checkpoint(tmp_path / "src")
-    peak, plan = peak_of_compress(source, tmp_path / "out", ["--episodes", "2", "--max-memory", "4GiB"])
+    peak, plan = peak_of_compress(
+        source, tmp_path / "out", ["--method", "prunenet", "--episodes", "2", "--max-memory", "4GiB"]
+    )
     assert (plan["states"], plan["grams"]) == ("device", "device")
     assert peak <= plan["estimate"], (peak >> 20, plan["estimate"] >> 20)
 

@@ -177,10 +177,11 @@ def save_sharded(name: str, folder, shard_size: str = "20KB", seed: int = 0):
 
 
 def all_tensors(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (read with the safetensors library)."""
+    """Every tensor of the model's ``*.safetensors`` files in ``folder`` (read with the safetensors library): not
+    the policy's nor the neuron scores' file, which are no part of the model."""
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
-        if path.name == "policy.safetensors":
+        if path.name in ("policy.safetensors", "scores.safetensors"):
             continue
         with safe_open(path, "pt") as f:
             out.update({name: f.get_tensor(name) for name in f.keys()})

@@ -14,13 +14,15 @@ import os
 import sys
 from pathlib import Path
 
+LABELS = {"prunenet": "prunenet (paper's policy)"}  # how the table names a method whose bare name does not say
+
 
 def describe(spec: str) -> tuple[str, str]:
     """``(method, FFN width)`` from a compress output's manifest; the dense model's for anything else."""
     manifest = Path(spec) / "prunenet.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        return m["method"], f"{m['ffn_width_before']} -> {m['k']}"
+        return LABELS.get(m["method"], m["method"]), f"{m['ffn_width_before']} -> {m['k']}"
     return "dense", "-"
 
 

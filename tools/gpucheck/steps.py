@@ -359,8 +359,9 @@ def step_compress(check: Check) -> str:
         label = f"random weights, SmolLM2-135M shape (embedded model: {why_not})"
     episodes = "1" if check.dry else "20"
     probes = ["--probe-sequences", "1", "--probe-length", "8"] if check.dry else []
+    policy = ["--ratio", "0.3", "--method", "prunenet", "--episodes", episodes]
     rows = [
-        compress(check, f"prunenet {episodes} episode(s)", model, ["--ratio", "0.3", "--episodes", episodes], label),
+        compress(check, f"prunenet {episodes} episode(s)", model, policy, label),
         compress(check, "selfcal", model, ["--ratio", "0.3", "--method", "selfcal", *probes], label),
     ]
     prefix = "" if why_not is None else f"{label}; "
@@ -378,7 +379,7 @@ def step_streaming(check: Check) -> str:
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     size_text = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
     label = f"random weights, {shape}" + (f", first {layers} layers" if layers else "") + f", fp16, {size_text}"
-    args = ["--ratio", "0.3", "--episodes", episodes, "--streaming", "--max-memory", "4GiB"]
+    args = ["--ratio", "0.3", "--method", "prunenet", "--episodes", episodes, "--streaming", "--max-memory", "4GiB"]
     row = compress(check, f"streaming {episodes} episode(s)", str(ckpt), args, label)
     return f"{label}: {describe(row)}; memory plan: {row['memory_plan'] or '-'}"
 
@@ -396,7 +397,8 @@ def step_torchrun(check: Check) -> str:
         note = "this machine has 1 GPU: the 1-rank path under torchrun --nproc-per-node 1"
     print(f"  {note}", flush=True)
     ckpt = make_checkpoint(check, "tiny", "fp16")
-    row = compress(check, f"torchrun {ranks} rank(s)", str(ckpt), ["--ratio", "0.3", "--episodes", "2"], "tiny", ranks)
+    args = ["--ratio", "0.3", "--method", "prunenet", "--episodes", "2"]
+    row = compress(check, f"torchrun {ranks} rank(s)", str(ckpt), args, "tiny", ranks)
     return f"{note}; {describe(row)}"
 
 
