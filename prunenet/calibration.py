@@ -177,7 +177,8 @@ def _files_of(path: Path, flag: str) -> list[tuple[str, Path]]:
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .cache: not the user's text
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache: not the user's text; sorted:
+        # a folder reached twice (a link to it) is named by its first path in sorted order on every machine
         for name in names:
             if name.startswith(".") or Path(name).suffix.lower() not in SUFFIXES:
                 continue
@@ -232,10 +233,11 @@ def _index_file(shown: str, file: Path, flag: str, index: int, docs: tuple) -> t
             body = chunk[start:] if position == 0 else chunk
             if encoding == "utf-8" and b"\0" in body:
                 raise CalibrationError(f"{flag} {shown} is a binary file (it holds NUL bytes), not text")
+            held = len(decoder.getstate()[0])  # bytes of a character the last chunk ended inside of
             try:
                 text = decoder.decode(body)
             except UnicodeDecodeError as err:
-                where = position + (start if position == 0 else 0) + err.start
+                where = position + (start if position == 0 else 0) - held + err.start
                 raise CalibrationError(f"{flag} {shown} is not {encoding.upper()} text (byte {where}: "
                                        f"{err.reason})") from None  # fmt: skip
             blank = blank and not text.strip()
@@ -366,10 +368,13 @@ def calibration_windows(text: CalibrationText, tokenizer, sequences: int, length
     Each window is the tokenizer's :func:`~prunenet.perplexity.document_prefix` (``P`` ids, e.g. Gemma's BOS;
     none for SmolLM2) followed by ``W = length - P`` consecutive tokens of one document, as the model sees a
     document's text. A ``torch.Generator`` seeded with ``seed`` draws a byte of the text uniformly: the document
-    holding it (so each document in proportion to its size) and the window's start, its first whole token at or
-    after that byte; a window that would run past its document's end ends there instead. A document shorter than
-    ``W`` tokens cannot hold a window: a draw in it is drawn again. Only a slice of about ``16 W`` bytes around
-    each start is read and tokenized. Windows may overlap; one never crosses from one document into the next.
+    holding it (so each document in proportion to its size) and the window's start, the first word that starts
+    after that byte (the slice is cut at whitespace, so that a subword tokenizer's tokens are the document's own);
+    a window that would run past its document's end takes the document's last ``W`` tokens instead. A document
+    shorter than ``W`` tokens cannot hold a window: a draw in it is drawn again (and once 64 draws went so, the
+    documents found short are no longer drawn). Only a slice of about ``16 W`` bytes around each start is read and
+    tokenized. Windows may overlap; one never crosses from one document into the next. The record gives each
+    window's drawn offset.
 
     Raises:
         CalibrationError: ``length`` leaves no room after the prefix, or the documents long enough for a window
@@ -391,17 +396,20 @@ def calibration_windows(text: CalibrationText, tokenizer, sequences: int, length
     ids = torch.empty(sequences, length, dtype=torch.long)
     if prefix:
         ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-    windows, short, attempts = [], set(), 0
-    while len(windows) < sequences and ends and ends[-1] > 0 and attempts < 20 * sequences + 100:
-        attempts += 1
+    windows, short, wasted = [], set(), 0
+    while len(windows) < sequences and ends and ends[-1] > 0:
         pick = int(torch.randint(ends[-1], (1,), generator=generator))
         doc = bisect.bisect_right(ends, pick)
-        if doc in short:
-            continue
-        offset = pick - (ends[doc - 1] if doc else 0)
-        tokens, offset = _window_tokens(text, tokenizer, doc, offset, body)
-        if tokens is None:
-            short.add(doc)
+        if doc not in short:
+            offset = pick - (ends[doc - 1] if doc else 0)
+            tokens, offset = _window_tokens(text, tokenizer, doc, offset, body)
+            if tokens is None:
+                short.add(doc)
+        if doc in short:  # no window in it: once 64 draws went so, the documents found short weigh nothing more
+            wasted += 1
+            if wasted >= 64:
+                sizes = [0 if i in short else size for i, size in enumerate(sizes)]
+                ends, wasted = list(itertools.accumulate(sizes)), 0
             continue
         ids[len(windows), len(prefix) :] = torch.tensor(tokens, dtype=torch.long)
         file = text.files[text.doc_file[doc]]
@@ -418,10 +426,26 @@ def calibration_windows(text: CalibrationText, tokenizer, sequences: int, length
     return CalibrationWindows(ids, record)
 
 
+def _word_edges(chunk: str, cut_start: bool, cut_end: bool) -> tuple[str, bool, bool]:
+    """``chunk`` cut to whole words: from the whitespace before its first word start (``cut_start``) to the end
+    of its last whole word (``cut_end``), as a tokenizer that splits words at whitespace (byte-level BPE,
+    SentencePiece) would cut the document; and whether each cut was found (a text without whitespace has none)."""
+    head = tail = False
+    if cut_start:
+        i = next((i for i in range(len(chunk) - 1) if chunk[i].isspace() and not chunk[i + 1].isspace()), None)
+        if i is not None:
+            chunk, head = chunk[i:], True
+    if cut_end:
+        j = next((j for j in range(len(chunk) - 1, 0, -1) if chunk[j].isspace() and not chunk[j - 1].isspace()), None)
+        if j is not None:
+            chunk, tail = chunk[:j], True
+    return chunk, head, tail
+
+
 def _window_tokens(text: CalibrationText, tokenizer, doc: int, offset: int, body: int) -> tuple[list | None, int]:
-    """``body`` tokens of document ``doc`` from about ``offset`` (bytes; in a ``.jsonl`` document, characters of
-    its text, at the same fraction of it) and the offset they begin at; ``(None, offset)`` if the document holds
-    fewer than ``body`` tokens."""
+    """``body`` tokens of document ``doc`` from the first word that starts after ``offset`` (bytes; in a ``.jsonl``
+    document, characters of its text, at the same fraction of it), or its last ``body`` tokens if fewer follow;
+    and ``offset``. ``(None, offset)`` if the document holds fewer than ``body`` tokens."""
     size = text.doc_bytes[doc]
     jsonl = bool(text.doc_line[doc])
     if jsonl:  # positions count characters of the parsed text, at the drawn fraction of the line
@@ -432,8 +456,11 @@ def _window_tokens(text: CalibrationText, tokenizer, doc: int, offset: int, body
         """The tokens of the slice ``[begin, begin + want)`` and the range of them that are whole: a slice begun
         or ended inside a word has half of one at that edge."""
         chunk = whole[begin : begin + want] if jsonl else document_text(text, doc, begin, want)
+        cut_start, cut_end = begin > 0, begin + want < size
+        chunk, head, tail = _word_edges(chunk, cut_start, cut_end)
         tokens = tokenize_text(tokenizer, chunk)
-        return tokens, 1 if begin > 0 else 0, len(tokens) - (1 if begin + want < size else 0)
+        # Without whitespace to cut at, drop the edge token instead: likely the half of a word.
+        return tokens, int(cut_start and not head), len(tokens) - int(cut_end and not tail)
 
     want = SLICE_BYTES_PER_TOKEN * (body + 2)
     while offset + want < size:  # the slice from the drawn byte on, grown until it holds a window

@@ -119,14 +119,19 @@ def text_tokens(tokenizer, text: str) -> tuple[list[int], list[int]]:
 
 def check_window(tokenizer, ids: list[int], window: dict) -> int:
     """That ``ids`` are consecutive tokens of the document ``window`` names, where its ``offset`` says: beginning
-    with the first or second token at or after it, or, where fewer tokens than a window follow it, the document's
-    last ``len(ids)`` tokens. Returns the index of the window's first token in the document."""
+    with the first token of the first word that starts after it (the whitespace before that word, from the text
+    itself; the token after it where there is no whitespace to cut at), or, where fewer tokens than a window follow
+    it, the document's last ``len(ids)`` tokens. Returns the index of the window's first token in the document."""
     text, family = read_document(window["file"], window["line"])
     tokens, starts = text_tokens(tokenizer, text)
     width = len(ids)
     found = [i for i in range(len(tokens) - width + 1) if tokens[i] == ids[0] and tokens[i : i + width] == ids]
     assert found, f"{window}: not consecutive tokens of its document"
-    first = bisect.bisect_left(starts, char_at(text, family, window["offset"]))  # the first token at or after it
+    position = char_at(text, family, window["offset"])
+    if position > 0:  # a window from inside the document begins at a word's start
+        position = next((i for i in range(position, len(text) - 1) if text[i].isspace() and not text[i + 1].isspace()),
+                        position)  # fmt: skip
+    first = bisect.bisect_left(starts, position)  # the first token at or after it
     at = [i for i in found if first <= i <= first + 1]
     at += [i for i in found if i == len(tokens) - width and len(tokens) - first <= width]
     assert at, f"{window}: its tokens are at {found}, not at its offset (token {first} of {len(tokens)})"
@@ -314,7 +319,8 @@ def test_compress_refuses_before_the_weights_load_on_either_path(case, streaming
     (b"w3 w4 w5 w6 w7 \xe6\x97", "is not UTF-8 text (it ends inside a character)"),
     (codecs.BOM_UTF16_LE + "w3 w4 w5 w6".encode("utf-16-le") + b"\0", "is not UTF-16-LE text (it ends inside a"),
     (b'{"text": "w3 w4"}\n{"text": "w5 w6"}\n{"text": w7}\n', "line 3 is not JSON"),
-], ids=["nul", "not-utf8", "cut-utf8", "cut-utf16", "jsonl-line"])  # fmt: skip
+    (b"w3 w4 \xe6\x97w5 w6 w7", "is not UTF-8 text (byte 6: invalid continuation byte)"),  # begun a chunk before
+], ids=["nul", "not-utf8", "cut-utf8", "cut-utf16", "jsonl-line", "straddling"])  # fmt: skip
 def test_a_fault_past_the_first_chunk_is_found(content, message, tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "CHUNK_BYTES", 7)
     path = tmp_path / ("text.jsonl" if content.startswith(b"{") else "text.txt")
@@ -687,3 +693,38 @@ def test_reading_and_cutting_windows_write_nothing(text_dir):
     before = {p: p.stat().st_mtime_ns for p in text_dir.rglob("*")}
     calibration_windows(read_calibration([text_dir]), tiny_tokenizer(), sequences=4, length=16, seed=0)
     assert {p: p.stat().st_mtime_ns for p in text_dir.rglob("*")} == before
+
+
+def test_a_text_mostly_of_short_documents_still_gives_its_windows(tmp_path):
+    """Many documents longer than a window in bytes but not in tokens, and one long one: the windows come from
+    the long one, however many draws land in the short ones first."""
+    lines = [json.dumps({"text": " ".join(f"w{i % 40}" for i in range(j, j + 15))}) for j in range(5000)]
+    lines.append(json.dumps({"text": tiny_text(2000, seed=9)}))
+    (tmp_path / "text.jsonl").write_text("\n".join(lines))
+    windows = calibration_windows(read_calibration([tmp_path]), tiny_tokenizer(), sequences=8, length=16, seed=0)
+    assert {w["line"] for w in windows.record["windows"]} == {5001}
+
+
+def test_a_folder_reached_twice_is_named_by_its_first_path_in_sorted_order(tmp_path):
+    (tmp_path / "c" / "real").mkdir(parents=True)
+    (tmp_path / "c" / "real" / "x.txt").write_text(tiny_text(50))
+    for name in ("alias", "zlias"):  # one sorts before the real folder, one after: listing order must not matter
+        (tmp_path / "c" / name).symlink_to(tmp_path / "c" / "real", target_is_directory=True)
+    text = read_calibration([tmp_path / "c"])
+    assert [f.path for f in text.files] == [str(tmp_path / "c" / "alias" / "x.txt")]
+
+
+@pytest.mark.slow
+def test_windows_of_a_subword_tokenizer_are_runs_of_the_documents_tokens(tmp_path):
+    """With SmolLM2's byte-level BPE a slice begun inside a word would tokenize into fragments no tokenization of
+    the document has: every window must be a run of the whole document's tokens."""
+    from prunenet.embedded import ensure_default_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ensure_default_model())
+    words = "understanding international communication extraordinary responsibilities photosynthesis".split()
+    text = " ".join(words[(i * 7) % len(words)] for i in range(3000))
+    (tmp_path / "a.txt").write_text(text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = calibration_windows(read_calibration([tmp_path]), tokenizer, sequences=100, length=32, seed=0)
+    runs = {tuple(ids[i : i + 32]) for i in range(len(ids) - 31)}
+    assert all(tuple(row) in runs for row in windows.ids.tolist())
