@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import stat
-import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,7 +92,6 @@ class CalibrationText:
         doc_file, doc_line, doc_offset, doc_bytes: per document, its file's index, its 1-based ``.jsonl`` line (0
             for a whole file), and the byte offset and length of its text (a whole file: after the byte-order
             mark; a ``.jsonl`` document: its line).
-        read_seconds: the time reading and checking took.
     """
 
     files: tuple[CalibrationFile, ...]
@@ -101,7 +99,6 @@ class CalibrationText:
     doc_line: array
     doc_offset: array
     doc_bytes: array
-    read_seconds: float
 
     @property
     def documents(self) -> int:
@@ -137,7 +134,6 @@ def read_calibration(paths: Sequence[str | os.PathLike], flag: str = "--calibrat
             permissions), is not a regular file, is binary (NUL bytes in UTF-8), is not in its encoding, a
             ``.jsonl`` line is not JSON or has no string ``"text"``, or the whole text holds no document.
     """
-    tick = time.perf_counter()
     files: list[CalibrationFile] = []
     doc_file, doc_line, doc_offset, doc_bytes = array("i"), array("q"), array("q"), array("q")
     seen: set[str] = set()
@@ -154,7 +150,7 @@ def read_calibration(paths: Sequence[str | os.PathLike], flag: str = "--calibrat
     if not doc_file:
         shown = ", ".join(f.path for f in files[:3])
         raise CalibrationError(f"{flag} {shown} holds no text: it is empty, or only whitespace")
-    return CalibrationText(tuple(files), doc_file, doc_line, doc_offset, doc_bytes, time.perf_counter() - tick)
+    return CalibrationText(tuple(files), doc_file, doc_line, doc_offset, doc_bytes)
 
 
 def _files_of(path: Path, flag: str) -> list[tuple[str, Path]]:

@@ -300,8 +300,7 @@ def _choose_selfcal(source: Source, k: int, config: PruneConfig, *, fingerprint:
     With ``scores`` (``--scores``, read by :func:`_prepare_selfcal`) the neurons are the ``k`` highest of those
     scores, on every rank, and the model runs only to compensate, on the probes the file holds (or the
     ``--calibration`` windows, checked to be the ones the scores were measured on, before any weights load). The
-    selection carries the
-    scores it used, for the output's ``scores.safetensors`` (:mod:`prunenet.scores`).
+    selection carries the scores it used, for the output's ``scores.safetensors`` (:mod:`prunenet.scores`).
     """
     import torch
 
