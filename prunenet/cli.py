@@ -90,14 +90,13 @@ def add_config_arguments(
         parser.add_argument(flag(f), **kwargs, **cli)
 
 
-def _ratio_argument(text: str) -> str:
-    """``--ratio``'s value checked as argparse reads it (:func:`prunenet.config.parse_ratios`): a bad list is a
+def _ratio_argument(text: str) -> tuple[float, ...]:
+    """``--ratio``'s value parsed as argparse reads it (:func:`prunenet.config.parse_ratios`): a bad list is a
     usage error, refused before anything is imported or read."""
     try:
-        parse_ratios(text)
+        return parse_ratios(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--ratio ")) from None
-    return text
 
 
 def config_of(cls, args: argparse.Namespace):
@@ -224,7 +223,7 @@ def _add_finetune(sub) -> None:
 
 
 def _run_compress(args) -> dict:
-    ratios = parse_ratios(args.ratio)  # bad input is refused before torch is imported
+    ratios = args.ratio  # parsed and checked by argparse (_ratio_argument)
     args.ratio = ratios[0]
     config = config_of(CompressConfig, args)
     config.validate()
