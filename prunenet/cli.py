@@ -33,6 +33,7 @@ from .config import (
 )
 from .selectors import NEEDS, SELECTORS, owner_of, selector_of
 from .tables import format_table
+from .widths import reached_ratio
 
 EPILOG = "Run `prunenet COMMAND --help` for the flags of a command."
 
@@ -261,6 +262,7 @@ def _compress_summary(result) -> dict:
         "ratio": result.ratio,
         "ffn_width_before": result.ffn_width,
         "ffn_width_after": result.k,
+        "ratio_reached": reached_ratio(result.k, result.ffn_width),
         "params_before": result.params_before,
         "params_after": result.params_after,
         "streaming": result.streaming,
@@ -274,7 +276,11 @@ def _compress_summary(result) -> dict:
                 ("output", str(result.out)),
                 ("model type", result.model_type),
                 ("method", result.method + (" (from --scores)" if result.scored_from is not None else "")),
-                ("FFN width", f"{result.ffn_width} -> {result.k}"),
+                (
+                    "FFN width",
+                    f"{result.ffn_width} -> {result.k} "
+                    f"({100 * reached_ratio(result.k, result.ffn_width):.1f}% of the neurons removed)",
+                ),
                 (
                     "parameters",
                     f"{result.params_before:,} -> {result.params_after:,} "

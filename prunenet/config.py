@@ -122,6 +122,13 @@ class PruneConfig:
         type=str,
         metavar="RATIO[,RATIO...]",
     )
+    width_multiple: int = option(
+        1,
+        "round the kept FFN width down to a multiple of M (never below M), the widths GEMM tiles and llama.cpp's "
+        "K-quants (blocks of 256) want; the summary and manifest give the ratio reached. Families whose experts "
+        "need a multiple of their own (8) keep it as well. 1 keeps the exact ratio",
+        metavar="M",
+    )
     method: str = option(  # choices: the selector registry
         "selfcal",
         "how neurons are chosen; the default is selfcal because, on SmolLM2-135M at ratio 0.2 (held-out text, "
@@ -225,6 +232,7 @@ class PruneConfig:
         _check_choice("--selection", self.selection, SELECTIONS)
         _check_choice("--reward-backend", self.reward_backend, REWARD_BACKENDS)
         _check_choice("--modules", self.modules, MODULES)
+        check_count("--width-multiple", self.width_multiple)
         check_count("--episodes", self.episodes)
         check_count("--probe-sequences", self.probe_sequences)
         check_count("--probe-length", self.probe_length, minimum=2)

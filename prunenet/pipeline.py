@@ -30,6 +30,7 @@ from .scores import SCORES_FILE
 from .selectors import SELECTORS, Selection, select, selector_of
 from .sources import ModelSource, Source, check_prunable, plan_source
 from .validate import check_finite_weights, resolve_device
+from .widths import reached_ratio
 from .writers import writer_for
 
 __all__ = ["CompressResult", "PruneResult", "compress", "prune_"]
@@ -75,6 +76,8 @@ class PruneResult:
             "ratio": c.ratio,
             "ffn_width_before": self.ffn_width,
             "k": self.k,
+            "width_multiple": c.width_multiple,
+            "ratio_reached": reached_ratio(self.k, self.ffn_width),
             "method": c.method,
             "method_options": _method_options(c),
             "selection": c.selection if "selection" in SELECTORS[c.method].options else None,

@@ -451,7 +451,7 @@ def select(source: Source, config: PruneConfig, *, dist=None, progress: bool = T
     ``prepared``: what the selector's ``prepare`` returned (e.g. ``policy=``, a ``--policy`` loaded)."""
     import torch
 
-    k = source.adapter.kept_width(config.ratio, source.width)
+    k = source.adapter.kept_width(config.ratio, source.width, config.width_multiple)
     if k == source.width:
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
         windows = prepared.get("windows")  # the text was read and checked all the same: recorded

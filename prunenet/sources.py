@@ -247,7 +247,8 @@ class SourcePlan:
 
         adapter, config, settings = self.adapter, self.config, self.settings
         n = adapter.ffn_width(config)
-        shrunk = dict.fromkeys(self.checkpoint.ffn_tensors(adapter, config), (adapter.kept_width(settings.ratio, n), n))
+        k = adapter.kept_width(settings.ratio, n, settings.width_multiple)
+        shrunk = dict.fromkeys(self.checkpoint.ffn_tensors(adapter, config), (k, n))
         if settings.modules == "ffn+attn":
             kv = adapter.attention_shape(config).kv_heads
             kept = (kept_groups_count(settings.ratio, kv), kv)
@@ -316,7 +317,7 @@ def check_prunable(settings: PruneConfig, adapter: ModelAdapter, config) -> int:
 
     check_modules(settings.modules, adapter, config)
     width = adapter.ffn_width(config)
-    k = adapter.kept_width(settings.ratio, width)
+    k = adapter.kept_width(settings.ratio, width, settings.width_multiple)
     if k < 1:
         raise ValueError(f"--ratio {settings.ratio} leaves no FFN neurons (FFN width {width})")
     return k

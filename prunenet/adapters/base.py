@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -265,12 +266,10 @@ class ModelAdapter:
         """Tokens the language model's embedding and head cover (0 where its config does not say)."""
         return int(getattr(self.text_config(config), "vocab_size", None) or 0)
 
-    def kept_width(self, ratio: float, width: int) -> int:
-        """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to ``width_multiple`` (never below it)."""
-        k = kept_width(ratio, width)
-        if self.width_multiple > 1 and k < width:
-            k = max(k // self.width_multiple * self.width_multiple, min(self.width_multiple, width))
-        return k
+    def kept_width(self, ratio: float, width: int, multiple: int = 1) -> int:
+        """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to a multiple of both ``multiple`` (the
+        user's ``--width-multiple``) and the family's ``width_multiple`` (never below it, never above ``n``)."""
+        return kept_width(ratio, width, math.lcm(multiple, self.width_multiple))
 
     def check_config(self, config) -> None:
         """Raise ``ValueError`` (one line) for a configuration of this family that cannot be pruned."""
