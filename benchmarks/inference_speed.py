@@ -1,0 +1,341 @@
+"""What pruning buys at inference: dense vs pruned models side by side in ``transformers``.
+
+    python benchmarks/inference_speed.py              # embedded SmolLM2-135M + LLaMA-2-7B-shaped blocks, fp32 and
+                                                      # bf16, ratios 0.1/0.2/0.3 x width multiples 1/64/128/256
+    python benchmarks/inference_speed.py --quick      # the embedded model only, fp32, ratio 0.3, 2 repeats
+    python benchmarks/inference_speed.py --device cuda # on a GPU (tools/gpu-check runs this)
+    python benchmarks/inference_speed.py --report     # only the docs table and the plot, from the CSV
+
+Models (``--shapes``):
+
+* ``smollm2-135m``: the embedded model (30 blocks, FFN width 1536, tied head).
+* ``llama2-7b``: ``--blocks`` (default 2) LLaMA-2-7B blocks (hidden 4096, FFN width 11008) with its 32000-token
+  head, random weights from ``benchmarks/make_checkpoint.py``. A block's cost is what scales with depth; the
+  head is kept so the decode step reads what a real model's does beside its blocks.
+
+Each pruned variant is ``prunenet compress --method magnitude --ratio R --width-multiple M`` of the dense model
+(which neurons are kept does not change the speed; only the width does); variants that reach the same width
+are measured once. Every measurement runs in a fresh process (this script with ``--worker``) so that its peak
+resident memory (``VmHWM``) holds only that model; the repeats are interleaved (repeat 1 of every variant, then
+repeat 2, ...) so that load from other jobs hits them alike, and medians are reported. In a worker, after a short
+untimed warm-up:
+
+* prefill: one 512-token prompt (batch 1), logits of the last position only (as ``generate`` does);
+* decode, batch 1: ``--new-tokens`` greedy steps with the KV cache after that prompt;
+* decode, batch 8: the same after a 64-token prompt per sequence.
+
+The bound: batch-1 decoding is memory-bound, so it can speed up at most by the ratio of the bytes read per
+token, ``read_dense / read_pruned`` (every weight but the input embedding's; the KV cache is small here);
+prefill is compute-bound, bounded by the ratio of the blocks' matmul weights. For a whole LLaMA-2-7B, removing
+FFN neurons at ratio ``r`` removes ``r * 2/3`` of a block's weights: ``1 / (1 - 2r/3)``, 1.25x at ``r = 0.3``.
+
+Rows go to ``benchmarks/results/inference_speed_cpu.csv`` (``--csv``), one group (shape, dtype) at a time:
+a stopped run resumes at the first group it has not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import DOCS, RESULTS, append_csv, pyplot, run_tags, update_doc_block  # noqa: E402
+
+CSV = RESULTS / "inference_speed_cpu.csv"
+PLOT = RESULTS / "inference_speed.png"
+RATIOS = (0.1, 0.2, 0.3)
+MULTIPLES = (1, 64, 128, 256)
+PROMPT = 512
+BATCH_PROMPT = 64
+BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worker: one model, one dtype, one measurement, in a fresh process
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(spec: dict) -> dict:
+    """Load ``spec["model"]`` in ``spec["dtype"]`` on ``spec["device"]`` and time prefill and decode."""
+    import torch
+
+    from prunenet.compat import forward_with_cache
+    from prunenet.dtypes import TORCH_DTYPES
+    from prunenet.model_size import weight_bytes
+    from prunenet.models import load_model
+
+    device = torch.device(spec["device"])
+    model, _, _ = load_model(spec["model"], device=str(device), dtype=TORCH_DTYPES[spec["dtype"]])
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run(prompt: torch.Tensor, steps: int) -> tuple[float, float]:
+        sync()
+        tick = time.perf_counter()
+        logits, cache = forward_with_cache(model, prompt, logits_to_keep=1)
+        sync()
+        prefill = time.perf_counter() - tick
+        token = logits[:, -1:].argmax(-1)
+        tick = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = forward_with_cache(model, token, cache)
+            token = logits[:, -1:].argmax(-1)
+        sync()
+        return prefill, time.perf_counter() - tick
+
+    steps = spec["new_tokens"]
+    with torch.inference_mode():
+        run(ids[:1, :32], 2)  # warm-up: kernels chosen, threads started, caches allocated
+        run(ids[:, :16], 2)
+        prefill, decode1 = run(ids[:1], steps)
+        _, decode8 = run(ids[:, :BATCH_PROMPT], steps)
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
+    head = model.get_output_embeddings().weight
+    total = weight_bytes(model)
+    embed_bytes = embed.numel() * embed.element_size()
+    # read per decode step: every weight but the embedding table (one row of it is read); a tied head is read
+    read = total - embed_bytes + (embed_bytes if tied else 0)
+    blocks = total - embed_bytes - (0 if tied else head.numel() * head.element_size())
+    return {
+        "ffn_width": model.config.intermediate_size,
+        "weight_bytes": total,
+        "read_bytes": read,
+        "block_bytes": blocks,
+        "prefill_tok_s": PROMPT / prefill,
+        "decode1_tok_s": steps / decode1,
+        "decode8_tok_s": BATCH * steps / decode8,
+        "peak_rss_bytes": _vm_hwm() if device.type == "cpu" else torch.cuda.max_memory_allocated(device),
+    }
+
+
+def measure(model: Path, dtype: str, device: str, new_tokens: int) -> dict:
+    spec = {"model": str(model), "dtype": dtype, "device": device, "new_tokens": new_tokens}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {model} ({dtype}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The models
+
+
+def dense_model(shape: str, work: Path, blocks: int) -> Path:
+    """The dense model folder of ``shape`` (made once under ``work``)."""
+    if shape == "smollm2-135m":
+        from prunenet.resolve import resolve_model
+
+        return resolve_model("smollm2-135m")
+    from make_checkpoint import make_checkpoint
+
+    folder = work / f"{shape}-{blocks}blocks"
+    if not folder.exists():
+        make_checkpoint(shape, folder, dtype="bf16", layers=blocks)
+    return folder
+
+
+def pruned_models(dense: Path, ratios, multiples, work: Path, label: str) -> dict[tuple[float, int], Path]:
+    """``(ratio, multiple) -> folder``: one ``compress --method magnitude`` per distinct kept width."""
+    import transformers
+
+    from prunenet.adapters import get_adapter
+
+    config = transformers.AutoConfig.from_pretrained(dense)
+    adapter = get_adapter(config)
+    n = adapter.ffn_width(config)
+    folders = {}
+    for ratio in ratios:
+        for multiple in multiples:
+            k = adapter.kept_width(ratio, n, multiple)
+            folder = work / f"{label}-k{k}"
+            if not folder.exists():
+                command = [sys.executable, "-m", "prunenet", "compress", "--model", str(dense), "--out", str(folder),
+                           "--ratio", str(ratio), "--width-multiple", str(multiple), "--method", "magnitude",
+                           "--dtype", "bf16", "--device", "cpu", "--quiet"]  # fmt: skip
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            folders[(ratio, multiple)] = folder
+    return folders
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def done_groups(path: Path) -> set[tuple[str, str]]:
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {(row["shape"], row["dtype"]) for row in csv.DictReader(f)}
+
+
+def run_group(shape: str, dtype: str, dense: Path, pruned: dict, args) -> list[dict]:
+    """Every variant of one (shape, dtype), repeats interleaved; one row per (ratio, multiple), dense first."""
+    variants = {"dense": dense, **{str(folder): folder for folder in pruned.values()}}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name, folder in variants.items():
+            runs[name].append(measure(folder, dtype, args.device, args.new_tokens))
+            print(f"{shape} {dtype} repeat {repeat + 1}/{args.repeats} {folder.name}: "
+                  f"{runs[name][-1]['decode1_tok_s']:.2f} tok/s (decode, batch 1)", flush=True)  # fmt: skip
+
+    def medians(name: str) -> dict:
+        first = runs[name][0]
+        keys = ("prefill_tok_s", "decode1_tok_s", "decode8_tok_s", "peak_rss_bytes")
+        return {**first, **{key: statistics.median(r[key] for r in runs[name]) for key in keys}}
+
+    base = medians("dense")
+    tags, command = run_tags(args.device), "python benchmarks/inference_speed.py " + shlex.join(sys.argv[1:])
+    rows = []
+    for (ratio, multiple), folder in [((0.0, 1), dense), *pruned.items()]:
+        m = medians("dense" if folder == dense else str(folder))
+        rows.append({
+            "shape": shape, "dtype": dtype, "ratio": ratio, "width_multiple": multiple,
+            "ffn_width": m["ffn_width"], "weight_bytes": m["weight_bytes"],
+            "read_removed": round(1 - m["read_bytes"] / base["read_bytes"], 4),
+            "decode_bound": round(base["read_bytes"] / m["read_bytes"], 3),
+            "prefill_bound": round(base["block_bytes"] / m["block_bytes"], 3),
+            "prefill_tok_s": round(m["prefill_tok_s"], 2),
+            "decode1_tok_s": round(m["decode1_tok_s"], 3),
+            "decode8_tok_s": round(m["decode8_tok_s"], 3),
+            "prefill_speedup": round(m["prefill_tok_s"] / base["prefill_tok_s"], 3),
+            "decode1_speedup": round(m["decode1_tok_s"] / base["decode1_tok_s"], 3),
+            "decode8_speedup": round(m["decode8_tok_s"] / base["decode8_tok_s"], 3),
+            "peak_rss_bytes": int(m["peak_rss_bytes"]),
+            "repeats": args.repeats, "new_tokens": args.new_tokens, "blocks": args.blocks if shape != "smollm2-135m"
+            else "all", "machine": machine(), "command": command, **tags,
+        })  # fmt: skip
+    return rows
+
+
+def study(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    done = done_groups(args.csv)
+    for shape in args.shapes:
+        if all((shape, dtype) in done for dtype in args.dtypes):
+            continue
+        dense = dense_model(shape, work, args.blocks)
+        pruned = pruned_models(dense, args.ratios, args.multiples, work, f"{shape}-{args.blocks}")
+        for dtype in args.dtypes:
+            if (shape, dtype) in done:
+                continue
+            rows = run_group(shape, dtype, dense, pruned, args)
+            append_csv(args.csv, rows)
+            print(f"wrote {len(rows)} rows of {shape} {dtype} to {args.csv}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def report(path: Path) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    from prunenet.tables import markdown_table
+
+    table = []
+    for r in rows:
+        if float(r["ratio"]) == 0:
+            continue
+        table.append([
+            r["shape"], r["dtype"], r["ratio"], r["width_multiple"], r["ffn_width"],
+            f"{100 * float(r['read_removed']):.1f} %",
+            f"{r['prefill_speedup']}x (bound {r['prefill_bound']}x)",
+            f"{r['decode1_speedup']}x (bound {r['decode_bound']}x)",
+            f"{r['decode8_speedup']}x",
+            f"{int(r['weight_bytes']) / 2**20:.0f} MiB", f"{int(r['peak_rss_bytes']) / 2**20:.0f} MiB",
+        ])  # fmt: skip
+    dense = {(r["shape"], r["dtype"]): r for r in rows if float(r["ratio"]) == 0}
+    header = ["model", "dtype", "ratio", "`--width-multiple`", "FFN width", "weights read per token removed",
+              "prefill (512 tokens)", "decode, batch 1", "decode, batch 8", "weights", "peak RSS"]  # fmt: skip
+    lines = [markdown_table(header, table), "", "Dense, for reference (tokens/s):", ""]
+    lines += [f"* {s} {d}: prefill {r['prefill_tok_s']}, decode batch 1 {r['decode1_tok_s']}, batch 8 "
+              f"{r['decode8_tok_s']}; weights {int(r['weight_bytes']) / 2**20:.0f} MiB, peak RSS "
+              f"{int(r['peak_rss_bytes']) / 2**20:.0f} MiB" for (s, d), r in dense.items()]  # fmt: skip
+    first = rows[0]
+    lines += ["", f"Machine: {first['machine']}; torch {first['torch']}; {first['repeats']} interleaved repeats, "
+              f"medians; command: `{first['command']}`."]  # fmt: skip
+    update_doc_block("inference-speed", "\n".join(lines), DOCS / "results.md")
+    plt = pyplot("benchmarks/inference_speed.py")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    panels = [("decode1_speedup", "decode, batch 1"), ("prefill_speedup", "prefill, 512 tokens")]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for shape, dtype in dense:
+            sel = [r for r in rows if r["shape"] == shape and r["dtype"] == dtype]
+            x = [float(r["read_removed"]) * 100 for r in sel]
+            ax.plot(x, [float(r[key]) for r in sel], "o", label=f"{shape} {dtype}")
+        xs = sorted({float(r["read_removed"]) for r in rows})
+        ax.plot([x * 100 for x in xs], [1 / (1 - x) for x in xs], "k--", label="bound 1 / (1 - removed)")
+        ax.set_title(title)
+        ax.set_xlabel("weights read per token removed (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over dense")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+    print(f"wrote {PLOT}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama2-7b"],
+                        choices=["smollm2-135m", "llama2-7b", "tiny"], help="models to measure")  # fmt: skip
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--multiples", nargs="+", type=int, default=list(MULTIPLES), help="--width-multiple values")
+    parser.add_argument("--blocks", type=int, default=2, help="decoder blocks of the LLaMA-2-7B-shaped model")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--csv", type=Path, default=CSV)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "prunenet-inference-speed"),
+                        help="where the dense and pruned models are written (reused by a later run)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the embedded model, fp32, ratio 0.3, 2 repeats")
+    parser.add_argument("--report", action="store_true", help="only the docs table and the plot, from --csv")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.quick:
+        args.shapes, args.dtypes, args.ratios, args.repeats = ["smollm2-135m"], ["fp32"], [0.3], 2
+    if not args.report:
+        study(args)
+    if args.csv == CSV:
+        report(args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
