@@ -180,6 +180,36 @@ bench-quick: install
 	$(BIN)/python benchmarks/bench_compress.py --quick
 	$(BIN)/python benchmarks/summary.py
 
+# `make bench-micro`: the pytest-benchmark micro-benchmarks of benchmarks/micro/ (in-place FFN slicing, native op
+# vs PyTorch; one training episode's reward, torch vs Triton), printed as a table and saved as the baseline
+# $(MICRO_BASELINE). `make bench-micro-compare`: the same run compared with that baseline; it fails when a
+# benchmark got slower than $(MICRO_FAIL) allows. Neither is part of `make test`. Baselines are machine-specific:
+# record your own first.
+MICRO_BASELINE ?= benchmarks/results/micro_cpu.json
+# The fastest round (min), not the median: on a shared 2-core machine, compares without a change moved medians by up
+# to +37% and minima by at most +17% (docs/performance.md#micro-benchmarks). 35% is twice that; a doubling fails.
+MICRO_FAIL     ?= min:35%
+# One thread (torch's OpenMP and scipy's OpenBLAS): with two, a parallel region waits for its slower thread, and
+# on a shared machine another job on one core made one reward episode take 130 ms to 12.5 s (one thread: 43-116 ms).
+MICRO_THREADS  ?= 1
+# Explicit paths, so the repository's pytest settings (testpaths = tests) do not matter, and the rootdir stays the
+# checkout: a benchmark's name in the JSON (its path from there) is the same in every run. No .pytest_cache.
+MICRO_PYTEST := OMP_NUM_THREADS=$(MICRO_THREADS) $(BIN)/python -m pytest -p no:cacheprovider benchmarks/micro
+
+.PHONY: bench-micro bench-micro-compare
+
+# pytest-benchmark alone, installed on its own so the C++ extension is not rebuilt (as $(VENV)/.report-deps).
+$(VENV)/.bench-deps: $(VENV)/.installed
+	$(BIN)/python -c "import pytest_benchmark" 2>/dev/null || $(BIN)/pip install -q "pytest-benchmark>=5,<6"
+	touch $@
+
+bench-micro: $(VENV)/.bench-deps
+	$(MICRO_PYTEST) --benchmark-json=$(MICRO_BASELINE)
+
+# --benchmark-compare takes the baseline's path (a file is used as it is, no storage folder needed).
+bench-micro-compare: $(VENV)/.bench-deps
+	$(MICRO_PYTEST) --benchmark-compare=$(MICRO_BASELINE) --benchmark-compare-fail=$(MICRO_FAIL)
+
 # `make test-eval`: the lm-eval bridge tests, which `make test` skips unless the `eval` extra is installed.
 .PHONY: test-eval
 test-eval: install
