@@ -20,7 +20,8 @@ resident memory (``VmHWM``) holds only that model; the repeats are interleaved (
 repeat 2, ...) so that load from other jobs hits them alike, and medians are reported. In a worker, after a short
 untimed warm-up:
 
-* prefill: one 512-token prompt (batch 1), logits of the last position only (as ``generate`` does);
+* prefill: a 512-token prompt (batch 1), logits of the last position only (as ``generate`` does); the median
+  of 3;
 * decode, batch 1: ``--new-tokens`` greedy steps with the KV cache after that prompt;
 * decode, batch 8: the same after a 64-token prompt per sequence.
 
@@ -29,8 +30,9 @@ token, ``read_dense / read_pruned`` (every weight but the input embedding's; the
 prefill is compute-bound, bounded by the ratio of the blocks' matmul weights. For a whole LLaMA-2-7B, removing
 FFN neurons at ratio ``r`` removes ``r * 2/3`` of a block's weights: ``1 / (1 - 2r/3)``, 1.25x at ``r = 0.3``.
 
-Rows go to ``benchmarks/results/inference_speed_cpu.csv`` (``--csv``), one group (shape, dtype) at a time:
-a stopped run resumes at the first group it has not written.
+``peak_rss_bytes`` is the worker's resident high-water mark (``VmHWM``: interpreter, torch and the model; on
+CUDA, ``torch.cuda.max_memory_allocated``). Rows go to ``benchmarks/results/inference_speed_cpu.csv``
+(``--csv``), one group (shape, dtype) at a time: a stopped run resumes at the first group it has not written.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ MULTIPLES = (1, 64, 128, 256)
 PROMPT = 512
 BATCH_PROMPT = 64
 BATCH = 8
+PREFILLS = 3  # prefills timed per measurement (their median)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +112,9 @@ def worker(spec: dict) -> dict:
     with torch.inference_mode():
         run(ids[:1, :32], 2)  # warm-up: kernels chosen, threads started, caches allocated
         run(ids[:, :16], 2)
+        prefills = [run(ids[:1], 0)[0] for _ in range(PREFILLS - 1)]  # a prefill is short: several, the median
         prefill, decode1 = run(ids[:1], steps)
+        prefill = statistics.median([*prefills, prefill])
         _, decode8 = run(ids[:, :BATCH_PROMPT], steps)
     embed = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
@@ -158,7 +163,8 @@ def dense_model(shape: str, work: Path, blocks: int) -> Path:
 
 
 def pruned_models(dense: Path, ratios, multiples, work: Path, label: str) -> dict[tuple[float, int], Path]:
-    """``(ratio, multiple) -> folder``: one ``compress --method magnitude`` per distinct kept width."""
+    """``(ratio, multiple) -> folder``: one ``compress --method magnitude`` per distinct kept width, stored in the
+    dense model's dtype (``--dtype auto``) so that both load alike."""
     import transformers
 
     from prunenet.adapters import get_adapter
@@ -174,7 +180,7 @@ def pruned_models(dense: Path, ratios, multiples, work: Path, label: str) -> dic
             if not folder.exists():
                 command = [sys.executable, "-m", "prunenet", "compress", "--model", str(dense), "--out", str(folder),
                            "--ratio", str(ratio), "--width-multiple", str(multiple), "--method", "magnitude",
-                           "--dtype", "bf16", "--device", "cpu", "--quiet"]  # fmt: skip
+                           "--device", "cpu", "--quiet"]  # fmt: skip
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             folders[(ratio, multiple)] = folder
     return folders
@@ -262,12 +268,16 @@ def report(path: Path) -> None:
         rows = list(csv.DictReader(f))
     from prunenet.tables import markdown_table
 
-    table = []
+    # One line per measured width: the (ratio, multiple) cells that reach the same width share a measurement.
+    merged: dict[tuple, list[dict]] = {}
     for r in rows:
-        if float(r["ratio"]) == 0:
-            continue
+        if float(r["ratio"]) > 0:
+            merged.setdefault((r["shape"], r["dtype"], r["ratio"], r["ffn_width"]), []).append(r)
+    table = []
+    for (shape, dtype, ratio, width), cell in merged.items():
+        r = cell[0]
         table.append([
-            r["shape"], r["dtype"], r["ratio"], r["width_multiple"], r["ffn_width"],
+            shape, dtype, ratio, ", ".join(c["width_multiple"] for c in cell), width,
             f"{100 * float(r['read_removed']):.1f} %",
             f"{r['prefill_speedup']}x (bound {r['prefill_bound']}x)",
             f"{r['decode1_speedup']}x (bound {r['decode_bound']}x)",
@@ -282,8 +292,9 @@ def report(path: Path) -> None:
               f"{r['decode8_tok_s']}; weights {int(r['weight_bytes']) / 2**20:.0f} MiB, peak RSS "
               f"{int(r['peak_rss_bytes']) / 2**20:.0f} MiB" for (s, d), r in dense.items()]  # fmt: skip
     first = rows[0]
+    commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"].strip() for r in rows))
     lines += ["", f"Machine: {first['machine']}; torch {first['torch']}; {first['repeats']} interleaved repeats, "
-              f"medians; command: `{first['command']}`."]  # fmt: skip
+              f"medians; commands: {commands}."]  # fmt: skip
     update_doc_block("inference-speed", "\n".join(lines), DOCS / "results.md")
     plt = pyplot("benchmarks/inference_speed.py")
     if plt is None:
@@ -291,14 +302,15 @@ def report(path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     panels = [("decode1_speedup", "decode, batch 1"), ("prefill_speedup", "prefill, 512 tokens")]
     for ax, (key, title) in zip(axes, panels, strict=True):
+        bound = "decode_bound" if key.startswith("decode") else "prefill_bound"
+        removed = {id(r): 1 - 1 / float(r[bound]) for r in rows}  # decode: of the bytes read; prefill: of the blocks'
         for shape, dtype in dense:
             sel = [r for r in rows if r["shape"] == shape and r["dtype"] == dtype]
-            x = [float(r["read_removed"]) * 100 for r in sel]
-            ax.plot(x, [float(r[key]) for r in sel], "o", label=f"{shape} {dtype}")
-        xs = sorted({float(r["read_removed"]) for r in rows})
+            ax.plot([100 * removed[id(r)] for r in sel], [float(r[key]) for r in sel], "o", label=f"{shape} {dtype}")
+        xs = sorted(removed.values())
         ax.plot([x * 100 for x in xs], [1 / (1 - x) for x in xs], "k--", label="bound 1 / (1 - removed)")
         ax.set_title(title)
-        ax.set_xlabel("weights read per token removed (%)")
+        ax.set_xlabel("weights removed (%): read per token (decode), of the blocks (prefill)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speed-up over dense")
     axes[0].legend(fontsize=7)

@@ -167,3 +167,36 @@ def test_compensation_study_masks_as_slicing_and_compensating_would():
         masker.restore()
         assert all(torch.equal(p, d) for p, d in zip(masker.params, masker.dense, strict=True))
         assert not torch.allclose(model(ids).logits, sliced(ids).logits, atol=1e-3)  # the dense model again
+
+
+def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
+    """inference_speed.py on the tiny shape: a row per (ratio, multiple) at the width --width-multiple gives, and
+    the bounds are the ratios of the bytes in the checkpoints (read independently with safetensors)."""
+    from safetensors import safe_open
+
+    study = load_benchmark("inference_speed")
+    out, work = tmp_path / "speed.csv", tmp_path / "work"
+    args = ["--shapes", "tiny", "--dtypes", "fp32", "--ratios", "0.3", "--multiples", "1", "64", "--repeats", "1"]
+    assert study.main([*args, "--new-tokens", "2", "--csv", str(out), "--work", str(work)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["ratio"], r["width_multiple"], r["ffn_width"]) for r in rows] == [
+        ("0.0", "1", "172"),
+        ("0.3", "1", "120"),
+        ("0.3", "64", "64"),
+    ]
+
+    def fp32_bytes(folder: Path, leave_out: tuple[str, ...]) -> int:
+        """Bytes of the checkpoint's tensors in fp32 (the worker's dtype), those named with ``leave_out`` left out."""
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            shapes = [f.get_slice(name).get_shape() for name in f.keys() if not any(p in name for p in leave_out)]
+        return sum(4 * torch.Size(shape).numel() for shape in shapes)
+
+    dense = work / "tiny-2blocks"
+    for row in rows[1:]:
+        pruned = work / f"tiny-2-k{row['ffn_width']}"
+        read = fp32_bytes(dense, ("embed_tokens",)) / fp32_bytes(pruned, ("embed_tokens",))
+        blocks = fp32_bytes(dense, ("embed_tokens", "lm_head")) / fp32_bytes(pruned, ("embed_tokens", "lm_head"))
+        assert float(row["decode_bound"]) == pytest.approx(read, abs=1e-3)
+        assert float(row["prefill_bound"]) == pytest.approx(blocks, abs=1e-3)
+        assert float(row["decode1_tok_s"]) > 0 and int(row["peak_rss_bytes"]) > 0

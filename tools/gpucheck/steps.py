@@ -1,5 +1,6 @@
-"""The check's steps, one function each (build, pytest-gpu, slicing, reward, compress, streaming, torchrun), with their
-time limits; what each does on a GPU and in the dry run is told in tools/gpu-check's docstring (its --help).
+"""The check's steps, one function each (build, pytest-gpu, slicing, reward, compress, streaming, torchrun,
+inference), with their time limits; what each does on a GPU and in the dry run is told in tools/gpu-check's
+docstring (its --help).
 
 A step takes the :class:`~gpucheck.check.Check` and returns its key numbers for the summary, or raises
 :class:`~gpucheck.check.Skip` (it cannot run here) or :class:`~gpucheck.check.Failure` (it ran and was wrong).
@@ -32,6 +33,7 @@ LIMITS = {
     "compress": (180, 150),
     "streaming": (180, 90),
     "torchrun": (90, 60),
+    "inference": (240, 150),
 }
 STEPS = list(LIMITS)
 # The per-layer original runs a full SVD of every 7705 x 4096 layer (for the reference and per episode);
@@ -402,6 +404,32 @@ def step_torchrun(check: Check) -> str:
     return f"{note}; {describe(row)}"
 
 
+def step_inference(check: Check) -> str:
+    """benchmarks/inference_speed.py: dense vs pruned LLaMA-2-7B-shaped blocks decoding in transformers, bf16."""
+    check.need("torch", "transformers", "safetensors", "tokenizers", "tqdm")
+    csv_path = check.out / f"inference_{check.tag}.csv"
+    csv_path.unlink(missing_ok=True)  # the script resumes from its CSV: start afresh in a reused --out
+    cmd = [check.python, str(ROOT / "benchmarks" / "inference_speed.py"), "--csv", str(csv_path)]
+    cmd += ["--work", str(check.work / "inference"), "--device", check.device, "--ratios", "0.3"]
+    if check.dry:
+        cmd += ["--shapes", "tiny", "--dtypes", "fp32", "--multiples", "1", "64", "--repeats", "1", "--new-tokens", "4"]
+    else:  # 8 blocks: with fewer, a GPU's decode step is kernel launches more than weight reads
+        cmd += ["--shapes", "llama2-7b", "--blocks", "8", "--dtypes", "bf16", "--multiples", "1", "128"]
+        cmd += ["--repeats", "2", "--new-tokens", "64"]
+    proc = check.run(cmd)
+    rows = read_csv(csv_path)
+    if proc.rc != 0 or not rows:
+        raise Failure(f"inference_speed.py exit {proc.rc}: {proc.last_line()}")
+    parts = [
+        f"r={r['ratio']} m={r['width_multiple']} (width {r['ffn_width']}): decode x{r['decode1_speedup']} "
+        f"(bound x{r['decode_bound']}), prefill x{r['prefill_speedup']}"
+        for r in rows
+        if float(r["ratio"]) > 0
+    ]
+    dense = rows[0]
+    return f"dense {float(dense['decode1_tok_s']):.1f} tok/s (batch 1); " + "; ".join(parts)
+
+
 STEP_FUNCTIONS = {
     "build": step_build,
     "pytest-gpu": step_pytest,
@@ -410,4 +438,5 @@ STEP_FUNCTIONS = {
     "compress": step_compress,
     "streaming": step_streaming,
     "torchrun": step_torchrun,
+    "inference": step_inference,
 }
