@@ -62,6 +62,14 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def finished_keys(path: Path, key: tuple[str, ...]) -> set[tuple[str, ...]]:
+    """The ``key`` columns (as written: strings) of every row of ``path`` so far: what a resumed study skips."""
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {tuple(row[k] for k in key) for row in csv.DictReader(f)}
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Replace ``path`` with ``rows`` (header from the first row)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from prunenet.text import SPLITS, load_text, speech_files
 from prunenet.widths import kept_width
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, RESULTS, append_csv, pyplot, run_tags, update_doc_block  # noqa: E402
+from common import DOCS, RESULTS, append_csv, finished_keys, pyplot, run_tags, update_doc_block  # noqa: E402
 
 CSV = RESULTS / "compensation_study.csv"
 KEY = ("model", "probes", "budget", "seed", "ratio", "update", "damping")
@@ -134,13 +134,6 @@ class Masker:
                 param.copy_(dense)
 
 
-def done_keys() -> set[tuple]:
-    if not CSV.exists():
-        return set()
-    with open(CSV, newline="") as f:
-        return {tuple(row[k] for k in KEY) for row in csv.DictReader(f)}
-
-
 def run(args) -> None:
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(args.model)
@@ -148,7 +141,7 @@ def run(args) -> None:
     width = adapter.ffn_width(model.config)
     texts = eval_texts()
     masker = Masker(model)
-    done = done_keys()
+    done = finished_keys(CSV, KEY)
     tags = run_tags()
     checked = False
 

@@ -35,7 +35,7 @@ from prunenet.selfcal import selfcal_keeps, top_k
 from prunenet.tables import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, RESULTS, append_csv, run_tags, update_doc_block  # noqa: E402
+from common import DOCS, RESULTS, append_csv, finished_keys, run_tags, update_doc_block  # noqa: E402
 from compensation_study import TEXTS, Masker, eval_texts, grams  # noqa: E402
 
 CSV = RESULTS / "width_quality.csv"
@@ -43,19 +43,12 @@ KEY = ("model", "seed", "ratio", "width_multiple")
 DAMPING = 1.0  # PruneConfig.damping
 
 
-def done_keys() -> set[tuple]:
-    if not CSV.exists():
-        return set()
-    with open(CSV, newline="") as f:
-        return {tuple(row[k] for k in KEY) for row in csv.DictReader(f)}
-
-
 def run(args) -> None:
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(args.model)
     adapter = get_adapter(model.config)
     width = adapter.ffn_width(model.config)
-    texts, masker, done, tags = eval_texts(), Masker(model), done_keys(), run_tags()
+    texts, masker, done, tags = eval_texts(), Masker(model), finished_keys(CSV, KEY), run_tags()
 
     def measure() -> dict:
         tick = time.perf_counter()
@@ -113,12 +106,15 @@ def report() -> None:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], float(row["ratio"]), int(row["width_multiple"])), []).append(row)
-    table = []
+    table, seen = [], set()
     for (model, ratio, multiple), cell in sorted(groups.items()):
-        if ratio == 0:
+        k = cell[0]["k"]
+        if ratio == 0 or (model, ratio, k) in seen:  # cells that reach the same width: one line
             continue
+        seen.add((model, ratio, k))
+        same = [m for (mo, r, m), c in sorted(groups.items()) if (mo, r) == (model, ratio) and c[0]["k"] == k]
         exact = groups[(model, ratio, 1)]
-        cells = [model, ratio, multiple, f"{cell[0]['n']} -> {cell[0]['k']}"]
+        cells = [model, ratio, ", ".join(map(str, same)), f"{cell[0]['n']} -> {k}"]
         for text in TEXTS:
             med = statistics.median(float(r[f"ppl_{text}"]) for r in cell)
             base = statistics.median(float(r[f"ppl_{text}"]) for r in exact)
