@@ -453,6 +453,9 @@ def select(source: Source, config: PruneConfig, *, dist=None, progress: bool = T
 
     k = source.adapter.kept_width(config.ratio, source.width, config.width_multiple)
     if k == source.width:
+        if config.ratio > 0:  # the multiple asked for is the whole width: say why nothing is removed
+            log.warning("--width-multiple %d leaves all %d FFN neurons at ratio %s: nothing is removed",
+                        config.width_multiple, source.width, config.ratio)  # fmt: skip
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)
         windows = prepared.get("windows")  # the text was read and checked all the same: recorded
         manifest = {"calibration": windows.record} if windows is not None else {}

@@ -109,3 +109,12 @@ def test_torchrun_rounds_as_one_process(tmp_path):
     run(source, tmp_path / "one", ratio=0.25, width_multiple=16, streaming=True)
     assert read_manifest(tmp_path / "two")["k"] == 48
     assert_same_output(tmp_path / "two", tmp_path / "one")
+
+
+def test_a_multiple_as_wide_as_the_ffn_removes_nothing_and_says_so(tmp_path, caplog):
+    source = tmp_path / "src"
+    save_tiny_model("llama", source)
+    with caplog.at_level("WARNING", logger="prunenet"):
+        result = run(source, tmp_path / "out", ratio=0.3, width_multiple=128, method="magnitude")
+    assert result.k == WIDTH and read_manifest(tmp_path / "out")["ratio_reached"] == 0.0
+    assert "--width-multiple 128 leaves all 74 FFN neurons at ratio 0.3" in caplog.text
