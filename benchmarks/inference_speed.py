@@ -26,13 +26,15 @@ untimed warm-up:
 * decode, batch 8: the same after a 64-token prompt per sequence.
 
 The bound: batch-1 decoding is memory-bound, so it can speed up at most by the ratio of the bytes read per
-token, ``read_dense / read_pruned`` (every weight but the input embedding's; the KV cache is small here);
+token, ``read_dense / read_pruned`` (every weight but the input embedding's, which a tied head reads all the same;
+the KV cache is small here);
 prefill is compute-bound, bounded by the ratio of the blocks' matmul weights. For a whole LLaMA-2-7B, removing
 FFN neurons at ratio ``r`` removes ``r * 2/3`` of a block's weights: ``1 / (1 - 2r/3)``, 1.25x at ``r = 0.3``.
 
 ``peak_rss_bytes`` is the worker's resident high-water mark (``VmHWM``: interpreter, torch and the model; on
 CUDA, ``torch.cuda.max_memory_allocated``). Rows go to ``benchmarks/results/inference_speed_cpu.csv``
-(``--csv``), one group (shape, dtype) at a time: a stopped run resumes at the first group it has not written.
+(``--csv``; ``--quick``: ``inference_speed_quick.csv``), one group (shape, dtype) at a time: a stopped run
+resumes at the first group whose rows (at these ratios, multiples and depth) it has not written.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DOCS, RESULTS, append_csv, pyplot, run_tags, update_doc_block  # noqa: E402
+from common import DOCS, RESULTS, append_csv, finished_keys, pyplot, run_tags, update_doc_block  # noqa: E402
 
 CSV = RESULTS / "inference_speed_cpu.csv"
 PLOT = RESULTS / "inference_speed.png"
@@ -196,11 +198,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def done_groups(path: Path) -> set[tuple[str, str]]:
-    if not path.exists():
-        return set()
-    with open(path, newline="") as f:
-        return {(row["shape"], row["dtype"]) for row in csv.DictReader(f)}
+GROUP_KEY = ("shape", "dtype", "blocks", "ratio", "width_multiple")
+
+
+def group_keys(shape: str, dtype: str, args) -> set[tuple[str, ...]]:
+    """The rows one (shape, dtype) group writes, as :data:`GROUP_KEY` strings: a group is done when all are in
+    the CSV (another run's ratios, multiples or depth do not count)."""
+    blocks = str(args.blocks) if shape != "smollm2-135m" else "all"
+    cells = [(0.0, 1)] + [(r, m) for r in args.ratios for m in args.multiples]
+    return {(shape, dtype, blocks, str(float(r)), str(m)) for r, m in cells}
 
 
 def run_group(shape: str, dtype: str, dense: Path, pruned: dict, args) -> list[dict]:
@@ -245,15 +251,14 @@ def run_group(shape: str, dtype: str, dense: Path, pruned: dict, args) -> list[d
 def study(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    done = done_groups(args.csv)
+    done = finished_keys(args.csv, GROUP_KEY)
     for shape in args.shapes:
-        if all((shape, dtype) in done for dtype in args.dtypes):
+        todo = [dtype for dtype in args.dtypes if not group_keys(shape, dtype, args) <= done]
+        if not todo:
             continue
         dense = dense_model(shape, work, args.blocks)
         pruned = pruned_models(dense, args.ratios, args.multiples, work, f"{shape}-{args.blocks}")
-        for dtype in args.dtypes:
-            if (shape, dtype) in done:
-                continue
+        for dtype in todo:
             rows = run_group(shape, dtype, dense, pruned, args)
             append_csv(args.csv, rows)
             print(f"wrote {len(rows)} rows of {shape} {dtype} to {args.csv}", flush=True)
@@ -342,6 +347,8 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.shapes, args.dtypes, args.ratios, args.repeats = ["smollm2-135m"], ["fp32"], [0.3], 2
+        if args.csv == CSV:  # a quick look never stands in for the study's rows
+            args.csv = RESULTS / "inference_speed_quick.csv"
     if not args.report:
         study(args)
     if args.csv == CSV:

@@ -141,7 +141,7 @@ def test_make_checkpoint_keeps_only_the_first_layers(tmp_path):
 @pytest.mark.slow
 def test_dry_run_passes_every_step_and_writes_results(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    # Generous limits: the machine running the tests may be loaded; the run takes about 2.5 minutes on 2 cores.
+    # Generous limits: the machine running the tests may be loaded; the run takes a few minutes on 2 cores.
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work)]
     proc = subprocess.run(cmd + ["--timeout-scale", "3", "--budget", "0"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -157,7 +157,12 @@ def test_dry_run_passes_every_step_and_writes_results(tmp_path):
     assert "pytest" in (out / "steps.log").read_text()
 
     skipped = {r["step"] for r in summary if r["status"] == "skipped"}
-    for step, name in (("slicing", "slicing"), ("reward", "reward"), ("compress", "compress")):
+    for step, name in (
+        ("slicing", "slicing"),
+        ("reward", "reward"),
+        ("compress", "compress"),
+        ("inference", "inference"),
+    ):
         if step in skipped:
             continue
         with open(out / f"{name}_cpu-dry-run.csv", newline="") as f:

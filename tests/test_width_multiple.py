@@ -117,4 +117,4 @@ def test_a_multiple_as_wide_as_the_ffn_removes_nothing_and_says_so(tmp_path, cap
     with caplog.at_level("WARNING", logger="prunenet"):
         result = run(source, tmp_path / "out", ratio=0.3, width_multiple=128, method="magnitude")
     assert result.k == WIDTH and read_manifest(tmp_path / "out")["ratio_reached"] == 0.0
-    assert "--width-multiple 128 leaves all 74 FFN neurons at ratio 0.3" in caplog.text
+    assert "a multiple of 128 leaves all 74 FFN neurons at ratio 0.3: nothing is removed" in caplog.text
