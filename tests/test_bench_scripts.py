@@ -200,3 +200,25 @@ def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
         assert float(row["decode_bound"]) == pytest.approx(read, abs=1e-3)
         assert float(row["prefill_bound"]) == pytest.approx(blocks, abs=1e-3)
         assert float(row["decode1_tok_s"]) > 0 and int(row["peak_rss_bytes"]) > 0
+
+
+def test_inference_speed_worker_counts_a_tied_head_as_read(tmp_path):
+    """A tied head is the embedding table: the decode step reads all of it, so the bytes read are every stored
+    tensor, and the blocks are every stored tensor but that one."""
+    import transformers
+    from safetensors import safe_open
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied")
+    tiny_tokenizer().save_pretrained(tmp_path / "tied")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "tied").tie_word_embeddings
+    spec = {"model": str(tmp_path / "tied"), "dtype": "fp32", "device": "cpu", "new_tokens": 1}
+    found = load_benchmark("inference_speed").worker(spec)
+    with safe_open(str(tmp_path / "tied" / "model.safetensors"), "pt") as f:
+        sizes = {name: 4 * torch.Size(f.get_slice(name).get_shape()).numel() for name in f.keys()}
+    assert "lm_head.weight" not in sizes  # stored once, as the embedding
+    assert found["read_bytes"] == found["weight_bytes"] == sum(sizes.values())
+    assert found["block_bytes"] == sum(v for name, v in sizes.items() if "embed_tokens" not in name)
