@@ -49,7 +49,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,8 +80,8 @@ def worker(spec: dict) -> dict:
     """Load ``spec["model"]`` in ``spec["dtype"]`` on ``spec["device"]`` and time prefill and decode."""
     import torch
 
-    from prunenet.compat import forward_with_cache
     from prunenet.dtypes import TORCH_DTYPES
+    from prunenet.inference_cost import _prefill_and_decode  # what `prunenet eval --cost` times
     from prunenet.model_size import weight_bytes
     from prunenet.models import load_model
 
@@ -92,23 +91,9 @@ def worker(spec: dict) -> dict:
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def run(prompt: torch.Tensor, steps: int) -> tuple[float, float]:
-        sync()
-        tick = time.perf_counter()
-        logits, cache = forward_with_cache(model, prompt, logits_to_keep=1)
-        sync()
-        prefill = time.perf_counter() - tick
-        token = logits[:, -1:].argmax(-1)
-        tick = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = forward_with_cache(model, token, cache)
-            token = logits[:, -1:].argmax(-1)
-        sync()
-        return prefill, time.perf_counter() - tick
+        """Seconds of a prefill of ``prompt`` (last position's logits only) and of ``steps`` decode steps."""
+        return _prefill_and_decode(model, prompt, steps, device, {"logits_to_keep": 1})
 
     steps = spec["new_tokens"]
     with torch.inference_mode():
