@@ -18,7 +18,6 @@ Nothing here imports torch at module level: the CLI reads the registry to build 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -455,7 +454,7 @@ def select(source: Source, config: PruneConfig, *, dist=None, progress: bool = T
     k = source.adapter.kept_width(config.ratio, source.width, config.width_multiple)
     if k == source.width:
         if config.ratio > 0:  # the multiple (the family's included) covers the whole width: say why
-            multiple = math.lcm(config.width_multiple, source.adapter.width_multiple)
+            multiple = source.adapter.kept_multiple(config.width_multiple)
             log.warning("a kept width rounded to a multiple of %d leaves all %d FFN neurons at ratio %s: nothing is "
                         "removed", multiple, source.width, config.ratio)  # fmt: skip
         log.info("ratio %s keeps all %d FFN neurons: nothing to select or train", config.ratio, source.width)

@@ -266,10 +266,15 @@ class ModelAdapter:
         """Tokens the language model's embedding and head cover (0 where its config does not say)."""
         return int(getattr(self.text_config(config), "vocab_size", None) or 0)
 
+    def kept_multiple(self, multiple: int = 1) -> int:
+        """What a kept width is a multiple of: both ``multiple`` (the user's ``--width-multiple``) and the
+        family's ``width_multiple``."""
+        return math.lcm(multiple, self.width_multiple)
+
     def kept_width(self, ratio: float, width: int, multiple: int = 1) -> int:
-        """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to a multiple of both ``multiple`` (the
-        user's ``--width-multiple``) and the family's ``width_multiple`` (never below it, never above ``n``)."""
-        return kept_width(ratio, width, math.lcm(multiple, self.width_multiple))
+        """``k`` for ``ratio``: ``floor((1 - ratio) * n)``, rounded down to :meth:`kept_multiple` (never below
+        it, never above ``n``)."""
+        return kept_width(ratio, width, self.kept_multiple(multiple))
 
     def check_config(self, config) -> None:
         """Raise ``ValueError`` (one line) for a configuration of this family that cannot be pruned."""
