@@ -13,7 +13,7 @@ DEMO_OUT   ?= demo-out
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: install demo test test-fast lint format bench clean cuda-check dist test-install
+.PHONY: install demo test test-fast lint format bench clean cuda-check dist test-install gguf-extra
 
 install: $(VENV)/.installed
 
@@ -39,7 +39,18 @@ demo: install
 	@echo "== SmolLM2-135M, ratio $(DEMO_RATIO): perplexity on held-out text (lower is better) =="
 	$(BIN)/python tools/demo_table.py smollm2-135m $(DEMO_OUT)/prunenet $(DEMO_OUT)/selfcal
 
-test: install
+# The [gguf] extra (pyproject.toml): llama-cpp-python, an sdist that builds llama.cpp with CMake, about 5 minutes
+# on 2 cores the first time; pip keeps the built wheel in its cache, so a new .venv installs it in seconds.
+# LLAVA_BUILD=OFF: its multimodal library is not used. Without it the llama.cpp tests skip, saying so.
+LLAMA_CPP := llama-cpp-python>=0.3.36,<0.4
+
+gguf-extra: $(VENV)/.gguf-extra
+
+$(VENV)/.gguf-extra: $(VENV)/.installed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q "$(LLAMA_CPP)"
+	touch $@
+
+test: install $(VENV)/.gguf-extra
 	$(BIN)/python -m pytest -q tests
 	@# Again without the native extension: every op must work on its pure-PyTorch path.
 	PRUNENET_DISABLE_EXT=1 $(BIN)/python -m pytest -q -m "not slow" tests

@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_eval(sub)
     _add_finetune(sub)
+    _add_export(sub)
     return parser
 
 
@@ -221,6 +222,65 @@ def _add_finetune(sub) -> None:
     add_config_arguments(f, FinetuneConfig, defaults_with=("--teacher", SELF_DISTILLATION))
     add_config_arguments(f, FinetuneRun, skip=("config", *learns_from))
     _add_output_flags(f, "summary")
+
+
+def _add_export(sub) -> None:
+    from .gguf_export import QUANT_HELP, QUANTS
+
+    x = sub.add_parser(
+        "export",
+        help="write a (pruned) model as one GGUF file that llama.cpp runs",
+        description="Write a model folder (a compress output, or any model of an exported family: llama, mistral, "
+        "qwen2, qwen3) as one GGUF file for llama.cpp, reading one tensor at a time. The pruned FFN width is "
+        "carried by the tensors' shapes and the feed_forward_length key. Quantized types are made by llama.cpp's "
+        "own quantizer; a matrix whose rows its blocks do not divide (K-quants need a multiple of 256) gets the "
+        "type llama.cpp falls back to, and the summary says so (compress --width-multiple 256 avoids it for the "
+        "FFN). The file is written beside --out and renamed into place when complete.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    x.add_argument("--model", required=True, help=f"a folder written by compress, any local HF folder, or "
+                   f"'{DEFAULT_MODEL}'")  # fmt: skip
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="the file format (llama.cpp's GGUF)")
+    x.add_argument("--out", required=True, help="the .gguf file to write; its folder must exist")
+    x.add_argument("--quant", default="f16", choices=list(QUANTS), help=f"the tensor type: {QUANT_HELP}")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if an earlier prunenet export wrote it "
+                   "(any other file is left alone)")  # fmt: skip
+    _add_output_flags(x, "summary")
+
+
+def _run_export(args) -> dict:
+    from .gguf_export import export_gguf, fallback_note
+    from .tables import format_bytes
+
+    result = export_gguf(args.model, args.out, quant=args.quant, overwrite=args.overwrite, progress=not args.quiet)
+    rows = [
+        ("output", str(result.out)),
+        ("model type", f"{result.model_type} (llama.cpp architecture {result.arch})"),
+        ("FFN width", str(result.ffn_width)),
+        ("type", result.quant),
+        ("tokenizer", _pre_tokenizer_note(result.pre_tokenizer)),
+        ("tensors", ", ".join(f"{n} {kind.lower()}" for kind, n in sorted(result.types.items()))),
+        ("size", format_bytes(result.bytes)),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    if (note := fallback_note(result)) is not None:
+        rows.append(("fell back", note))
+    print(format_table(None, rows))
+    return {
+        "out": str(result.out), "model_type": result.model_type, "arch": result.arch, "quant": result.quant,
+        "ffn_width": result.ffn_width, "tensors": result.tensors, "bytes": result.bytes, "types": result.types,
+        "fallbacks": result.fallbacks, "pre_tokenizer": result.pre_tokenizer, "seconds": round(result.seconds, 3),
+    }  # fmt: skip
+
+
+def _pre_tokenizer_note(pre: str | None) -> str:
+    import importlib.util
+
+    if pre is not None:
+        return f"llama.cpp pre-tokenizer {pre!r} (splits a probe text into the ids transformers gives)"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama.cpp pre-tokenizer 'default', not checked (pip install 'prunenet[gguf]' checks and chooses)"
+    return "llama.cpp pre-tokenizer 'default': none tried splits a probe text as transformers does; give token ids"
 
 
 def _run_compress(args) -> dict:
@@ -536,7 +596,9 @@ def _run(args) -> dict:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:  # loaded already (main() called from Python): tell it directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()
-    return {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune}[args.command](args)
+    return {"compress": _run_compress, "eval": _run_eval, "finetune": _run_finetune, "export": _run_export}[
+        args.command
+    ](args)
 
 
 def _exit_status(command: str, err: BaseException, debug: bool) -> int | None:

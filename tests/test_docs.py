@@ -125,3 +125,13 @@ def test_generated_blocks_match_the_code():
         [sys.executable, str(ROOT / "tools" / "gen_docs.py"), "--check"], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_makefile_installs_the_gguf_extras_requirement():
+    """``make test`` installs the ``[gguf]`` extra by its requirement (not the editable package again, which
+    would rebuild the native extension): the two must name the same one."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gguf"]
+    makefile = re.search(r"^LLAMA_CPP := (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert makefile is not None and extra == [makefile.group(1).strip()]

@@ -186,3 +186,48 @@ def all_tensors(folder) -> dict[str, torch.Tensor]:
         with safe_open(path, "pt") as f:
             out.update({name: f.get_tensor(name) for name in f.keys()})
     return out
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, what llama.cpp's ``gpt2`` tokenizer model reads) trained on
+    :func:`tiny_text`: ``<s>``, ``</s>`` and ``<|endoftext|>`` (the token Qwen's tokenizer class adds when it is
+    missing), the 256 byte tokens, then merges up to ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|endoftext|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator([tiny_text(2000, seed) for seed in range(4)], trainer=trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<|endoftext|>"
+    )
+    assert len(tokenizer) == vocab_size, len(tokenizer)
+    return tokenizer
+
+
+def save_tiny_bpe_model(name: str, folder, seed: int = 0, vocab_size: int = 320):
+    """A tiny model of family ``name`` with a ``vocab_size`` vocabulary and :func:`tiny_bpe_tokenizer`, saved in
+    ``folder``; returns the model (what GGUF export needs: llama.cpp reads byte-level BPE tokenizers).
+
+    Its weights are drawn 10x wider than the default (std 0.2): attention then depends clearly on positions and
+    on the query-key products, so a wrong rotary layout or head order changes the logits by far more than
+    float16 rounding."""
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    config.vocab_size = vocab_size
+    config.initializer_range = 0.2
+    tokenizer = tiny_bpe_tokenizer(vocab_size)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model = auto_class(config).from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
