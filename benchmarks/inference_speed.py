@@ -1,4 +1,4 @@
-"""What pruning buys at inference: dense vs pruned models side by side in ``transformers``.
+"""What pruning buys at inference: dense vs pruned models side by side, in ``transformers`` and in llama.cpp.
 
     python benchmarks/inference_speed.py              # embedded SmolLM2-135M + LLaMA-2-7B-shaped blocks, fp32 and
                                                       # bf16, ratios 0.1/0.2/0.3 x width multiples 1/64/128/256
@@ -24,6 +24,12 @@ untimed warm-up:
   of 3;
 * decode, batch 1: ``--new-tokens`` greedy steps with the KV cache after that prompt;
 * decode, batch 8: the same after a 64-token prompt per sequence.
+
+In llama.cpp (``--runtimes llama.cpp``; needs the ``[gguf]`` extra) every variant is exported with ``prunenet
+export`` as ``--quants`` (F16 and Q4_K_M) at the ``--gguf-multiples`` (1, 32, 256: 32-value blocks are what
+llama.cpp's Q8_0/Q5_0 need along a row, 256 what its K-quants need; a pruned FFN width neither divides leaves the
+FFN's out-projection in F16). The worker times a 512-token prompt in one batch (median of 3) and batch-1 decoding,
+with all cores; there is no batch-8 row.
 
 The bound: batch-1 decoding is memory-bound, so it can speed up at most by the ratio of the bytes read per
 token, ``read_dense / read_pruned`` (every weight but the input embedding's, which a tied head reads all the same;
@@ -59,6 +65,8 @@ CSV = RESULTS / "inference_speed_cpu.csv"
 PLOT = RESULTS / "inference_speed.png"
 RATIOS = (0.1, 0.2, 0.3)
 MULTIPLES = (1, 64, 128, 256)
+GGUF_MULTIPLES = (1, 32, 256)
+QUANTS = ("f16", "q4_k_m")
 PROMPT = 512
 BATCH_PROMPT = 64
 BATCH = 8
@@ -123,8 +131,37 @@ def worker(spec: dict) -> dict:
     }
 
 
-def measure(model: Path, dtype: str, device: str, new_tokens: int) -> dict:
-    spec = {"model": str(model), "dtype": dtype, "device": device, "new_tokens": new_tokens}
+def gguf_worker(spec: dict) -> dict:
+    """Load the GGUF file ``spec["model"]`` in llama.cpp on the CPU and time a prompt and batch-1 decoding."""
+    import gguf
+    import numpy as np
+
+    from prunenet import llama_cpp_run
+
+    llm = llama_cpp_run.load(spec["model"], n_ctx=PROMPT + spec["new_tokens"] + 16)
+    vocab = llm.n_vocab()
+    ids = np.random.default_rng(0).integers(0, vocab, PROMPT).tolist()
+    llama_cpp_run.prompt_and_decode(llm, ids[:32], 2)  # warm-up
+    prefills = [llama_cpp_run.prompt_and_decode(llm, ids, 0)[0] for _ in range(PREFILLS - 1)]
+    prefill, decode = llama_cpp_run.prompt_and_decode(llm, ids, spec["new_tokens"])
+    prefill = statistics.median([*prefills, prefill])
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(spec["model"]).tensors}
+    total, embed, head = sum(sizes.values()), sizes["token_embd.weight"], sizes.get("output.weight", 0)
+    ffn_width = next(int(t.shape[0]) for t in gguf.GGUFReader(spec["model"]).tensors if ".ffn_down." in t.name)
+    return {
+        "ffn_width": ffn_width,
+        "weight_bytes": total,
+        "read_bytes": total - embed + (embed if head == 0 else 0),  # a tied head reads token_embd in full
+        "block_bytes": total - embed - head,
+        "prefill_tok_s": PROMPT / prefill,
+        "decode1_tok_s": 1 / decode,
+        "decode8_tok_s": float("nan"),
+        "peak_rss_bytes": _vm_hwm(),
+    }
+
+
+def measure(model: Path, dtype: str, device: str, new_tokens: int, runtime: str = "transformers") -> dict:
+    spec = {"model": str(model), "dtype": dtype, "device": device, "new_tokens": new_tokens, "runtime": runtime}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {model} ({dtype}) failed:\n{proc.stderr[-3000:]}")
@@ -173,6 +210,54 @@ def pruned_models(dense: Path, ratios, multiples, work: Path, label: str) -> dic
     return folders
 
 
+def bpe_view(folder: Path, work: Path) -> Path:
+    """``folder`` itself if its tokenizer is a byte-level BPE (what GGUF export writes); otherwise a folder of links
+    to its config and weights beside a byte-level BPE tokenizer trained on the embedded text (the synthetic
+    checkpoints have a word-level one). The tokenizer does not change the speed: the ids measured are random."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    if spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+        return folder
+    view = work / f"{folder.name}-bpe"
+    if view.exists():
+        return view
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from prunenet.text import default_text
+
+    vocab = transformers.AutoConfig.from_pretrained(folder).vocab_size
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # All 256 bytes first where the vocabulary has room for merges beyond them (llama.cpp needs some); otherwise
+    # (the tiny shape's 256) only the characters of the text.
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if vocab >= 1024 else []
+    specials = {"bos_token": "<s>", "eos_token": "</s>"}
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(specials.values()), show_progress=False,
+                                  initial_alphabet=alphabet)  # fmt: skip
+    backend.train_from_iterator([default_text("train")], trainer=trainer)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{view.name}.", dir=work))
+    for item in folder.iterdir():
+        if item.suffix in (".json", ".safetensors") and not item.name.startswith("tokenizer"):
+            (tmp / item.name).symlink_to(item.resolve())
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(tmp)
+    os.replace(tmp, view)
+    return view
+
+
+def gguf_files(folders: dict, quant: str, work: Path) -> dict:
+    """``key -> GGUF file``: each folder of ``folders`` exported once (``prunenet export --quant quant``)."""
+    files = {}
+    for key, folder in folders.items():
+        path = work / f"{folder.name}-{quant}.gguf"
+        if not path.exists():
+            command = [sys.executable, "-m", "prunenet", "export", "--model", str(bpe_view(folder, work)),
+                       "--out", str(path), "--quant", quant, "--quiet"]  # fmt: skip
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        files[key] = path
+    return files
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The study
 
@@ -183,25 +268,27 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-GROUP_KEY = ("shape", "dtype", "blocks", "ratio", "width_multiple")
+GROUP_KEY = ("shape", "runtime", "dtype", "blocks", "ratio", "width_multiple")
 
 
-def group_keys(shape: str, dtype: str, args) -> set[tuple[str, ...]]:
-    """The rows one (shape, dtype) group writes, as :data:`GROUP_KEY` strings: a group is done when all are in
-    the CSV (another run's ratios, multiples or depth do not count)."""
+def group_keys(shape: str, runtime: str, dtype: str, args) -> set[tuple[str, ...]]:
+    """The rows one (shape, runtime, dtype) group writes, as :data:`GROUP_KEY` strings: a group is done when all are
+    in the CSV (another run's ratios, multiples or depth do not count)."""
     blocks = str(args.blocks) if shape != "smollm2-135m" else "all"
-    cells = [(0.0, 1)] + [(r, m) for r in args.ratios for m in args.multiples]
-    return {(shape, dtype, blocks, str(float(r)), str(m)) for r, m in cells}
+    multiples = args.gguf_multiples if runtime == "llama.cpp" else args.multiples
+    cells = [(0.0, 1)] + [(r, m) for r in args.ratios for m in multiples]
+    return {(shape, runtime, dtype, blocks, str(float(r)), str(m)) for r, m in cells}
 
 
-def run_group(shape: str, dtype: str, dense: Path, pruned: dict, args) -> list[dict]:
-    """Every variant of one (shape, dtype), repeats interleaved; one row per (ratio, multiple), dense first."""
+def run_group(shape: str, runtime: str, dtype: str, dense: Path, pruned: dict, args) -> list[dict]:
+    """Every variant of one (shape, runtime, dtype), repeats interleaved; one row per (ratio, multiple), dense
+    first. For llama.cpp, ``dense`` and ``pruned`` are GGUF files of type ``dtype``."""
     variants = {"dense": dense, **{str(folder): folder for folder in pruned.values()}}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, folder in variants.items():
-            runs[name].append(measure(folder, dtype, args.device, args.new_tokens))
-            print(f"{shape} {dtype} repeat {repeat + 1}/{args.repeats} {folder.name}: "
+            runs[name].append(measure(folder, dtype, args.device, args.new_tokens, runtime))
+            print(f"{shape} {runtime} {dtype} repeat {repeat + 1}/{args.repeats} {folder.name}: "
                   f"{runs[name][-1]['decode1_tok_s']:.2f} tok/s (decode, batch 1)", flush=True)  # fmt: skip
 
     def medians(name: str) -> dict:
@@ -215,17 +302,18 @@ def run_group(shape: str, dtype: str, dense: Path, pruned: dict, args) -> list[d
     for (ratio, multiple), folder in [((0.0, 1), dense), *pruned.items()]:
         m = medians("dense" if folder == dense else str(folder))
         rows.append({
-            "shape": shape, "dtype": dtype, "ratio": ratio, "width_multiple": multiple,
+            "shape": shape, "runtime": runtime, "dtype": dtype, "ratio": ratio, "width_multiple": multiple,
             "ffn_width": m["ffn_width"], "weight_bytes": m["weight_bytes"],
             "read_removed": round(1 - m["read_bytes"] / base["read_bytes"], 4),
             "decode_bound": round(base["read_bytes"] / m["read_bytes"], 3),
             "prefill_bound": round(base["block_bytes"] / m["block_bytes"], 3),
             "prefill_tok_s": round(m["prefill_tok_s"], 2),
             "decode1_tok_s": round(m["decode1_tok_s"], 3),
-            "decode8_tok_s": round(m["decode8_tok_s"], 3),
+            "decode8_tok_s": round(m["decode8_tok_s"], 3) if m["decode8_tok_s"] == m["decode8_tok_s"] else "",
             "prefill_speedup": round(m["prefill_tok_s"] / base["prefill_tok_s"], 3),
             "decode1_speedup": round(m["decode1_tok_s"] / base["decode1_tok_s"], 3),
-            "decode8_speedup": round(m["decode8_tok_s"] / base["decode8_tok_s"], 3),
+            "decode8_speedup": round(m["decode8_tok_s"] / base["decode8_tok_s"], 3)
+            if m["decode8_tok_s"] == m["decode8_tok_s"] else "",
             "peak_rss_bytes": int(m["peak_rss_bytes"]),
             "repeats": args.repeats, "new_tokens": args.new_tokens, "blocks": args.blocks if shape != "smollm2-135m"
             else "all", "machine": machine(), "command": command, **tags,
@@ -237,16 +325,23 @@ def study(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     done = finished_keys(args.csv, GROUP_KEY)
+    groups = [("transformers", dtype) for dtype in args.dtypes] * ("transformers" in args.runtimes)
+    groups += [("llama.cpp", quant) for quant in args.quants] * ("llama.cpp" in args.runtimes)
     for shape in args.shapes:
-        todo = [dtype for dtype in args.dtypes if not group_keys(shape, dtype, args) <= done]
+        todo = [(runtime, dtype) for runtime, dtype in groups if not group_keys(shape, runtime, dtype, args) <= done]
         if not todo:
             continue
         dense = dense_model(shape, work, args.blocks)
-        pruned = pruned_models(dense, args.ratios, args.multiples, work, f"{shape}-{args.blocks}")
-        for dtype in todo:
-            rows = run_group(shape, dtype, dense, pruned, args)
+        for runtime, dtype in todo:
+            multiples = args.gguf_multiples if runtime == "llama.cpp" else args.multiples
+            pruned = pruned_models(dense, args.ratios, multiples, work, f"{shape}-{args.blocks}")
+            if runtime == "llama.cpp":
+                files = gguf_files({"dense": dense, **pruned}, dtype, work)
+                rows = run_group(shape, runtime, dtype, files.pop("dense"), files, args)
+            else:
+                rows = run_group(shape, runtime, dtype, dense, pruned, args)
             append_csv(args.csv, rows)
-            print(f"wrote {len(rows)} rows of {shape} {dtype} to {args.csv}", flush=True)
+            print(f"wrote {len(rows)} rows of {shape} {runtime} {dtype} to {args.csv}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,25 +357,26 @@ def report(path: Path) -> None:
     merged: dict[tuple, list[dict]] = {}
     for r in rows:
         if float(r["ratio"]) > 0:
-            merged.setdefault((r["shape"], r["dtype"], r["ratio"], r["ffn_width"]), []).append(r)
+            merged.setdefault((r["shape"], r["runtime"], r["dtype"], r["ratio"], r["ffn_width"]), []).append(r)
     table = []
-    for (shape, dtype, ratio, width), cell in merged.items():
+    for (shape, runtime, dtype, ratio, width), cell in merged.items():
         r = cell[0]
         table.append([
-            shape, dtype, ratio, ", ".join(c["width_multiple"] for c in cell), width,
+            shape, runtime, dtype, ratio, ", ".join(c["width_multiple"] for c in cell), width,
             f"{100 * float(r['read_removed']):.1f} %",
             f"{r['prefill_speedup']}x (bound {r['prefill_bound']}x)",
             f"{r['decode1_speedup']}x (bound {r['decode_bound']}x)",
-            f"{r['decode8_speedup']}x",
+            f"{r['decode8_speedup']}x" if r["decode8_speedup"] else "-",
             f"{int(r['weight_bytes']) / 2**20:.0f} MiB", f"{int(r['peak_rss_bytes']) / 2**20:.0f} MiB",
         ])  # fmt: skip
-    dense = {(r["shape"], r["dtype"]): r for r in rows if float(r["ratio"]) == 0}
-    header = ["model", "dtype", "ratio", "`--width-multiple`", "FFN width", "weights read per token removed",
+    dense = {(r["shape"], r["runtime"], r["dtype"]): r for r in rows if float(r["ratio"]) == 0}
+    header = ["model", "runtime", "dtype", "ratio", "`--width-multiple`", "FFN width", "weights read per token removed",
               "prefill (512 tokens)", "decode, batch 1", "decode, batch 8", "weights", "peak RSS"]  # fmt: skip
     lines = [markdown_table(header, table), "", "Dense, for reference (tokens/s):", ""]
-    lines += [f"* {s} {d}: prefill {r['prefill_tok_s']}, decode batch 1 {r['decode1_tok_s']}, batch 8 "
-              f"{r['decode8_tok_s']}; weights {int(r['weight_bytes']) / 2**20:.0f} MiB, peak RSS "
-              f"{int(r['peak_rss_bytes']) / 2**20:.0f} MiB" for (s, d), r in dense.items()]  # fmt: skip
+    lines += [f"* {s} in {rt}, {d}: prefill {r['prefill_tok_s']}, decode batch 1 {r['decode1_tok_s']}"
+              + (f", batch 8 {r['decode8_tok_s']}" if r["decode8_tok_s"] else "")
+              + f"; weights {int(r['weight_bytes']) / 2**20:.0f} MiB, peak RSS "
+              f"{int(r['peak_rss_bytes']) / 2**20:.0f} MiB" for (s, rt, d), r in dense.items()]  # fmt: skip
     first = rows[0]
     commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"].strip() for r in rows))
     lines += ["", f"Machine: {first['machine']}; torch {first['torch']}; {first['repeats']} interleaved repeats, "
@@ -294,9 +390,11 @@ def report(path: Path) -> None:
     for ax, (key, title) in zip(axes, panels, strict=True):
         bound = "decode_bound" if key.startswith("decode") else "prefill_bound"
         removed = {id(r): 1 - 1 / float(r[bound]) for r in rows}  # decode: of the bytes read; prefill: of the blocks'
-        for shape, dtype in dense:
-            sel = [r for r in rows if r["shape"] == shape and r["dtype"] == dtype]
-            ax.plot([100 * removed[id(r)] for r in sel], [float(r[key]) for r in sel], "o", label=f"{shape} {dtype}")
+        for shape, runtime, dtype in dense:
+            sel = [r for r in rows if (r["shape"], r["runtime"], r["dtype"]) == (shape, runtime, dtype)]
+            marker = "o" if runtime == "transformers" else "s"
+            ax.plot([100 * removed[id(r)] for r in sel], [float(r[key]) for r in sel], marker,
+                    label=f"{shape} {runtime} {dtype}")  # fmt: skip
         xs = sorted(removed.values())
         ax.plot([x * 100 for x in xs], [1 / (1 - x) for x in xs], "k--", label="bound 1 / (1 - removed)")
         ax.set_title(title)
@@ -316,6 +414,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--multiples", nargs="+", type=int, default=list(MULTIPLES), help="--width-multiple values")
+    parser.add_argument("--runtimes", nargs="+", default=["transformers", "llama.cpp"],
+                        choices=["transformers", "llama.cpp"], help="where the models run")  # fmt: skip
+    parser.add_argument("--quants", nargs="+", default=list(QUANTS), choices=["f16", "q8_0", "q4_k_m"],
+                        help="GGUF types measured in llama.cpp")  # fmt: skip
+    parser.add_argument("--gguf-multiples", nargs="+", type=int, default=list(GGUF_MULTIPLES),
+                        help="--width-multiple values of the llama.cpp rows")  # fmt: skip
     parser.add_argument("--blocks", type=int, default=2, help="decoder blocks of the LLaMA-2-7B-shaped model")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per measurement")
@@ -328,10 +432,12 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        print(json.dumps((gguf_worker if spec.get("runtime") == "llama.cpp" else worker)(spec)), flush=True)
         return 0
     if args.quick:
         args.shapes, args.dtypes, args.ratios, args.repeats = ["smollm2-135m"], ["fp32"], [0.3], 2
+        args.quants = ["f16"]
         if args.csv == CSV:  # a quick look never stands in for the study's rows
             args.csv = RESULTS / "inference_speed_quick.csv"
     if not args.report:

@@ -189,7 +189,10 @@ def _write_tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # Merges, special-token ids (bos, eos, pad, unk), whether to add bos, and the chat template.
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    if not special.merges:  # llama.cpp refuses a BPE file without merges, and a GGUF array cannot be empty
+        raise ExportError(f"the tokenizer in {folder} has no BPE merges; llama.cpp cannot load a BPE without any")
 
 
 def _write_metadata(writer, folder: Path, config, adapter, width: int, pre: str) -> None:

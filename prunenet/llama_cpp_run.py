@@ -52,7 +52,7 @@ def perplexity(llm, windows: list[list[int]]) -> float:
 
 def prompt_and_decode(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """Seconds to process ``prompt`` in one batch, and seconds per generated token for ``new_tokens`` greedy
-    single-token steps after it (llama.cpp's two speeds: prompt processing and generation)."""
+    single-token steps after it (llama.cpp's two speeds: prompt processing and generation; ``nan`` for no steps)."""
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
@@ -62,4 +62,4 @@ def prompt_and_decode(llm, prompt: list[int], new_tokens: int) -> tuple[float, f
     for _ in range(new_tokens):
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return prefill, (time.perf_counter() - start) / new_tokens
+    return prefill, (time.perf_counter() - start) / new_tokens if new_tokens else float("nan")

@@ -5,6 +5,7 @@ study's self-calibration variants and report."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
 
     study = load_benchmark("inference_speed")
     out, work = tmp_path / "speed.csv", tmp_path / "work"
-    args = ["--shapes", "tiny", "--dtypes", "fp32", "--ratios", "0.3", "--multiples", "1", "64", "--repeats", "1"]
+    args = ["--shapes", "tiny", "--dtypes", "fp32", "--ratios", "0.3", "--multiples", "1", "64", "--repeats", "1",
+            "--runtimes", "transformers"]  # fmt: skip
     assert study.main([*args, "--new-tokens", "2", "--csv", str(out), "--work", str(work)]) == 0
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -200,6 +202,41 @@ def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
         assert float(row["decode_bound"]) == pytest.approx(read, abs=1e-3)
         assert float(row["prefill_bound"]) == pytest.approx(blocks, abs=1e-3)
         assert float(row["decode1_tok_s"]) > 0 and int(row["peak_rss_bytes"]) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the [gguf] extra (llama-cpp-python) is not "
+                    "installed: pip install 'prunenet[gguf]'")  # fmt: skip
+def test_inference_speed_llama_cpp_rows_hold_the_gguf_widths_and_their_bounds(tmp_path):
+    """The llama.cpp rows: one per (ratio, multiple) at the width --width-multiple gives, from F16 files whose byte
+    counts (2 bytes per matrix value, 4 per norm value, from the safetensors shapes) give the bounds."""
+    from safetensors import safe_open
+
+    study = load_benchmark("inference_speed")
+    out, work = tmp_path / "speed.csv", tmp_path / "work"
+    args = ["--shapes", "tiny", "--ratios", "0.3", "--gguf-multiples", "1", "32", "--repeats", "1", "--runtimes",
+            "llama.cpp", "--quants", "f16", "--new-tokens", "2", "--csv", str(out), "--work", str(work)]  # fmt: skip
+    assert study.main(args) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["runtime"], r["dtype"], r["ratio"], r["width_multiple"], r["ffn_width"]) for r in rows] == [
+        ("llama.cpp", "f16", "0.0", "1", "172"),
+        ("llama.cpp", "f16", "0.3", "1", "120"),
+        ("llama.cpp", "f16", "0.3", "32", "96"),
+    ]
+
+    def f16_bytes(folder: Path, leave_out: tuple[str, ...]) -> int:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            shapes = [f.get_slice(name).get_shape() for name in f.keys() if not any(p in name for p in leave_out)]
+        return sum((2 if len(shape) > 1 else 4) * torch.Size(shape).numel() for shape in shapes)
+
+    dense = work / "tiny-2blocks"
+    for row in rows[1:]:
+        pruned = work / f"tiny-2-k{row['ffn_width']}"
+        read = f16_bytes(dense, ("embed_tokens",)) / f16_bytes(pruned, ("embed_tokens",))
+        blocks = f16_bytes(dense, ("embed_tokens", "lm_head")) / f16_bytes(pruned, ("embed_tokens", "lm_head"))
+        assert float(row["decode_bound"]) == pytest.approx(read, abs=1e-3)
+        assert float(row["prefill_bound"]) == pytest.approx(blocks, abs=1e-3)
+        assert float(row["decode1_tok_s"]) > 0 and int(row["peak_rss_bytes"]) > 0 and row["decode8_tok_s"] == ""
 
 
 def test_inference_speed_worker_counts_a_tied_head_as_read(tmp_path):
