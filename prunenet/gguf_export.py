@@ -427,7 +427,7 @@ def fallback_note(result: ExportResult) -> str | None:
     if any(result.ffn_width in lengths for lengths in result.fallbacks.values()):
         note += f"; compress --width-multiple {BLOCK[result.quant]} gives an FFN width they divide"
         if result.quant == "q4_k_m":
-            note += " (32: one llama.cpp's 32-value fallback types divide, instead of f16)"
+            note += " (or 32, which llama.cpp's 32-value fallback types divide: q5_0 instead of f16)"
     return note
 
 

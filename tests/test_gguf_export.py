@@ -165,7 +165,8 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_quantizing_without_llama_cpp_is_refused_before_any_work(tmp_path, monkeypatch):
+def without_llama_cpp(monkeypatch):
+    """``import llama_cpp`` fails from here on, as where the ``[gguf]`` extra is not installed."""
     import builtins
 
     real_import = builtins.__import__
@@ -176,6 +177,10 @@ def test_quantizing_without_llama_cpp_is_refused_before_any_work(tmp_path, monke
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+
+
+def test_quantizing_without_llama_cpp_is_refused_before_any_work(tmp_path, monkeypatch):
+    without_llama_cpp(monkeypatch)
     monkeypatch.setattr(gguf_export, "_write_f16", lambda *a: pytest.fail("did work"))
     with pytest.raises(ExportError, match=r"pip install 'prunenet\[gguf\]'"):
         export_gguf(tmp_path / "anything", tmp_path / "m.gguf", quant="q4_k_m")
@@ -290,3 +295,11 @@ def test_the_chosen_pre_tokenizer_splits_text_as_transformers(tmp_path):
         vocab = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     got = vocab.tokenize(text.encode(), add_bos=False, special=False)
     assert got == AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+
+
+def test_without_llama_cpp_f16_is_written_with_the_default_pre_tokenizer_unchecked(tmp_path, monkeypatch):
+    folder = pruned_bpe_model(tmp_path, "qwen3")
+    without_llama_cpp(monkeypatch)
+    result = export_gguf(folder, tmp_path / "m.gguf", progress=False)
+    assert result.pre_tokenizer is None and field(tmp_path / "m.gguf", "tokenizer.ggml.pre") == "default"
+    assert result.types == {"F16": 16, "F32": 9} and result.fallbacks == {}  # 2 blocks: q/k norms too
