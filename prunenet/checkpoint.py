@@ -120,3 +120,17 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 def kept_indices_to_json(keeps: list[torch.Tensor]) -> list[list[int]]:
     """Kept neuron indices per layer as plain lists for the manifest."""
     return [keep.tolist() for keep in keeps]
+
+
+def declare_torch_dtype(folder: Path) -> None:
+    """Write ``torch_dtype`` beside ``dtype`` in ``folder``'s config.json, naming the same dtype.
+
+    transformers >= 4.56 writes the dtype as ``dtype`` alone, but readers built on older transformers read only
+    ``torch_dtype`` (vLLM's and SGLang's releases before then, tools reading the raw JSON): without it they take
+    the model for float32 and serve it in float16. Both keys name the same dtype, and transformers 5 keeps
+    ``dtype`` and drops ``torch_dtype`` on load: the config reloads identically (tests/test_serving_configs.py)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("dtype") is not None:
+        config["torch_dtype"] = config["dtype"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as transformers writes it

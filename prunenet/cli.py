@@ -249,7 +249,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> dict:
-    from .gguf_export import export_gguf, fallback_note
+    from .gguf_export import alignment_note, export_gguf, fallback_note
     from .tables import format_bytes
 
     result = export_gguf(args.model, args.out, quant=args.quant, overwrite=args.overwrite, progress=not args.quiet)
@@ -265,6 +265,8 @@ def _run_export(args) -> dict:
     ]
     if (note := fallback_note(result)) is not None:
         rows.append(("fell back", note))
+    if (note := alignment_note(result)) is not None:
+        rows.append(("speed", note))
     print(format_table(None, rows))
     return {
         "out": str(result.out), "model_type": result.model_type, "arch": result.arch, "quant": result.quant,

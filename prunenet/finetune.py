@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .adapters import ModelAdapter, get_adapter
-from .checkpoint import MANIFEST_FILE, POLICY_FILE, read_manifest, write_manifest
+from .checkpoint import MANIFEST_FILE, POLICY_FILE, declare_torch_dtype, read_manifest, write_manifest
 from .config import FinetuneConfig, FinetuneError, FinetuneRun, config_from, finetune_config
 from .distill import TeacherTargets, teacher_targets
 from .lora import merge_lora, require_peft
@@ -343,6 +343,7 @@ def _save(target: OutputFolder, lm, tokenizer, source: Path, manifest: dict, tim
     with target.write() as tmp:
         tick = time.perf_counter()
         lm.save_pretrained(tmp)
+        declare_torch_dtype(tmp)  # as compress's outputs: for serving engines on older transformers
         tokenizer.save_pretrained(tmp)
         if (source / POLICY_FILE).is_file():  # the manifest names it: keep the folder self-consistent
             shutil.copy2(source / POLICY_FILE, tmp / POLICY_FILE)

@@ -431,6 +431,21 @@ def fallback_note(result: ExportResult) -> str | None:
     return note
 
 
+ALIGNED = 32
+"""FFN widths llama.cpp runs at full speed are multiples of this: at others its prompt processing on F16 files
+measured 0.54-0.89x of the dense model's (docs/results.md, ``benchmarks/inference_speed.py``)."""
+
+
+def alignment_note(result: ExportResult) -> str | None:
+    """One line when the FFN width is no multiple of :data:`ALIGNED` (and nothing fell back, which says more)."""
+    if result.fallbacks or result.ffn_width % ALIGNED == 0:
+        return None
+    return (
+        f"FFN width {result.ffn_width} is no multiple of {ALIGNED}: llama.cpp processed prompts at 0.54-0.89x "
+        f"of the dense model's speed at such widths (measured); compress --width-multiple {ALIGNED} avoids it"
+    )
+
+
 def check_gguf_output(out: str | os.PathLike, model: Path, overwrite: bool) -> Path:
     """``out`` resolved: a ``.gguf`` path outside the model folder whose parent exists, and either absent or (with
     ``overwrite``) a file an earlier export wrote."""

@@ -32,9 +32,12 @@ from .streaming import INDEX_FILE, CheckpointSource
 log = logging.getLogger(__name__)
 
 # Files of the source folder that the writer regenerates or must not copy (weights in other formats
-# would be stale: they still have the old FFN width; prunenet's own files describe the source's pruning).
+# would be stale: they still have the old FFN width; prunenet's own files describe the source's pruning;
+# hf_quant_config.json describes a quantized checkpoint, which SGLang reads beside config.json
+# (python/sglang/srt/configs/model_config.py, _parse_quant_hf_config): the shards written are float ones).
 _NOT_COPIED = re.compile(
-    r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|onnx)$|^config\.json$|^prunenet\.json$|^" + re.escape(INDEX_FILE)
+    r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|onnx)$|^config\.json$|^prunenet\.json$|^hf_quant_config\.json$|^"
+    + re.escape(INDEX_FILE)
 )
 
 

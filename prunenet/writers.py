@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import declare_torch_dtype
 from .compensation import ColumnStore
 from .config import PruneConfig
 from .distributed import Distributed
@@ -70,7 +71,11 @@ class ModelWriter(_Writer):
         return None  # an in-memory run has nothing to resume
 
     def save(self, folder: Path, keeps, dist: Distributed, progress: bool = True) -> None:
-        self.source.model.save_pretrained(folder)
+        model = self.source.model
+        if getattr(model, "hf_quantizer", None) is None:  # loaded as a float model: a source's block is stale
+            drop_quantization(model.config)
+        model.save_pretrained(folder)
+        declare_torch_dtype(folder)
         self.source.tokenizer.save_pretrained(folder)
 
 
@@ -96,6 +101,7 @@ class ShardWriter(_Writer):
         self.slices = ffn_slices(checkpoint, adapter, model_config, keeps)
         self.config = type(model_config).from_dict(model_config.to_dict())  # the source's keeps the dense widths
         adapter.set_ffn_width(self.config, keeps[0].numel())
+        describe_as_stored(self.config, checkpoint.state_dtype(adapter, model_config))
         if config.modules != "ffn+attn":
             return None
         shape = adapter.attention_shape(model_config)
@@ -137,6 +143,35 @@ class ShardWriter(_Writer):
         dist.agree(True, "writing shards")  # raises on every rank if one failed: rank 0 then cleans up
         if dist.is_main:
             finish_checkpoint(checkpoint, self.slices, self.config, folder)
+            declare_torch_dtype(folder)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def describe_as_stored(config, stored: torch.dtype) -> None:
+    """Make a streamed output's ``config`` say what its shards hold (the tensors as stored): ``dtype`` the FFN
+    weights' stored dtype ``stored``, and no quantization block.
+
+    Serving engines build the model from config.json: its dtype from ``dtype`` (vLLM ``vllm/config/model.py``
+    ``_find_dtype``; SGLang ``python/sglang/srt/configs/model_config.py`` ``_get_and_verify_dtype`` takes a
+    missing one for float32 and serves float16), quantized layers from ``quantization_config`` (SGLang also reads
+    ``compression_config``). A source's config can say otherwise: no dtype, another than its tensors', a stale
+    block over float weights (the in-memory writer's ``save_pretrained`` writes the dtype of the model as
+    loaded). A ``stored`` dtype that is no float (a quantized checkpoint's integers) leaves the config as it is.
+    """
+    if stored not in _FLOAT_DTYPES:
+        return
+    config.dtype = stored
+    drop_quantization(config)
+
+
+def drop_quantization(config) -> None:
+    """Remove the quantization blocks serving engines read from ``config`` (``quantization_config``; SGLang also
+    ``compression_config``): the output's tensors are float ones."""
+    for key in ("quantization_config", "compression_config"):
+        if key in vars(config):
+            delattr(config, key)
 
 
 def writer_for(source: Source, columns: ColumnStore | None = None) -> ModelWriter | ShardWriter:

@@ -142,6 +142,7 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path):
     folder = pruned_bpe_model(tmp_path, "qwen2")
     out = tmp_path / "m.gguf"
     first = run_cli("export", "--model", str(folder), "--out", str(out), "--json", "--quiet")
+    assert "FFN width 51 is no multiple of 32" in first.stdout and "--width-multiple 32" in first.stdout
     summary = json.loads(first.stdout.splitlines()[-1])
     assert summary["ffn_width"] == read_manifest(folder)["k"] and summary["bytes"] == out.stat().st_size
     out.write_bytes(out.read_bytes())  # same content, new inode: the marker is what makes it ours
