@@ -173,8 +173,6 @@ def test_compensation_study_masks_as_slicing_and_compensating_would():
 def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
     """inference_speed.py on the tiny shape: a row per (ratio, multiple) at the width --width-multiple gives, and
     the bounds are the ratios of the bytes in the checkpoints (read independently with safetensors)."""
-    from safetensors import safe_open
-
     study = load_benchmark("inference_speed")
     out, work = tmp_path / "speed.csv", tmp_path / "work"
     args = ["--shapes", "tiny", "--dtypes", "fp32", "--ratios", "0.3", "--multiples", "1", "64", "--repeats", "1",
@@ -187,18 +185,29 @@ def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
         ("0.3", "1", "120"),
         ("0.3", "64", "64"),
     ]
+    assert_rows_hold_their_bounds(rows, work, lambda shape: 4)  # fp32, the worker's dtype
 
-    def fp32_bytes(folder: Path, leave_out: tuple[str, ...]) -> int:
-        """Bytes of the checkpoint's tensors in fp32 (the worker's dtype), those named with ``leave_out`` left out."""
-        with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            shapes = [f.get_slice(name).get_shape() for name in f.keys() if not any(p in name for p in leave_out)]
-        return sum(4 * torch.Size(shape).numel() for shape in shapes)
 
+def checkpoint_bytes(folder: Path, leave_out: tuple[str, ...], value_bytes) -> int:
+    """Bytes of the checkpoint's tensors at ``value_bytes(shape)`` bytes per value (read with safetensors), those
+    named with ``leave_out`` left out."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        shapes = [f.get_slice(name).get_shape() for name in f.keys() if not any(p in name for p in leave_out)]
+    return sum(value_bytes(shape) * torch.Size(shape).numel() for shape in shapes)
+
+
+def assert_rows_hold_their_bounds(rows: list[dict], work: Path, value_bytes) -> None:
+    """Each pruned row's bounds are the ratios of the dense and pruned checkpoints' bytes: read per token (all but
+    the input embedding) for decode, the blocks' for prefill."""
     dense = work / "tiny-2blocks"
     for row in rows[1:]:
         pruned = work / f"tiny-2-k{row['ffn_width']}"
-        read = fp32_bytes(dense, ("embed_tokens",)) / fp32_bytes(pruned, ("embed_tokens",))
-        blocks = fp32_bytes(dense, ("embed_tokens", "lm_head")) / fp32_bytes(pruned, ("embed_tokens", "lm_head"))
+        read, blocks = (
+            checkpoint_bytes(dense, leave_out, value_bytes) / checkpoint_bytes(pruned, leave_out, value_bytes)
+            for leave_out in (("embed_tokens",), ("embed_tokens", "lm_head"))
+        )
         assert float(row["decode_bound"]) == pytest.approx(read, abs=1e-3)
         assert float(row["prefill_bound"]) == pytest.approx(blocks, abs=1e-3)
         assert float(row["decode1_tok_s"]) > 0 and int(row["peak_rss_bytes"]) > 0
@@ -209,8 +218,6 @@ def test_inference_speed_rows_hold_the_pruned_widths_and_their_bounds(tmp_path):
 def test_inference_speed_llama_cpp_rows_hold_the_gguf_widths_and_their_bounds(tmp_path):
     """The llama.cpp rows: one per (ratio, multiple) at the width --width-multiple gives, from F16 files whose byte
     counts (2 bytes per matrix value, 4 per norm value, from the safetensors shapes) give the bounds."""
-    from safetensors import safe_open
-
     study = load_benchmark("inference_speed")
     out, work = tmp_path / "speed.csv", tmp_path / "work"
     args = ["--shapes", "tiny", "--ratios", "0.3", "--gguf-multiples", "1", "32", "--repeats", "1", "--runtimes",
@@ -224,19 +231,8 @@ def test_inference_speed_llama_cpp_rows_hold_the_gguf_widths_and_their_bounds(tm
         ("llama.cpp", "f16", "0.3", "32", "96"),
     ]
 
-    def f16_bytes(folder: Path, leave_out: tuple[str, ...]) -> int:
-        with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            shapes = [f.get_slice(name).get_shape() for name in f.keys() if not any(p in name for p in leave_out)]
-        return sum((2 if len(shape) > 1 else 4) * torch.Size(shape).numel() for shape in shapes)
-
-    dense = work / "tiny-2blocks"
-    for row in rows[1:]:
-        pruned = work / f"tiny-2-k{row['ffn_width']}"
-        read = f16_bytes(dense, ("embed_tokens",)) / f16_bytes(pruned, ("embed_tokens",))
-        blocks = f16_bytes(dense, ("embed_tokens", "lm_head")) / f16_bytes(pruned, ("embed_tokens", "lm_head"))
-        assert float(row["decode_bound"]) == pytest.approx(read, abs=1e-3)
-        assert float(row["prefill_bound"]) == pytest.approx(blocks, abs=1e-3)
-        assert float(row["decode1_tok_s"]) > 0 and int(row["peak_rss_bytes"]) > 0 and row["decode8_tok_s"] == ""
+    assert_rows_hold_their_bounds(rows, work, lambda shape: 2 if len(shape) > 1 else 4)  # F16, norms F32
+    assert all(row["decode8_tok_s"] == "" for row in rows)
 
 
 def test_inference_speed_worker_counts_a_tied_head_as_read(tmp_path):
