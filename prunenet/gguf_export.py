@@ -180,33 +180,58 @@ PROBE_TEXT = (
 whitespace runs, code, accents, other scripts, emoji."""
 
 
-def _write_tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:
+@dataclasses.dataclass
+class Vocabulary:
+    """A byte-level BPE tokenizer as a GGUF file stores it, read once from the model folder.
+
+    ``tokens``/``types``: every id's token and ``gguf.TokenType``; ``special``: a ``gguf.SpecialVocab`` (merges,
+    special-token ids, whether to add bos, the chat template)."""
+
+    tokens: list[str]
+    types: list[int]
+    special: object
+
+
+def read_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     import gguf
 
     tokens, types = _bpe_vocab(folder, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # Merges, special-token ids (bos, eos, pad, unk), whether to add bos, and the chat template.
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    special.add_to_gguf(writer, quiet=True)
     if not special.merges:  # llama.cpp refuses a BPE file without merges, and a GGUF array cannot be empty
         raise ExportError(f"the tokenizer in {folder} has no BPE merges; llama.cpp cannot load a BPE without any")
+    return Vocabulary(tokens, types, special)
 
 
-def _write_metadata(writer, folder: Path, config, adapter, width: int, pre: str) -> None:
+def _write_metadata(writer, name: str, config, adapter, width: int, vocab: Vocabulary, pre: str) -> None:
     """Every key of the file: name, the export marker, hyper-parameters, file type and tokenizer."""
     import gguf
 
-    writer.add_name(folder.name)
+    writer.add_name(name)
     writer.add_string(MARKER_KEY, __version__)
     _write_hyperparameters(writer, config, adapter, width)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    _write_tokenizer(writer, folder, adapter.vocab_size(config), pre)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    vocab.special.add_to_gguf(writer, quiet=True)
 
 
-def choose_pre_tokenizer(folder: Path, config, adapter, width: int, arch_name: str, scratch: Path) -> str | None:
+@contextlib.contextmanager
+def _gguf_log_quiet() -> Iterator[None]:
+    """``gguf``'s own log lines (file names, sizes, "little endian only") silenced: they are the summary's business."""
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        gguf_log.setLevel(level)
+
+
+def choose_pre_tokenizer(
+    folder: Path, config, adapter, width: int, vocab: Vocabulary, arch_name: str, scratch: Path
+) -> str | None:
     """The first of :data:`PRE_TOKENIZERS` with which llama.cpp splits :data:`PROBE_TEXT` into the ids
     transformers gives, tried on vocabulary-only files in ``scratch``; ``None`` when none does or llama.cpp is not
     installed (the file then says ``default``, llama.cpp's GPT-2 style split)."""
@@ -222,15 +247,15 @@ def choose_pre_tokenizer(folder: Path, config, adapter, width: int, arch_name: s
         path = scratch / f"vocab-{pre}.gguf"
         writer = gguf.GGUFWriter(path, arch_name)
         try:
-            _write_metadata(writer, folder, config, adapter, width, pre)
+            _write_metadata(writer, folder.name, config, adapter, width, vocab, pre)
             writer.write_header_to_file(path)
             writer.write_kv_data_to_file()
         finally:
             writer.close()
         try:
             with native_output_captured():
-                vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-            got = vocab.tokenize(PROBE_TEXT.encode(), add_bos=False, special=False)
+                loaded = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+            got = loaded.tokenize(PROBE_TEXT.encode(), add_bos=False, special=False)
         except (ValueError, RuntimeError):  # a name this llama.cpp does not know
             continue
         finally:
@@ -310,14 +335,11 @@ def _write_f16(folder: Path, path: Path, progress: bool) -> tuple[str, int, int,
     plan = _tensor_plan(source, config, adapter, arch)
     width = _ffn_width(source, plan, config, adapter)
 
-    gguf_log = logging.getLogger("gguf")
-    level = gguf_log.level
-    gguf_log.setLevel(logging.ERROR)  # its lines (file names, sizes, "little endian only") are the summary's business
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
-        pre = choose_pre_tokenizer(folder, config, adapter, width, gguf.MODEL_ARCH_NAMES[arch], Path(scratch))
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    try:
-        _write_metadata(writer, folder, config, adapter, width, pre or "default")
+    vocab = read_vocabulary(folder, adapter.vocab_size(config))
+    with _gguf_log_quiet(), tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        pre = choose_pre_tokenizer(folder, config, adapter, width, vocab, gguf.MODEL_ARCH_NAMES[arch], Path(scratch))
+    with _gguf_log_quiet(), contextlib.closing(gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])) as writer:
+        _write_metadata(writer, folder.name, config, adapter, width, vocab, pre or "default")
         for name, mapped in plan:
             entry = source.entries[name]
             dtype = np.float16 if len(entry.shape) > 1 else np.float32
@@ -337,9 +359,6 @@ def _write_f16(folder: Path, path: Path, progress: bool) -> tuple[str, int, int,
                     tensor = _interleave_rope(tensor, heads[projection])
                 writer.write_tensor_data(_as_array(tensor))
                 bar.update(source.entries[name].nbytes)
-    finally:
-        writer.close()
-        gguf_log.setLevel(level)
     return arch.name.lower(), adapter.hidden_size(config), width, len(plan), pre
 
 
