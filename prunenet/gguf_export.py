@@ -445,7 +445,7 @@ def fallback_note(result: ExportResult) -> str | None:
     note += f": {result.quant}'s blocks of {BLOCK[result.quant]} do not divide them (llama.cpp's own fallback)"
     if any(result.ffn_width in lengths for lengths in result.fallbacks.values()):
         note += f"; compress --width-multiple {BLOCK[result.quant]} gives an FFN width they divide"
-        if result.quant == "q4_k_m":
+        if result.quant == "q4_k_m" and result.ffn_width % 32:
             note += " (or 32, which llama.cpp's 32-value fallback types divide: q5_0 instead of f16)"
     return note
 
