@@ -145,9 +145,10 @@ def gguf_worker(spec: dict) -> dict:
     prefills = [llama_cpp_run.prompt_and_decode(llm, ids, 0)[0] for _ in range(PREFILLS - 1)]
     prefill, decode = llama_cpp_run.prompt_and_decode(llm, ids, spec["new_tokens"])
     prefill = statistics.median([*prefills, prefill])
-    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(spec["model"]).tensors}
+    tensors = gguf.GGUFReader(spec["model"]).tensors
+    sizes = {t.name: int(t.n_bytes) for t in tensors}
     total, embed, head = sum(sizes.values()), sizes["token_embd.weight"], sizes.get("output.weight", 0)
-    ffn_width = next(int(t.shape[0]) for t in gguf.GGUFReader(spec["model"]).tensors if ".ffn_down." in t.name)
+    ffn_width = next(int(t.shape[0]) for t in tensors if ".ffn_down." in t.name)
     return {
         "ffn_width": ffn_width,
         "weight_bytes": total,
@@ -214,8 +215,9 @@ def bpe_view(folder: Path, work: Path) -> Path:
     """``folder`` itself if its tokenizer is a byte-level BPE (what GGUF export writes); otherwise a folder of links
     to its config and weights beside a byte-level BPE tokenizer trained on the embedded text (the synthetic
     checkpoints have a word-level one). The tokenizer does not change the speed: the ids measured are random."""
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    if spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+    from prunenet.gguf_export import is_byte_level_bpe
+
+    if is_byte_level_bpe(json.loads((folder / "tokenizer.json").read_text())):
         return folder
     view = work / f"{folder.name}-bpe"
     if view.exists():

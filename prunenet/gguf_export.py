@@ -98,6 +98,11 @@ class ExportResult:
     seconds: float
 
 
+def is_byte_level_bpe(spec: dict) -> bool:
+    """Whether ``spec`` (a parsed ``tokenizer.json``) is a byte-level BPE: what llama.cpp's ``gpt2`` tokenizer reads."""
+    return (spec.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+
+
 def _bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """The byte-level BPE vocabulary of ``folder``'s tokenizer as llama.cpp's ``gpt2`` tokenizer model reads it:
     ``vocab_size`` tokens in id order with their ``gguf.TokenType``; ids the tokenizer does not use are padding.
@@ -108,14 +113,13 @@ def _bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     if not spec_path.is_file():
         raise ExportError(f"{folder} has no tokenizer.json: the GGUF file needs the model's tokenizer")
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+    if not is_byte_level_bpe(spec):
         raise ExportError(
             f"the tokenizer in {folder} is not a byte-level BPE (GPT-2 style, as SmolLM2's, Llama 3's and Qwen's "
             "are); only those are exported to GGUF so far"
         )
     # The file's own vocabulary, not a tokenizer class's: a class chosen by model_type may add tokens of its own.
-    by_id = {i: token for token, i in model["vocab"].items()}
+    by_id = {i: token for token, i in spec["model"]["vocab"].items()}
     added = {token["content"]: token.get("special", False) for token in spec.get("added_tokens", [])}
     by_id.update({token["id"]: token["content"] for token in spec.get("added_tokens", [])})
     if max(by_id) >= vocab_size:
